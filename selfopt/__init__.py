@@ -1,0 +1,1 @@
+"""selfopt: learned optimizers that train themselves."""

@@ -1,0 +1,71 @@
+"""Persistent evolution strategies (PES; Vicol, Metz, Sohl-Dickstein, ICML 2021).
+
+Truncated ES (:mod:`selfopt.estimators.es`) differentiates each truncation's meta-loss as if its
+starting state did not depend on ``theta``; that makes it biased towards greedy, short-horizon
+behaviour. PES removes the bias: the two branches of every antithetic pair keep *their own*
+inner states across truncations, and each pair accumulates the perturbations it has applied since
+its inner problem started. With ``xi = sum of eps`` over the truncations so far,
+
+    g = mean over pairs of (L+ - L-) / (2 sigma) * xi,
+
+which is an unbiased estimate of the gradient of the (smoothed) meta-loss of the current
+truncation with respect to the ``theta`` used along the *whole* unroll so far. Summed over a
+problem's truncations it is unbiased for the gradient of the whole-unroll meta-loss. When the
+problem restarts (at a truncation boundary, see :mod:`selfopt.estimators.unroll`) both branches
+restart from the same fresh state and ``xi`` resets to zero.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from selfopt.estimators import unroll as unroll_lib
+from selfopt.estimators.es import (EstimateSums, TruncatedES, pair_sums, split_pair_keys,
+                                   tree_normal_like)
+from selfopt.lopt.base import Theta
+from selfopt.tasks.base import Task
+
+
+class PESState(NamedTuple):
+    """The inner problems of PES; every leaf has a leading pair axis."""
+
+    pos: unroll_lib.InnerState  # branch unrolled with theta + sigma * eps
+    neg: unroll_lib.InnerState  # branch unrolled with theta - sigma * eps
+    accumulated: Theta  # sum of eps since the pair's problem (re)started
+
+
+@dataclasses.dataclass(frozen=True)
+class PES(TruncatedES):
+    """Antithetic PES; same attributes as :class:`~selfopt.estimators.es.TruncatedES`."""
+
+    def init_state(self, task: Task, theta: Theta, key: jax.Array) -> PESState:
+        """``num_pairs`` staggered problems, both branches equal, nothing accumulated."""
+        inner = super().init_state(task, theta, key)
+        zeros = jax.tree.map(lambda t: jnp.zeros((self.num_pairs, *jnp.shape(t)), jnp.result_type(t)),
+                             theta)
+        return PESState(pos=inner, neg=inner, accumulated=zeros)
+
+    def partial_sums(self, task: Task, theta: Theta, sigma: jax.Array, state: PESState,
+                     keys: jax.Array) -> tuple[EstimateSums, PESState]:
+        """Sums of the PES estimate over the pairs in ``state``; arguments as in TruncatedES."""
+        restart_keys, eps_keys = split_pair_keys(keys)
+
+        def restart(pos, neg, acc, k):
+            done = unroll_lib.is_done(pos) | unroll_lib.is_done(neg)
+            fresh = unroll_lib.new_inner_state(self.lopt, theta, task, k, self.schedule)
+            pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(done, a, b), new, old)
+            return pick(fresh, pos), pick(fresh, neg), jax.tree.map(
+                lambda a: jnp.where(done, jnp.zeros_like(a), a), acc)
+
+        pos, neg, accumulated = jax.vmap(restart)(state.pos, state.neg, state.accumulated,
+                                                  restart_keys)
+        eps = jax.vmap(lambda k: tree_normal_like(k, theta))(eps_keys)
+        accumulated = jax.tree.map(jnp.add, accumulated, eps)
+
+        (loss_pos, loss_neg), (end_pos, end_neg) = self.unroll_pairs(
+            task, theta, sigma, eps, pos, neg)
+        sums = pair_sums(loss_pos, loss_neg, sigma, accumulated)
+        return sums, PESState(pos=end_pos, neg=end_neg, accumulated=accumulated)

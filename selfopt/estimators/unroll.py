@@ -1,0 +1,129 @@
+"""Inner problems and truncated unrolls: the work both ES and PES are made of.
+
+An inner problem is a task's parameters being trained by a learned optimizer, together with
+everything needed to continue it later (optimizer state, step, sampled length, data key, and the
+loss at initialisation used to normalise). Inner problems persist across truncations and restart
+with fresh parameters once their sampled length is reached, or when they diverge.
+
+Restarts happen only at truncation boundaries **(ours)**: a sampled length is effectively rounded
+up to a whole number of truncations, so one truncation never spans two problems and a PES
+accumulator resets exactly when its problem does.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from selfopt.estimators.truncation import LengthSchedule
+from selfopt.lopt.base import LearnedOptimizer, Theta
+from selfopt.tasks.base import Task
+
+NORMALIZATIONS = ("ratio", "log")
+
+
+class InnerState(NamedTuple):
+    """One inner problem in flight."""
+
+    params: Any  # the task's parameters
+    opt_state: Any  # the learned optimizer's state for those parameters
+    step: jax.Array  # int32: steps taken in this problem
+    length: jax.Array  # int32: steps after which the problem restarts
+    init_loss: jax.Array  # float32: loss at initialisation, the normaliser's reference
+    data_key: jax.Array  # PRNG key: the batch of step t is drawn from fold_in(data_key, t)
+    diverged: jax.Array  # bool: a non-finite loss was seen; restart at the next boundary
+
+
+def new_inner_state(lopt: LearnedOptimizer, theta: Theta, task: Task, key: jax.Array,
+                    schedule: LengthSchedule) -> InnerState:
+    """A freshly initialised inner problem with its length drawn from ``schedule``."""
+    init_key, data_key, length_key = jax.random.split(key, 3)
+    params = task.init(init_key)
+    init_loss = task.loss(params, task.sample_batch(jax.random.fold_in(data_key, 0)))
+    return InnerState(
+        params=params,
+        opt_state=lopt.optimizer(theta).init(params),
+        step=jnp.zeros([], jnp.int32),
+        length=schedule.sample(length_key),
+        init_loss=jnp.asarray(init_loss, jnp.float32),
+        data_key=data_key,
+        diverged=jnp.zeros([], bool),
+    )
+
+
+def staggered_inner_state(lopt: LearnedOptimizer, theta: Theta, task: Task, key: jax.Array,
+                          schedule: LengthSchedule, truncation_length: int) -> InnerState:
+    """A fresh inner problem whose *first* life is cut short by a random number of truncations.
+
+    Started all at once, a batch of problems would also restart all at once, and every meta-
+    gradient would see the same phase of training; staggering spreads them out from the start.
+    """
+    state_key, offset_key = jax.random.split(key)
+    state = new_inner_state(lopt, theta, task, state_key, schedule)
+    num_truncations = jnp.maximum(state.length // truncation_length, 1)
+    offset = jax.random.randint(offset_key, [], 0, num_truncations) * truncation_length
+    return state._replace(step=offset.astype(jnp.int32))
+
+
+def is_done(state: InnerState) -> jax.Array:
+    """Whether the problem must restart before its next truncation."""
+    return (state.step >= state.length) | state.diverged
+
+
+def restart_if_done(lopt: LearnedOptimizer, theta: Theta, task: Task, state: InnerState,
+                    key: jax.Array, schedule: LengthSchedule) -> InnerState:
+    """Replaces a finished or diverged problem by a fresh one (drawn from ``key``)."""
+    fresh = new_inner_state(lopt, theta, task, key, schedule)
+    return jax.tree.map(lambda new, old: jnp.where(is_done(state), new, old), fresh, state)
+
+
+def normalized_loss(task: Task, loss: jax.Array, init_loss: jax.Array, normalization: str,
+                    loss_cap: float) -> jax.Array:
+    """The per-step meta-loss term: the task-normalised loss, capped and NaN-proof.
+
+    ``ratio``: ``task.normalize(loss, init_loss)`` in ``[0, loss_cap]``. ``log``: its log, in
+    ``[log(1e-6), log(loss_cap)]``. A non-finite loss (a diverged unroll) gives the cap, so
+    a diverging perturbation is penalised with a large finite value and never yields NaN.
+    """
+    ratio = task.normalize(loss, init_loss)
+    ratio = jnp.where(jnp.isfinite(ratio), jnp.clip(ratio, 0.0, loss_cap), loss_cap)
+    if normalization == "log":
+        return jnp.log(jnp.maximum(ratio, 1e-6))
+    if normalization == "ratio":
+        return ratio
+    raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
+
+
+def unroll(lopt: LearnedOptimizer, theta: Theta, task: Task, state: InnerState, num_steps: int,
+           normalization: str = "ratio", loss_cap: float = 10.0) -> tuple[InnerState, jax.Array]:
+    """Trains the inner problem ``num_steps`` steps with the LO of weights ``theta``.
+
+    Args:
+      lopt, theta: the learned optimizer and its weights.
+      task: the task (a pytree; its arrays are arguments, not constants).
+      state: the inner problem to continue.
+      num_steps: truncation length (static).
+      normalization, loss_cap: see :func:`normalized_loss`.
+
+    Returns:
+      The advanced state and the meta-loss of the truncation: the mean over its steps of the
+      normalised training loss before each update.
+    """
+    opt = lopt.optimizer(theta)
+
+    def step(s: InnerState, _):
+        batch = task.sample_batch(jax.random.fold_in(s.data_key, s.step))
+        loss, grads = jax.value_and_grad(task.loss)(s.params, batch)
+        updates, opt_state = opt.update(grads, s.opt_state, s.params, loss=loss)
+        s = s._replace(
+            params=optax.apply_updates(s.params, updates),
+            opt_state=opt_state,
+            step=s.step + 1,
+            diverged=s.diverged | ~jnp.isfinite(loss),
+        )
+        return s, normalized_loss(task, loss, s.init_loss, normalization, loss_cap)
+
+    state, losses = jax.lax.scan(step, state, None, length=num_steps)
+    return state, jnp.mean(losses)

@@ -1,0 +1,7 @@
+"""Learned optimizers: architectures with weights ``theta`` that define optax optimizers."""
+from selfopt.lopt.base import LearnedOptimizer, Theta, as_optax, check_theta
+from selfopt.lopt.learned_sgd import LearnedSGD
+from selfopt.lopt.mlp_lopt import MLPLOpt, MLPLOptState
+
+__all__ = ["LearnedOptimizer", "LearnedSGD", "MLPLOpt", "MLPLOptState", "Theta", "as_optax",
+           "check_theta"]

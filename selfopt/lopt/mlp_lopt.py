@@ -1,0 +1,162 @@
+"""The per-parameter MLP learned optimizer (method.md section 2).
+
+The small MLP of the learned-optimizer literature (learned_optimization's ``MLPLOpt``, Metz et
+al. 2020/2021): for every scalar parameter it reads features built from the gradient, the
+parameter and a few accumulators, and emits a direction ``d`` and a log-magnitude ``m``; the
+step is ``-d * exp(exp_mult * m) * step_mult``. The MLP is shared by all parameters of all
+tensors, so one set of weights ``theta`` (1,858 floats at the defaults) optimises any model.
+
+Features of one parameter tensor, in order (``F = 2 + 2 * len(decays) + 1 + 3 + len(timescales)``,
+22 at the defaults):
+
+1. gradient ``g`` and parameter ``p``;
+2. momenta ``m_k <- b_k m_k + (1 - b_k) g`` at each decay ``b_k``;
+3. RMS ``sqrt(v)`` of the accumulator ``v <- b_v v + (1 - b_v) g^2``;
+4. Adam-like normalised momenta ``m_k / sqrt(v + eps)``;
+   -- features 1-4 are each divided by their root mean square over the tensor, then clipped to
+   ``[-feature_clip, feature_clip]`` (the 2020 paper calls this crucial for stability);
+5. log-magnitudes ``log(|x| + 1e-12) / 5`` of ``g``, ``p`` and ``sqrt(v)``, clipped to
+   ``[-5, 5]`` **(ours)**: the normalised features above are scale free, these keep the absolute
+   scale (``|x|`` from about 1e-11 to 7e10 is represented);
+6. the step count embedded as ``tanh(t / s)`` at timescales ``s`` from 1 to 1e5 steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from selfopt.lopt.base import Theta, check_float_params
+
+_EPS = 1e-8
+
+
+class MLPLOptState(NamedTuple):
+    """Per-parameter accumulators of :class:`MLPLOpt`."""
+
+    momenta: Any  # pytree like params; each leaf (len(decays), *param.shape)
+    rms: Any  # pytree like params: running mean of the squared gradient
+    step: jax.Array  # int32 scalar: number of updates applied so far
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPLOpt:
+    """Per-parameter MLP learned optimizer.
+
+    Attributes:
+      hidden: widths of the hidden layers (ReLU).
+      decays: momentum decays.
+      rms_decay: decay of the squared-gradient accumulator.
+      timescales: step-count embedding timescales, in steps.
+      step_mult: ``c_s``, the scale of a step.
+      exp_mult: ``c_m``, how strongly the magnitude output scales the step.
+      feature_clip: normalised features are clipped to ``[-feature_clip, feature_clip]``.
+    """
+
+    hidden: tuple[int, ...] = (32, 32)
+    decays: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999, 0.9999)
+    rms_decay: float = 0.999
+    timescales: tuple[float, ...] = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
+    step_mult: float = 1e-3
+    exp_mult: float = 1e-3
+    feature_clip: float = 5.0
+
+    @property
+    def num_features(self) -> int:
+        return 2 + 2 * len(self.decays) + 1 + 3 + len(self.timescales)
+
+    def init(self, key: jax.Array) -> Theta:
+        """Random LO weights: fan-in scaled normal weights and zero biases.
+
+        Returns:
+          ``{"layers": [{"w": (fan_in, fan_out), "b": (fan_out,)}, ...]}``; the last layer has
+          two outputs, direction and log-magnitude.
+        """
+        sizes = (self.num_features, *self.hidden, 2)
+        keys = jax.random.split(key, len(sizes) - 1)
+        layers = [
+            {"w": jax.random.normal(k, (n_in, n_out)) / jnp.sqrt(n_in), "b": jnp.zeros(n_out)}
+            for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:])
+        ]
+        return {"layers": layers}
+
+    def features(self, g: jax.Array, p: jax.Array, m: jax.Array, v: jax.Array,
+                 step: jax.Array) -> jax.Array:
+        """The ``(num_params, num_features)`` inputs of one tensor (see the module docstring).
+
+        Args:
+          g, p, v: gradient, parameter and squared-gradient accumulator, flattened ``(n,)``.
+          m: momenta ``(len(decays), n)``.
+          step: the step count (after this update's increment).
+        """
+        rms = jnp.sqrt(v)
+        scaled = jnp.concatenate([g[None], p[None], m, rms[None], m / jnp.sqrt(v + _EPS)])
+        scaled = scaled * jax.lax.rsqrt(jnp.mean(jnp.square(scaled), axis=1, keepdims=True) + _EPS)
+        scaled = jnp.clip(scaled, -self.feature_clip, self.feature_clip)
+        logs = jnp.clip(jnp.log(jnp.abs(jnp.stack([g, p, rms])) + 1e-12) / 5.0, -5.0, 5.0)
+        time = jnp.tanh(step.astype(jnp.float32) / jnp.asarray(self.timescales))
+        time = jnp.broadcast_to(time[:, None], (len(self.timescales), g.shape[0]))
+        return jnp.concatenate([scaled, logs, time]).T
+
+    def apply_mlp(self, theta: Theta, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Runs the shared MLP on ``(n, num_features)`` inputs; returns direction, magnitude."""
+        *hidden, last = theta["layers"]
+        for layer in hidden:
+            x = jax.nn.relu(x @ layer["w"] + layer["b"])
+        out = x @ last["w"] + last["b"]
+        return out[:, 0], out[:, 1]
+
+    def optimizer(self, theta: Theta) -> optax.GradientTransformationExtraArgs:
+        """The optax optimizer that these weights define (use :func:`as_optax` to check theta)."""
+
+        def init_fn(params):
+            check_float_params(params)
+            k = len(self.decays)
+            return MLPLOptState(
+                momenta=jax.tree.map(lambda p: jnp.zeros((k, *jnp.shape(p)), jnp.float32), params),
+                rms=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
+                step=jnp.zeros([], jnp.int32),
+            )
+
+        def update_fn(grads, state, params=None, **extra_args):
+            del extra_args  # e.g. loss=...: accepted for optax compatibility, not a feature here
+            if params is None:
+                raise ValueError("MLPLOpt.update needs params: the parameter value is a feature")
+            check_float_params(grads, "grads")
+            step = state.step + 1
+            decays = jnp.asarray(self.decays)[:, None]
+            g_leaves, treedef = jax.tree_util.tree_flatten(grads)
+            p_leaves = treedef.flatten_up_to(params)
+            m_leaves = treedef.flatten_up_to(state.momenta)
+            v_leaves = treedef.flatten_up_to(state.rms)
+
+            new_m, new_v, feats = [], [], []
+            for g, p, m, v in zip(g_leaves, p_leaves, m_leaves, v_leaves):
+                flat_g = jnp.ravel(g).astype(jnp.float32)
+                flat_m = decays * m.reshape(len(self.decays), -1) + (1 - decays) * flat_g
+                flat_v = self.rms_decay * jnp.ravel(v) + (1 - self.rms_decay) * jnp.square(flat_g)
+                feats.append(self.features(flat_g, jnp.ravel(p).astype(jnp.float32), flat_m, flat_v, step))
+                new_m.append(flat_m.reshape(m.shape))
+                new_v.append(flat_v.reshape(v.shape))
+
+            # One MLP call over the parameters of all tensors at once (one matmul, not one per leaf).
+            direction, magnitude = self.apply_mlp(theta, jnp.concatenate(feats))
+            steps = -direction * jnp.exp(self.exp_mult * magnitude) * self.step_mult
+
+            updates, offset = [], 0
+            for p in p_leaves:
+                size = jnp.size(p)
+                update = steps[offset:offset + size].reshape(jnp.shape(p))
+                updates.append(update.astype(jnp.result_type(p)))
+                offset += size
+            new_state = MLPLOptState(
+                momenta=jax.tree_util.tree_unflatten(treedef, new_m),
+                rms=jax.tree_util.tree_unflatten(treedef, new_v),
+                step=step,
+            )
+            return jax.tree_util.tree_unflatten(treedef, updates), new_state
+
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)

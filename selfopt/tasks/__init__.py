@@ -1,0 +1,41 @@
+"""Inner problems (tasks) for learned optimizers, and the distribution they are drawn from."""
+from selfopt.tasks.autoencoder import Autoencoder
+from selfopt.tasks.base import Task, static_field, task_dataclass
+from selfopt.tasks.classifiers import ConvNetClassifier, LogisticRegression, MLPClassifier
+from selfopt.tasks.distribution import (
+    FAMILIES,
+    HELDOUT_CONFIGS,
+    HELDOUT_FAMILIES,
+    HELDOUT_SEED_START,
+    TRAIN_FAMILIES,
+    TRAIN_GRIDS,
+    TaskDistribution,
+    full_config,
+    make_task,
+)
+from selfopt.tasks.language_model import LanguageModel
+from selfopt.tasks.quadratic import Quadratic
+from selfopt.tasks.test_functions import TEST_FUNCTIONS, TestFunction
+
+__all__ = [
+    "FAMILIES",
+    "HELDOUT_CONFIGS",
+    "HELDOUT_FAMILIES",
+    "HELDOUT_SEED_START",
+    "TEST_FUNCTIONS",
+    "TRAIN_FAMILIES",
+    "TRAIN_GRIDS",
+    "Autoencoder",
+    "ConvNetClassifier",
+    "LanguageModel",
+    "LogisticRegression",
+    "MLPClassifier",
+    "Quadratic",
+    "Task",
+    "TaskDistribution",
+    "TestFunction",
+    "full_config",
+    "make_task",
+    "static_field",
+    "task_dataclass",
+]

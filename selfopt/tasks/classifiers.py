@@ -1,0 +1,231 @@
+"""Image classifiers trained with softmax cross-entropy: logistic regression, MLPs, convnets.
+
+The data set (uint8 images and labels, on the device) is a leaf of the task, so every classifier
+of one architecture, data set and batch size shares compiled code. Batches are drawn with
+replacement from a PRNG key and scaled to float32 in [0, 1]. Weights use LeCun-normal
+initialisation (variance 1 / fan-in), biases zeros.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from selfopt.tasks.base import SPLITS, Task, static_field, task_dataclass
+from selfopt.tasks.datasets import IMAGE_DATASETS, ImageData, load_images
+
+NUM_CLASSES = 10
+
+#: Hidden-layer nonlinearities by name.
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+    "gelu": jax.nn.gelu,
+    "silu": jax.nn.silu,
+    "elu": jax.nn.elu,
+}
+
+
+@functools.cache
+def device_images(name: str) -> ImageData:
+    """:func:`load_images` moved to the device once, shared by every task that uses it."""
+    if name not in IMAGE_DATASETS:
+        raise ValueError(f"dataset must be one of {sorted(IMAGE_DATASETS)}, got {name!r}")
+    return ImageData(*map(jnp.asarray, load_images(name)))
+
+
+def check_positive_int(name: str, value: int) -> int:
+    """Validates a size field (a width, a batch size)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_widths(name: str, widths) -> tuple[int, ...]:
+    """Validates layer widths (a list from JSON is fine) and returns them as a tuple."""
+    if isinstance(widths, (str, int)):
+        raise ValueError(f"{name} must be a sequence of positive ints, got {widths!r}")
+    return tuple(check_positive_int(name, w) for w in widths)
+
+
+def check_activation(activation: str) -> str:
+    """Validates an activation name."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return activation
+
+
+def sample_images(data: ImageData, key: jax.Array, split: str,
+                  batch_size: int) -> tuple[jax.Array, jax.Array]:
+    """Draws ``batch_size`` examples with replacement.
+
+    Returns:
+      ``(images, labels)``: float32 ``(batch_size, side, side)`` in [0, 1] and int32 labels.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    images, labels = data[:2] if split == "train" else data[2:]
+    index = jax.random.randint(key, (batch_size,), 0, images.shape[0])
+    return images[index].astype(jnp.float32) / 255.0, labels[index].astype(jnp.int32)
+
+
+def init_mlp(key: jax.Array, sizes: tuple[int, ...]) -> list[dict[str, jax.Array]]:
+    """Dense layers mapping ``sizes[0] -> sizes[1] -> ... -> sizes[-1]``."""
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [{"w": jax.nn.initializers.lecun_normal()(k, (n_in, n_out)), "b": jnp.zeros(n_out)}
+            for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:])]
+
+
+def apply_mlp(layers: list[dict[str, jax.Array]], x: jax.Array, activation: str) -> jax.Array:
+    """Applies the layers of :func:`init_mlp`, with ``activation`` between them (not after)."""
+    for i, layer in enumerate(layers):
+        x = x @ layer["w"] + layer["b"]
+        if i < len(layers) - 1:
+            x = ACTIVATIONS[activation](x)
+    return x
+
+
+@task_dataclass
+class ImageClassifier(Task):
+    """Shared data handling and loss; subclasses define ``init`` and ``logits``."""
+
+    data: ImageData  # uint8 images and labels, train and test
+    dataset: str = static_field()
+    batch_size: int = static_field()
+
+    loss_floor = 0.0
+
+    def sample_batch(self, key: jax.Array, split: str = "train") -> tuple[jax.Array, jax.Array]:
+        """``(images, labels)`` drawn with replacement; see :func:`sample_images`."""
+        return sample_images(self.data, key, split, self.batch_size)
+
+    def logits(self, params, images: jax.Array) -> jax.Array:
+        """Class scores ``(batch, 10)`` for images ``(batch, side, side)``."""
+        raise NotImplementedError
+
+    def loss(self, params, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+        """Mean softmax cross-entropy."""
+        images, labels = batch
+        logits = self.logits(params, images)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    @property
+    def num_pixels(self) -> int:
+        """Input size of a flattened image."""
+        return self.data.train_images.shape[1] * self.data.train_images.shape[2]
+
+
+@task_dataclass
+class LogisticRegression(ImageClassifier):
+    """Multinomial logistic regression on flattened pixels."""
+
+    family = "logistic"
+
+    @classmethod
+    def create(cls, dataset: str = "fashion_mnist8", batch_size: int = 128) -> LogisticRegression:
+        """Builds the task on ``dataset`` (a name in ``IMAGE_DATASETS``)."""
+        return cls(data=device_images(dataset), dataset=dataset,
+                   batch_size=check_positive_int("batch_size", batch_size))
+
+    def init(self, key: jax.Array) -> list[dict[str, jax.Array]]:
+        """One dense layer."""
+        return init_mlp(key, (self.num_pixels, NUM_CLASSES))
+
+    def logits(self, params, images: jax.Array) -> jax.Array:
+        """Affine scores of the flattened pixels."""
+        (layer,) = params
+        return images.reshape(images.shape[0], -1) @ layer["w"] + layer["b"]
+
+
+@task_dataclass
+class MLPClassifier(ImageClassifier):
+    """A multilayer perceptron on flattened pixels."""
+
+    hidden: tuple[int, ...] = static_field()
+    activation: str = static_field()
+
+    family = "mlp"
+
+    @classmethod
+    def create(cls, dataset: str = "fashion_mnist8", batch_size: int = 128,
+               hidden: tuple[int, ...] = (32, 32), activation: str = "relu") -> MLPClassifier:
+        """Builds the task.
+
+        Args:
+          dataset: a name in ``IMAGE_DATASETS``.
+          batch_size: examples per batch.
+          hidden: widths of the hidden layers.
+          activation: a name in :data:`ACTIVATIONS`.
+
+        Returns:
+          The task.
+        """
+        return cls(data=device_images(dataset), dataset=dataset,
+                   batch_size=check_positive_int("batch_size", batch_size),
+                   hidden=check_widths("hidden", hidden), activation=check_activation(activation))
+
+    def init(self, key: jax.Array) -> list[dict[str, jax.Array]]:
+        """Dense layers pixels -> hidden... -> 10."""
+        return init_mlp(key, (self.num_pixels, *self.hidden, NUM_CLASSES))
+
+    def logits(self, params, images: jax.Array) -> jax.Array:
+        """The MLP applied to the flattened pixels."""
+        return apply_mlp(params, images.reshape(images.shape[0], -1), self.activation)
+
+
+@task_dataclass
+class ConvNetClassifier(ImageClassifier):
+    """A small convnet: strided convolutions, then a linear layer.
+
+    Each convolution is 3x3 with stride 2 and 'SAME' padding (so it halves the image side) and is
+    followed by the activation; the linear layer reads the flattened last feature map.
+    """
+
+    channels: tuple[int, ...] = static_field()
+    activation: str = static_field()
+
+    family = "convnet"
+
+    @classmethod
+    def create(cls, dataset: str = "fashion_mnist16", batch_size: int = 128,
+               channels: tuple[int, ...] = (8, 16), activation: str = "relu") -> ConvNetClassifier:
+        """Builds the task.
+
+        Args:
+          dataset: a name in ``IMAGE_DATASETS``.
+          batch_size: examples per batch.
+          channels: output channels of each convolution; each one halves the image side.
+          activation: a name in :data:`ACTIVATIONS`.
+
+        Returns:
+          The task.
+        """
+        data = device_images(dataset)
+        channels = check_widths("channels", channels)
+        if not channels or 2 ** len(channels) > IMAGE_DATASETS[dataset]:
+            raise ValueError(f"channels must have 1 to log2(side) entries, got {channels!r}")
+        return cls(data=data, dataset=dataset,
+                   batch_size=check_positive_int("batch_size", batch_size),
+                   channels=channels, activation=check_activation(activation))
+
+    def init(self, key: jax.Array) -> dict:
+        """Kernels in HWIO layout, biases, and the output layer."""
+        keys = jax.random.split(key, len(self.channels) + 1)
+        side = self.data.train_images.shape[1]
+        convs, in_channels = [], 1
+        for k, out_channels in zip(keys, self.channels):
+            kernel = jax.nn.initializers.lecun_normal()(k, (3, 3, in_channels, out_channels))
+            convs.append({"w": kernel, "b": jnp.zeros(out_channels)})
+            in_channels, side = out_channels, -(-side // 2)
+        return {"convs": convs, "out": init_mlp(keys[-1], (side * side * in_channels, NUM_CLASSES))}
+
+    def logits(self, params, images: jax.Array) -> jax.Array:
+        """Convolutions, then the linear layer."""
+        x = images[..., None]  # NHWC with one channel
+        for conv in params["convs"]:
+            x = jax.lax.conv_general_dilated(x, conv["w"], window_strides=(2, 2), padding="SAME",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            x = ACTIVATIONS[self.activation](x + conv["b"])
+        return apply_mlp(params["out"], x.reshape(x.shape[0], -1), self.activation)

@@ -1,0 +1,187 @@
+"""Task configurations, the training distribution over them, and the held-out evaluation set.
+
+A task configuration is a JSON-able dict ``{"family": name, "seed": int, **family fields}``;
+:func:`make_task` turns it into a :class:`~selfopt.tasks.base.Task`. The ``seed`` draws the
+instance itself where the family has instance randomness (a quadratic's matrix and target), and
+by convention it is also the seed of the PRNG key from which an evaluation draws the initial
+parameters and the batches (``jax.random.key(config["seed"])``), so a configuration names one
+reproducible training run.
+
+:class:`TaskDistribution` samples configurations from finite grids (:data:`TRAIN_GRIDS`): every
+distinct combination of static fields is one more JIT compilation, so the grids keep that number
+bounded (58 shapes for the default families). Training seeds are below
+:data:`HELDOUT_SEED_START`. The held-out set (:data:`HELDOUT_CONFIGS`, method.md section 6) is
+disjoint from anything :meth:`TaskDistribution.sample` can return three ways: every held-out seed
+is at least :data:`HELDOUT_SEED_START`; most held-out configurations also use a size, activation
+or function outside the training grids; and the ``autoencoder`` family is never sampled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import numbers
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from selfopt.tasks.autoencoder import Autoencoder
+from selfopt.tasks.base import Task
+from selfopt.tasks.classifiers import ConvNetClassifier, LogisticRegression, MLPClassifier
+from selfopt.tasks.language_model import LanguageModel
+from selfopt.tasks.quadratic import Quadratic
+from selfopt.tasks.test_functions import TestFunction
+
+#: family name -> constructor taking the configuration's fields as keyword arguments.
+FAMILIES: dict[str, Callable[..., Task]] = {
+    cls.family: cls.create
+    for cls in (Quadratic, TestFunction, LogisticRegression, MLPClassifier, ConvNetClassifier,
+                LanguageModel, Autoencoder)
+}
+
+#: Families that the training distribution may sample.
+TRAIN_FAMILIES = ("quadratic", "test_function", "logistic", "mlp", "convnet", "language_model")
+#: Families reserved for evaluation: no training distribution samples them.
+HELDOUT_FAMILIES = ("autoencoder",)
+#: Training seeds are drawn from ``[0, HELDOUT_SEED_START)``; held-out seeds are at least this.
+HELDOUT_SEED_START = 1_000_000
+
+#: family -> field -> the values the training distribution draws from (uniformly, independently).
+#: Fields not listed keep the constructor's default.
+TRAIN_GRIDS: dict[str, dict[str, tuple]] = {
+    "quadratic": {"dim": (4, 16, 64), "log_condition": (0.0, 1.0, 2.0, 3.0),
+                  "noise": (0.0, 0.01, 0.1)},
+    "test_function": {"function": ("rosenbrock", "beale", "booth", "matyas", "three_hump_camel"),
+                      "init_scale": (0.1, 0.5), "noise": (0.0, 0.1)},
+    "logistic": {"dataset": ("fashion_mnist8", "fashion_mnist16", "digits8"),
+                 "batch_size": (32, 128)},
+    "mlp": {"dataset": ("fashion_mnist8", "digits8"), "batch_size": (32, 128),
+            "hidden": ((32,), (64,), (32, 32)), "activation": ("relu", "tanh")},
+    "convnet": {"dataset": ("fashion_mnist16", "fashion_mnist8"), "batch_size": (32, 128),
+                "channels": ((8, 16), (16, 32))},
+    "language_model": {"cell": ("lstm", "gru", "rnn"), "hidden": (32, 64),
+                       "batch_size": (16, 32)},
+}
+
+#: The fixed evaluation set. Apart from the seeds, the comment says what else is new.
+HELDOUT_CONFIGS: tuple[dict[str, Any], ...] = (
+    {"family": "quadratic", "seed": 1_000_000, "dim": 32},  # unseen dim
+    {"family": "quadratic", "seed": 1_000_001, "dim": 128, "log_condition": 4.0,
+     "noise": 0.0},  # larger and worse conditioned than any training quadratic
+    {"family": "test_function", "seed": 1_000_002, "function": "himmelblau"},  # unseen function
+    {"family": "test_function", "seed": 1_000_003, "function": "rosenbrock"},  # seed only
+    {"family": "logistic", "seed": 1_000_004, "dataset": "digits8", "batch_size": 64},
+    {"family": "mlp", "seed": 1_000_005, "hidden": [128, 64], "batch_size": 64},
+    {"family": "mlp", "seed": 1_000_006, "dataset": "digits8", "hidden": [48],
+     "activation": "silu", "batch_size": 32},  # unseen width and activation
+    {"family": "convnet", "seed": 1_000_007, "channels": [12, 24], "batch_size": 64},
+    {"family": "language_model", "seed": 1_000_008, "cell": "lstm", "hidden": 96},
+    {"family": "language_model", "seed": 1_000_009, "cell": "gru", "hidden": 48,
+     "batch_size": 16},
+    {"family": "autoencoder", "seed": 1_000_010},  # unseen family
+    {"family": "autoencoder", "seed": 1_000_011, "dataset": "digits8", "hidden": [32, 16],
+     "activation": "tanh", "batch_size": 64},
+)
+
+
+def full_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Checks a configuration's names and fills in every default.
+
+    Field *values* are checked when the task is built (:func:`make_task`). Tuples become lists,
+    so a configuration equals its JSON round trip;
+    lists are copied, so the result shares nothing mutable with ``config``.
+
+    Args:
+      config: ``{"family": name, "seed": int (default 0), **family fields}``.
+
+    Returns:
+      A new dict with ``family``, ``seed`` and every field of the family's constructor.
+
+    Raises:
+      ValueError: the family, the seed or a field name is invalid.
+    """
+    config = dict(config)
+    family = config.pop("family", None)
+    if family not in FAMILIES:
+        raise ValueError(f"unknown task family {family!r}; valid families: {sorted(FAMILIES)}")
+    seed = config.pop("seed", 0)
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    parameters = inspect.signature(FAMILIES[family]).parameters
+    fields = {name: p.default for name, p in parameters.items() if name != "seed"}
+    if unknown := sorted(set(config) - set(fields)):
+        raise ValueError(f"unknown field(s) {unknown} for task family {family!r}; "
+                         f"valid fields: {sorted(fields)}")
+    fields.update(config)
+    return {"family": family, "seed": int(seed),
+            **{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in fields.items()}}
+
+
+def make_task(config: Mapping[str, Any]) -> Task:
+    """Builds the task a configuration describes.
+
+    Args:
+      config: ``{"family": name, "seed": int, **family fields}``; see :func:`full_config`.
+
+    Returns:
+      The task. Its ``seed`` is used only where the family draws instance randomness.
+
+    Raises:
+      ValueError: an unknown family or field, or an invalid value (the message names it).
+    """
+    fields = full_config(config)
+    create = FAMILIES[fields.pop("family")]
+    seed = fields.pop("seed")
+    if "seed" in inspect.signature(create).parameters:
+        fields["seed"] = seed
+    return create(**fields)
+
+
+def _numpy_rng(key_or_seed: int | jax.Array) -> np.random.Generator:
+    """A NumPy generator seeded by an int or by the bits of a JAX PRNG key."""
+    if isinstance(key_or_seed, numbers.Integral):
+        return np.random.default_rng(int(key_or_seed))
+    return np.random.default_rng(np.asarray(jax.random.key_data(key_or_seed)).ravel().tolist())
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskDistribution:
+    """The training distribution: a family uniformly from ``families``, then each field of
+    :data:`TRAIN_GRIDS` uniformly, and a seed below :data:`HELDOUT_SEED_START`."""
+
+    #: Families to sample, a subset of :data:`TRAIN_FAMILIES`.
+    families: tuple[str, ...] = TRAIN_FAMILIES
+
+    def __post_init__(self):
+        object.__setattr__(self, "families", tuple(self.families))  # a JSON list is fine
+        if not self.families:
+            raise ValueError("families must name at least one family")
+        for family in self.families:
+            if family in HELDOUT_FAMILIES:
+                raise ValueError(f"families: {family!r} is held out for evaluation; "
+                                 f"training families: {list(TRAIN_FAMILIES)}")
+            if family not in TRAIN_FAMILIES:
+                raise ValueError(f"families: unknown task family {family!r}; "
+                                 f"training families: {list(TRAIN_FAMILIES)}")
+
+    def sample(self, key_or_seed: int | jax.Array) -> dict[str, Any]:
+        """Draws one configuration.
+
+        Args:
+          key_or_seed: an int seed or a JAX PRNG key; equal arguments give equal draws.
+
+        Returns:
+          A full configuration (see :func:`full_config`) for :func:`make_task`.
+        """
+        rng = _numpy_rng(key_or_seed)
+        family = self.families[rng.integers(len(self.families))]
+        fields = {name: values[rng.integers(len(values))]
+                  for name, values in TRAIN_GRIDS[family].items()}
+        return full_config({"family": family, "seed": int(rng.integers(HELDOUT_SEED_START)),
+                            **fields})
+
+    def heldout(self) -> list[dict[str, Any]]:
+        """The fixed evaluation configurations (:data:`HELDOUT_CONFIGS`), as full configs.
+
+        The list is the same for every distribution, restricted or not."""
+        return [full_config(config) for config in HELDOUT_CONFIGS]

@@ -1,0 +1,151 @@
+"""The MLP learned optimizer: its update by value, any pytree, optax compatibility, bad input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from selfopt.evaluate import train_losses
+from selfopt.lopt import LearnedSGD, MLPLOpt, as_optax
+from selfopt.tasks import FAMILIES, make_task
+
+PARAMS = {
+    "scale": jnp.asarray(0.5),
+    "dense": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4),
+    "conv": jnp.linspace(-2.0, 2.0, 72).reshape(3, 3, 2, 4),
+}
+
+
+def sgd_like_theta(lopt: MLPLOpt, scale: float = 1.0):
+    """Weights that make the LO step ``-step_mult * scale * g / rms(g)`` per tensor.
+
+    Two hidden ReLU units carry +g and -g (the first feature, the normalised gradient) through
+    both layers; the direction output is their difference and the magnitude output is 0.
+    """
+    theta = jax.tree.map(jnp.zeros_like, lopt.init(jax.random.key(0)))
+    layers = theta["layers"]
+    layers[0]["w"] = layers[0]["w"].at[0, 0].set(1.0).at[0, 1].set(-1.0)
+    for layer in layers[1:-1]:
+        layer["w"] = layer["w"].at[0, 0].set(1.0).at[1, 1].set(1.0)
+    layers[-1]["w"] = layers[-1]["w"].at[0, 0].set(scale).at[1, 0].set(-scale)
+    return theta
+
+
+def grads_like(params, seed=0):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [jax.random.normal(k, jnp.shape(x)) for k, x in zip(keys, leaves)])
+
+
+def test_sgd_like_theta_gives_normalised_gradient_step_on_mixed_pytree():
+    lopt = MLPLOpt()
+    opt = as_optax(lopt, sgd_like_theta(lopt, scale=2.0))
+    grads = grads_like(PARAMS)
+    updates, _ = opt.update(grads, opt.init(PARAMS), PARAMS)
+    for name, g in grads.items():
+        rms = np.sqrt(np.mean(np.square(g)) + 1e-8)
+        expected = -lopt.step_mult * 2.0 * np.clip(np.asarray(g) / rms, -5, 5)
+        assert updates[name].shape == PARAMS[name].shape
+        np.testing.assert_allclose(updates[name], expected, rtol=1e-5, atol=1e-9)
+
+
+def test_zero_theta_emits_zero_steps():
+    lopt = MLPLOpt()
+    opt = lopt.optimizer(jax.tree.map(jnp.zeros_like, lopt.init(jax.random.key(0))))
+    updates, _ = opt.update(grads_like(PARAMS), opt.init(PARAMS), PARAMS)
+    assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(updates))
+
+
+def test_accumulators_follow_their_definitions():
+    lopt = MLPLOpt()
+    opt = lopt.optimizer(lopt.init(jax.random.key(0)))
+    state = opt.init(PARAMS)
+    g1, g2 = grads_like(PARAMS, 1), grads_like(PARAMS, 2)
+    _, state = opt.update(g1, state, PARAMS)
+    _, state = opt.update(g2, state, PARAMS)
+    b = np.asarray(lopt.decays).reshape(-1, 1, 1)
+    expected_m = (1 - b) * b * np.asarray(g1["dense"]) + (1 - b) * np.asarray(g2["dense"])
+    np.testing.assert_allclose(state.momenta["dense"], expected_m, rtol=1e-5, atol=1e-7)
+    bv = lopt.rms_decay
+    expected_v = (1 - bv) * bv * np.square(g1["dense"]) + (1 - bv) * np.square(g2["dense"])
+    np.testing.assert_allclose(state.rms["dense"], expected_v, rtol=1e-5, atol=1e-9)
+    assert int(state.step) == 2
+
+
+def test_features_are_normalised_clipped_and_sized():
+    lopt = MLPLOpt()
+    n = 50
+    g = jnp.linspace(-1e-3, 1e-3, n).at[0].set(1.0)  # one huge outlier gets clipped
+    feats = lopt.features(g, g * 100, jnp.stack([g] * 5), g**2, jnp.asarray(7))
+    assert feats.shape == (n, lopt.num_features) == (n, 22)
+    assert float(jnp.max(jnp.abs(feats))) <= 5.0
+    np.testing.assert_allclose(feats[:, -6:], np.broadcast_to(np.tanh(7 / np.array(lopt.timescales)), (n, 6)), rtol=1e-6)
+
+
+def test_random_lo_is_an_optax_optimizer_in_jit_and_chain():
+    lopt = MLPLOpt()
+    opt = optax.chain(optax.clip_by_global_norm(1.0), as_optax(lopt, lopt.init(jax.random.key(3))))
+    state = opt.init(PARAMS)
+
+    @jax.jit
+    def step(params, state):
+        grads = grads_like(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    params, state = step(PARAMS, state)
+    assert jax.tree.structure(params) == jax.tree.structure(PARAMS)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+    assert any(float(jnp.max(jnp.abs(a - b))) > 0 for a, b in
+               zip(jax.tree.leaves(params), jax.tree.leaves(PARAMS)))
+
+
+def test_population_of_thetas_vmaps():
+    lopt = MLPLOpt()
+    thetas = jax.vmap(lopt.init)(jax.random.split(jax.random.key(0), 5))
+    grads = grads_like(PARAMS)
+
+    def update(theta):
+        opt = lopt.optimizer(theta)
+        return opt.update(grads, opt.init(PARAMS), PARAMS)[0]
+
+    updates = jax.jit(jax.vmap(update))(thetas)
+    assert updates["conv"].shape == (5, 3, 3, 2, 4)
+    single = update(jax.tree.map(lambda x: x[2], thetas))
+    np.testing.assert_allclose(updates["conv"][2], single["conv"], rtol=1e-5, atol=1e-9)
+    assert 1000 <= sum(x.size for x in jax.tree.leaves(lopt.init(jax.random.key(0)))) <= 5000
+
+
+def test_integer_leaf_is_rejected_by_name():
+    opt = MLPLOpt().optimizer(MLPLOpt().init(jax.random.key(0)))
+    with pytest.raises(TypeError, match=r"\['count'\].*int32"):
+        opt.init({"w": jnp.ones(3), "count": jnp.ones(3, jnp.int32)})
+    with pytest.raises(TypeError, match="int32"):
+        LearnedSGD().optimizer(LearnedSGD().init(None)).init(jnp.arange(3))
+
+
+def test_mismatched_theta_is_rejected_by_leaf_and_shape():
+    small, default = MLPLOpt(hidden=(8,)), MLPLOpt()
+    with pytest.raises(ValueError, match="structure"):
+        as_optax(default, small.init(jax.random.key(0)))
+    wrong = default.init(jax.random.key(0))
+    wrong["layers"][1]["w"] = jnp.zeros((32, 31))
+    with pytest.raises(ValueError, match=r"\['layers'\]\[1\]\['w'\].*\(32, 31\).*\(32, 32\)"):
+        as_optax(default, wrong)
+
+
+def test_update_without_params_is_a_clear_error():
+    opt = MLPLOpt().optimizer(MLPLOpt().init(jax.random.key(0)))
+    with pytest.raises(ValueError, match="needs params"):
+        opt.update(PARAMS, opt.init(PARAMS))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_sgd_like_theta_reduces_every_task_loss(family):
+    lopt = MLPLOpt()
+    task = make_task({"family": family, "seed": 1})
+    opt = as_optax(lopt, sgd_like_theta(lopt, scale=10.0))  # normalised steps of 0.01
+    losses = train_losses(task, opt, jax.random.key(0), num_steps=150)
+    assert np.all(np.isfinite(losses))
+    assert losses[-10:].mean() < 0.9 * losses[:10].mean(), (losses[:10].mean(), losses[-10:].mean())

@@ -1,0 +1,137 @@
+"""Task families: they build offline, jit with the task as an argument, vmap, and train; the
+task distribution's configurations validate, and the held-out set is disjoint from training."""
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from selfopt.evaluate import train_losses
+from selfopt.tasks import (FAMILIES, HELDOUT_FAMILIES, HELDOUT_SEED_START, TEST_FUNCTIONS,
+                           TaskDistribution, make_task)
+
+#: family -> Adam learning rate for the training check.
+LEARNING_RATES = {"quadratic": 0.05, "test_function": 0.05, "logistic": 0.01, "mlp": 0.01,
+                  "convnet": 0.01, "language_model": 0.01, "autoencoder": 0.01}
+#: family -> the most that mean(last losses) / mean(first losses) may be after training.
+MAX_LOSS_RATIO = {"quadratic": 0.05, "test_function": 0.5, "logistic": 0.6, "mlp": 0.5,
+                  "convnet": 0.5, "language_model": 0.8, "autoencoder": 0.3}
+
+
+def init_and_loss(task, key, split="train"):
+    return task.loss(task.init(key), task.sample_batch(key, split))
+
+
+@jax.jit
+def initial_losses(task, keys):
+    """Train and test losses at initialisation, one per key: the task vmaps over keys."""
+    params = jax.vmap(task.init)(keys)
+    return {split: jax.vmap(task.loss)(
+                params, jax.vmap(functools.partial(task.sample_batch, split=split))(keys))
+            for split in ("train", "test")}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_jits_vmaps_and_trains(family):
+    task = make_task({"family": family, "seed": 3})
+    key = jax.random.key(0)
+    for losses in initial_losses(task, jax.random.split(key, 3)).values():
+        assert losses.shape == (3,) and jnp.all(jnp.isfinite(losses))
+        assert task.normalize(losses[0], losses[0]) == pytest.approx(1.0)
+        assert task.normalize(task.loss_floor, losses[0]) == pytest.approx(0.0)
+
+    losses = train_losses(task, optax.adam(LEARNING_RATES[family]), key, 200)
+    assert jnp.all(jnp.isfinite(losses))
+    ratio = losses[-20:].mean() / losses[:20].mean()
+    assert ratio < MAX_LOSS_RATIO[family], (family, float(ratio))
+
+
+@pytest.mark.parametrize("function", sorted(TEST_FUNCTIONS))
+def test_every_test_function_trains(function):
+    task = make_task({"family": "test_function", "function": function, "noise": 0.1})
+    losses = train_losses(task, optax.adam(0.05), jax.random.key(1), 300)
+    assert losses[-10:].mean() < 0.25 * losses[:10].mean(), function
+
+
+def test_quadratics_share_code_but_not_matrices():
+    first = make_task({"family": "quadratic", "seed": 1, "dim": 8, "log_condition": 3.0})
+    second = make_task({"family": "quadratic", "seed": 2, "dim": 8, "noise": 0.0})
+    assert first.shape_key == second.shape_key
+    assert not np.allclose(first.matrix, second.matrix)
+    eigenvalues = np.linalg.eigvalsh(np.asarray(first.matrix, np.float64))
+    assert eigenvalues.max() / eigenvalues.min() == pytest.approx(1e3, rel=1e-3)
+
+    traces = []
+
+    @jax.jit
+    def loss(task, key):
+        traces.append(task)
+        return init_and_loss(task, key)
+
+    loss(first, jax.random.key(0))
+    loss(second, jax.random.key(0))
+    assert len(traces) == 1  # the second quadratic reused the first one's compiled code
+
+
+def test_quadratic_noise_leaves_expected_loss_unchanged():
+    task = make_task({"family": "quadratic", "seed": 5, "dim": 8, "noise": 0.5})
+    params = task.init(jax.random.key(0))
+    exact = task.loss(params, task.sample_batch(jax.random.key(1), "test"))
+    expected = 0.5 * (params - task.target) @ task.matrix @ (params - task.target)
+    assert exact == pytest.approx(float(expected), rel=1e-5)
+    batches = jax.vmap(task.sample_batch)(jax.random.split(jax.random.key(2), 20_000))
+    noisy = jax.vmap(task.loss, in_axes=(None, 0))(params, batches)
+    assert noisy.std() > 0.1 * exact
+    assert noisy.mean() == pytest.approx(float(exact), abs=4 * float(noisy.std()) / np.sqrt(20_000))
+
+
+def test_make_task_rejects_unknown_names_and_bad_values():
+    with pytest.raises(ValueError, match="unknown task family 'resnet'.*'quadratic'"):
+        make_task({"family": "resnet"})
+    with pytest.raises(ValueError, match="unknown field.*'width'.*'hidden'"):
+        make_task({"family": "mlp", "width": 32})
+    with pytest.raises(ValueError, match="activation"):
+        make_task({"family": "mlp", "activation": "sine"})
+    with pytest.raises(ValueError, match="dim"):
+        make_task({"family": "quadratic", "dim": 0})
+    with pytest.raises(ValueError, match="seed"):
+        make_task({"family": "quadratic", "seed": -1})
+    with pytest.raises(ValueError, match="split"):
+        make_task({"family": "logistic"}).sample_batch(jax.random.key(0), "valid")
+
+
+def test_heldout_is_disjoint_from_training_samples():
+    distribution = TaskDistribution()
+    samples = [distribution.sample(seed) for seed in range(3000)]
+    heldout = distribution.heldout()
+    canonical = {json.dumps(config, sort_keys=True) for config in samples}
+    assert not canonical & {json.dumps(config, sort_keys=True) for config in heldout}
+    assert max(config["seed"] for config in samples) < HELDOUT_SEED_START
+    assert min(config["seed"] for config in heldout) >= HELDOUT_SEED_START
+    sampled_families = {config["family"] for config in samples}
+    assert set(HELDOUT_FAMILIES) <= {config["family"] for config in heldout} - sampled_families
+    assert sampled_families == set(FAMILIES) - set(HELDOUT_FAMILIES)
+    for config in heldout:
+        make_task(json.loads(json.dumps(config)))  # JSON round trip builds
+
+
+def test_training_distribution_has_few_shapes():
+    distribution = TaskDistribution()
+    configs = {json.dumps({**distribution.sample(seed), "seed": 0}, sort_keys=True)
+               for seed in range(2000)}
+    shapes = {make_task(json.loads(config)).shape_key for config in configs}
+    assert len(shapes) <= 58
+
+
+def test_restricted_distribution_and_keys():
+    distribution = TaskDistribution(families=["quadratic", "mlp"])
+    assert {distribution.sample(seed)["family"] for seed in range(200)} == {"quadratic", "mlp"}
+    assert distribution.sample(jax.random.key(4)) == distribution.sample(jax.random.key(4))
+    assert distribution.sample(7) == distribution.sample(7)
+    with pytest.raises(ValueError, match="'autoencoder' is held out"):
+        TaskDistribution(families=("autoencoder",))
+    with pytest.raises(ValueError, match="unknown task family 'vae'"):
+        TaskDistribution(families=("quadratic", "vae"))

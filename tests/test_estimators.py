@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from selfopt.estimators import PES, ConstantLength, TruncatedES, unroll
-from selfopt.estimators.unroll import new_inner_state
+from selfopt.estimators.inner_problem import new_inner_state
 from selfopt.lopt import LearnedSGD, MLPLOpt
 from selfopt.tasks.base import Task, static_field, task_dataclass
 

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from selfopt.estimators import unroll as unroll_lib
+from selfopt.estimators import inner_problem
 from selfopt.estimators.truncation import LengthSchedule, LogUniformLength
 from selfopt.lopt.base import LearnedOptimizer, Theta
 from selfopt.tasks.base import Task
@@ -75,7 +75,7 @@ class TruncatedES:
       num_pairs: antithetic pairs (= inner problems in flight) per estimate.
       truncation_length: inner steps per truncation.
       schedule: distribution of inner-problem lengths.
-      normalization: ``"ratio"`` or ``"log"`` (see ``unroll.normalized_loss``).
+      normalization: ``"ratio"`` or ``"log"`` (see ``inner_problem.normalized_loss``).
       loss_cap: largest normalised loss; a diverged step counts as this.
     """
 
@@ -90,18 +90,18 @@ class TruncatedES:
         if self.num_pairs < 1 or self.truncation_length < 1:
             raise ValueError("TruncatedES needs num_pairs >= 1 and truncation_length >= 1, got "
                              f"{self.num_pairs} and {self.truncation_length}")
-        if self.normalization not in unroll_lib.NORMALIZATIONS:
+        if self.normalization not in inner_problem.NORMALIZATIONS:
             raise ValueError(f"unknown normalization {self.normalization!r}; choose one of "
-                             f"{unroll_lib.NORMALIZATIONS}")
+                             f"{inner_problem.NORMALIZATIONS}")
 
-    def init_state(self, task: Task, theta: Theta, key: jax.Array) -> unroll_lib.InnerState:
+    def init_state(self, task: Task, theta: Theta, key: jax.Array) -> inner_problem.InnerState:
         """``num_pairs`` staggered inner problems (leading axis = pair)."""
         keys = jax.random.split(key, self.num_pairs)
-        return jax.vmap(lambda k: unroll_lib.staggered_inner_state(
+        return jax.vmap(lambda k: inner_problem.staggered_inner_state(
             self.lopt, theta, task, k, self.schedule, self.truncation_length))(keys)
 
     def unroll_pairs(self, task: Task, theta: Theta, sigma: jax.Array, eps: Theta,
-                     pos: unroll_lib.InnerState, neg: unroll_lib.InnerState):
+                     pos: inner_problem.InnerState, neg: inner_problem.InnerState):
         """Unrolls ``pos`` under ``theta + sigma * eps`` and ``neg`` under ``theta - sigma * eps``.
 
         Both branches of every pair run in one ``vmap`` of ``2 * num_pairs`` unrolls.
@@ -113,15 +113,15 @@ class TruncatedES:
         join = lambda a, b: jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
         signs = jnp.concatenate([jnp.ones(num), -jnp.ones(num)])
         thetas = jax.vmap(lambda e, s: perturb(theta, e, s * sigma))(join(eps, eps), signs)
-        end, losses = jax.vmap(lambda t, s: unroll_lib.unroll(
+        end, losses = jax.vmap(lambda t, s: inner_problem.unroll(
             self.lopt, t, task, s, self.truncation_length, self.normalization, self.loss_cap)
         )(thetas, join(pos, neg))
         first, second = (jax.tree.map(lambda x: x[:num], end), jax.tree.map(lambda x: x[num:], end))
         return (losses[:num], losses[num:]), (first, second)
 
     def partial_sums(self, task: Task, theta: Theta, sigma: jax.Array,
-                     state: unroll_lib.InnerState, keys: jax.Array
-                     ) -> tuple[EstimateSums, unroll_lib.InnerState]:
+                     state: inner_problem.InnerState, keys: jax.Array
+                     ) -> tuple[EstimateSums, inner_problem.InnerState]:
         """Sums of the estimate over the pairs in ``state`` (any number of them).
 
         Splitting the pairs (and their keys) into shards and adding the shards' sums gives
@@ -138,14 +138,14 @@ class TruncatedES:
           The partial sums and the advanced inner problems.
         """
         restart_keys, eps_keys = split_pair_keys(keys)
-        state = jax.vmap(lambda s, k: unroll_lib.restart_if_done(
+        state = jax.vmap(lambda s, k: inner_problem.restart_if_done(
             self.lopt, theta, task, s, k, self.schedule))(state, restart_keys)
         eps = jax.vmap(lambda k: tree_normal_like(k, theta))(eps_keys)
         (loss_pos, loss_neg), (end_pos, _) = self.unroll_pairs(task, theta, sigma, eps, state, state)
         return pair_sums(loss_pos, loss_neg, sigma, eps), end_pos
 
-    def estimate(self, task: Task, theta: Theta, sigma: jax.Array, state: unroll_lib.InnerState,
-                 key: jax.Array) -> tuple[Estimate, unroll_lib.InnerState]:
+    def estimate(self, task: Task, theta: Theta, sigma: jax.Array, state: inner_problem.InnerState,
+                 key: jax.Array) -> tuple[Estimate, inner_problem.InnerState]:
         """The meta-gradient estimate over all pairs in ``state`` (see the module docstring)."""
         sums, state = self.partial_sums(task, theta, sigma, state,
                                         jax.random.split(key, self.num_pairs))

@@ -11,7 +11,7 @@ its inner problem started. With ``xi = sum of eps`` over the truncations so far,
 which is an unbiased estimate of the gradient of the (smoothed) meta-loss of the current
 truncation with respect to the ``theta`` used along the *whole* unroll so far. Summed over a
 problem's truncations it is unbiased for the gradient of the whole-unroll meta-loss. When the
-problem restarts (at a truncation boundary, see :mod:`selfopt.estimators.unroll`) both branches
+problem restarts (at a truncation boundary, see :mod:`selfopt.estimators.inner_problem`) both branches
 restart from the same fresh state and ``xi`` resets to zero.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from selfopt.estimators import unroll as unroll_lib
+from selfopt.estimators import inner_problem
 from selfopt.estimators.es import (EstimateSums, TruncatedES, pair_sums, split_pair_keys,
                                    tree_normal_like)
 from selfopt.lopt.base import Theta
@@ -32,8 +32,8 @@ from selfopt.tasks.base import Task
 class PESState(NamedTuple):
     """The inner problems of PES; every leaf has a leading pair axis."""
 
-    pos: unroll_lib.InnerState  # branch unrolled with theta + sigma * eps
-    neg: unroll_lib.InnerState  # branch unrolled with theta - sigma * eps
+    pos: inner_problem.InnerState  # branch unrolled with theta + sigma * eps
+    neg: inner_problem.InnerState  # branch unrolled with theta - sigma * eps
     accumulated: Theta  # sum of eps since the pair's problem (re)started
 
 
@@ -54,8 +54,8 @@ class PES(TruncatedES):
         restart_keys, eps_keys = split_pair_keys(keys)
 
         def restart(pos, neg, acc, k):
-            done = unroll_lib.is_done(pos) | unroll_lib.is_done(neg)
-            fresh = unroll_lib.new_inner_state(self.lopt, theta, task, k, self.schedule)
+            done = inner_problem.is_done(pos) | inner_problem.is_done(neg)
+            fresh = inner_problem.new_inner_state(self.lopt, theta, task, k, self.schedule)
             pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(done, a, b), new, old)
             return pick(fresh, pos), pick(fresh, neg), jax.tree.map(
                 lambda a: jnp.where(done, jnp.zeros_like(a), a), acc)

@@ -1,0 +1,162 @@
+"""Configuration of a self-training run: one frozen dataclass, validated once at the edge.
+
+A configuration is built from defaults, then a JSON file (``--config``), then command-line
+flags, and checked by :func:`validate`: a bad value raises :class:`ConfigError` with one line
+naming the field and what it allows. The run directory stores the final configuration as
+``config.json``, so a run can always be told apart and resumed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+from pathlib import Path
+from typing import Any
+
+from selfopt.estimators.inner_problem import NORMALIZATIONS
+from selfopt.population.self_training import POLICIES
+from selfopt.tasks.distribution import HELDOUT_FAMILIES, TRAIN_FAMILIES
+
+ESTIMATORS = ("es", "pes")
+OUTER_OPTIMIZERS = ("self", "adam")
+#: The default training families: the fast ones, so a laptop run shows the phenomenon.
+DEFAULT_FAMILIES = ("quadratic", "test_function", "logistic", "mlp")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a self-training run (defaults: the laptop run)."""
+
+    # population and budget
+    population: int = 8
+    minutes: float = 12.0
+    max_steps: int = 0  # outer steps; 0 = until the time budget is spent
+    seed: int = 0
+    # who trains the members: "self" (learned optimizers of the population) or "adam" (control)
+    outer_optimizer: str = "self"
+    policy: str = "self"
+    clip: float = 0.1
+    adam_learning_rate: float = 1e-3
+    # the learned-optimizer architecture
+    hidden: tuple[int, ...] = (32, 32)
+    # meta-gradient estimator
+    estimator: str = "es"
+    num_pairs: int = 4
+    truncation_length: int = 20
+    min_inner_length: int = 100
+    max_inner_length: int = 1000
+    normalization: str = "ratio"
+    loss_cap: float = 10.0
+    # tasks: slots of inner problems in flight, each on one task for task_steps outer steps
+    families: tuple[str, ...] = DEFAULT_FAMILIES
+    num_slots: int = 2
+    task_steps: int = 40
+    # population-based training
+    pbt_interval: int = 10
+    exploit_fraction: float = 0.25
+    resample_probability: float = 0.1
+    step_mult_prior: tuple[float, float] = (0.3, 30.0)
+    sigma_prior: tuple[float, float] = (0.003, 0.03)
+    explore_sigma: bool = True
+    score_steps: int = 50
+    # run directory
+    checkpoint_seconds: float = 60.0
+    keep_checkpoints: int = 2
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(name: str, ok: bool, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config field {name!r} must be {allowed}, got {value!r}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Checks every field; returns ``cfg`` or raises :class:`ConfigError`."""
+    c = cfg
+    for name, lo in (("population", 2), ("num_pairs", 1), ("truncation_length", 1),
+                     ("min_inner_length", 1), ("num_slots", 1), ("task_steps", 1),
+                     ("pbt_interval", 1), ("score_steps", 1), ("keep_checkpoints", 1)):
+        value = getattr(c, name)
+        _check(name, _is_int(value) and lo <= value <= 1_000_000, f"an integer in [{lo}, 1e6]",
+               value)
+    _check("max_steps", _is_int(c.max_steps) and 0 <= c.max_steps <= 10**9,
+           "an integer >= 0 (0: no limit)", c.max_steps)
+    _check("seed", _is_int(c.seed) and 0 <= c.seed < 2**31, "an integer in [0, 2^31)", c.seed)
+    _check("max_inner_length", _is_int(c.max_inner_length)
+           and _is_int(c.min_inner_length) and c.min_inner_length <= c.max_inner_length <= 10**7,
+           "an integer >= min_inner_length", c.max_inner_length)
+    _check("minutes", _is_number(c.minutes) and 0 < c.minutes <= 60 * 24 * 30,
+           "a number of minutes in (0, 43200]", c.minutes)
+    for name, lo, hi in (("clip", 0, 1e6), ("adam_learning_rate", 0, 10), ("loss_cap", 1, 1e6),
+                         ("checkpoint_seconds", 0, 1e6)):
+        value = getattr(c, name)
+        _check(name, _is_number(value) and lo < value <= hi, f"a number in ({lo:g}, {hi:g}]",
+               value)
+    for name, lo, hi in (("exploit_fraction", 0, 0.5), ("resample_probability", 0, 1)):
+        value = getattr(c, name)
+        _check(name, _is_number(value) and lo <= value <= hi, f"a number in [{lo}, {hi}]", value)
+    for name, choices in (("outer_optimizer", OUTER_OPTIMIZERS), ("policy", POLICIES),
+                          ("estimator", ESTIMATORS), ("normalization", NORMALIZATIONS)):
+        value = getattr(c, name)
+        _check(name, value in choices, f"one of {list(choices)}", value)
+    _check("explore_sigma", isinstance(c.explore_sigma, bool), "true or false", c.explore_sigma)
+    _check("hidden", isinstance(c.hidden, tuple) and 1 <= len(c.hidden) <= 4
+           and all(_is_int(w) and 1 <= w <= 1024 for w in c.hidden),
+           "1 to 4 layer widths, each in [1, 1024]", c.hidden)
+    for name in ("step_mult_prior", "sigma_prior"):
+        value = getattr(c, name)
+        _check(name, isinstance(value, tuple) and len(value) == 2
+               and all(_is_number(v) and v > 0 for v in value) and value[0] <= value[1],
+               "a pair [low, high] with 0 < low <= high", value)
+    _check("families", isinstance(c.families, tuple) and len(c.families) >= 1
+           and all(f in TRAIN_FAMILIES for f in c.families),
+           f"a non-empty list of training families from {list(TRAIN_FAMILIES)} "
+           f"({list(HELDOUT_FAMILIES)} is held out)", c.families)
+    return cfg
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """JSON lists become tuples for tuple-typed fields; everything else is checked later."""
+    if isinstance(value, list) and name in ("hidden", "families", "step_mult_prior",
+                                            "sigma_prior"):
+        return tuple(value)
+    return value
+
+
+def make_config(overrides: dict[str, Any] | None = None, file: Path | None = None) -> TrainConfig:
+    """Defaults, then ``file`` (JSON object), then ``overrides``; validated.
+
+    Raises:
+      ConfigError: an unknown field, an unreadable file, or an invalid value.
+    """
+    values: dict[str, Any] = {}
+    if file is not None:
+        try:
+            loaded = json.loads(Path(file).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"cannot read config file {file}: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {file} must hold a JSON object")
+        values.update(loaded)
+    values.update(overrides or {})
+    if unknown := sorted(set(values) - set(FIELDS)):
+        raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {sorted(FIELDS)}")
+    return validate(TrainConfig(**{k: _coerce(k, v) for k, v in values.items()}))

@@ -1,0 +1,160 @@
+"""Population-based training: rank members fairly, copy the good over the bad, perturb.
+
+Method.md section 5 (Jaderberg et al. 2017). Every ``interval`` outer steps the members are
+scored on the *same* freshly drawn inner problems with their *unperturbed* weights (a score on
+the ES pairs would reward a small sigma, which perturbs less, rather than a better optimizer);
+the bottom ``exploit_fraction`` copy weights, outer state and hyperparameters of a member drawn
+from the top fraction (exploit), then multiply each hyperparameter by 0.8 or 1.25, or with
+``resample_probability`` redraw it from its prior (explore). Every copy is recorded in the
+lineage. A member whose weights or meta-loss are not finite is replaced at once.
+
+Hyperparameters are kept as logs, so "multiply by 0.8" is "add log 0.8" and priors are
+log-uniform.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selfopt.estimators import inner_problem
+from selfopt.estimators.truncation import ConstantLength
+from selfopt.lopt.base import LearnedOptimizer, Theta
+from selfopt.tasks.base import Task
+
+
+class Hyperparams(NamedTuple):
+    """Per-member hyperparameters under PBT's control, as logs; each leaf ``(K,)``."""
+
+    log_step_mult: Any  # log multiplier of the outer (self-training) update
+    log_sigma: Any  # log ES perturbation scale
+
+
+@dataclasses.dataclass(frozen=True)
+class PBT:
+    """Exploit-and-explore configuration.
+
+    Attributes:
+      interval: outer steps between PBT rounds.
+      exploit_fraction: fraction of members replaced each round (and size of the top pool).
+      perturb_factors: explore multiplies a hyperparameter by one of these.
+      resample_probability: chance that explore redraws a hyperparameter from its prior.
+      step_mult_prior: log-uniform range of the outer step multiplier.
+      sigma_prior: log-uniform range of the ES sigma.
+      explore_sigma: whether sigma is a PBT hyperparameter at all.
+      score_steps: inner steps of the scoring unroll.
+    """
+
+    interval: int = 10
+    exploit_fraction: float = 0.25
+    perturb_factors: tuple[float, float] = (0.8, 1.25)
+    resample_probability: float = 0.1
+    step_mult_prior: tuple[float, float] = (0.3, 30.0)
+    sigma_prior: tuple[float, float] = (0.003, 0.03)
+    explore_sigma: bool = True
+    score_steps: int = 50
+
+    def priors(self) -> dict[str, tuple[float, float]]:
+        """Hyperparameter name -> (low, high) of its log."""
+        log = lambda lo_hi: (math.log(lo_hi[0]), math.log(lo_hi[1]))
+        return {"log_step_mult": log(self.step_mult_prior), "log_sigma": log(self.sigma_prior)}
+
+    def initial(self, rng: np.random.Generator, num_members: int) -> Hyperparams:
+        """Hyperparameters drawn from their priors, one set per member."""
+        return Hyperparams(**{name: rng.uniform(lo, hi, num_members).astype(np.float32)
+                              for name, (lo, hi) in self.priors().items()})
+
+    def explored(self, value: float, name: str, rng: np.random.Generator) -> float:
+        """One hyperparameter (a log) after explore."""
+        if name == "log_sigma" and not self.explore_sigma:
+            return value
+        lo, hi = self.priors()[name]
+        if rng.uniform() < self.resample_probability:
+            return float(rng.uniform(lo, hi))
+        return float(value + math.log(rng.choice(self.perturb_factors)))
+
+    def exploit_and_explore(self, scores: np.ndarray, hparams: Hyperparams,
+                            rng: np.random.Generator) -> tuple[np.ndarray, Hyperparams, list]:
+        """One PBT round on the host.
+
+        Args:
+          scores: ``(K,)`` lower is better; non-finite scores rank last.
+          hparams: current hyperparameters (numpy).
+          rng: randomness of the round.
+
+        Returns:
+          ``sources``: for each member, the index it now copies (itself if kept);
+          the new hyperparameters; and ``(child, parent)`` index pairs of the copies made.
+        """
+        num = len(scores)
+        order = np.argsort(np.where(np.isfinite(scores), scores, np.inf), kind="stable")
+        count = max(1, int(round(self.exploit_fraction * num))) if num > 1 else 0
+        top, bottom = order[:count], order[num - count:] if count else []
+        sources = np.arange(num)
+        new = {name: np.array(values, np.float32) for name, values in hparams._asdict().items()}
+        copies = []
+        for child in bottom:
+            parent = int(rng.choice(top))
+            sources[child] = parent
+            for name in new:
+                new[name][child] = self.explored(float(new[name][parent]), name, rng)
+            copies.append((int(child), parent))
+        return sources, Hyperparams(**new), copies
+
+
+def replace_non_finite(finite: np.ndarray, scores: np.ndarray,
+                       rng: np.random.Generator) -> tuple[np.ndarray, list]:
+    """Sources that replace every non-finite member by a random finite top member.
+
+    Args:
+      finite: ``(K,)`` whether each member's weights and meta-loss are finite.
+      scores: latest scores (lower is better), used to pick the parents.
+      rng: randomness of the choice.
+
+    Returns:
+      ``sources`` as in :meth:`PBT.exploit_and_explore` and the ``(child, parent)`` pairs.
+    """
+    sources = np.arange(len(finite))
+    healthy = np.flatnonzero(finite)
+    if healthy.size == 0:
+        raise FloatingPointError("every member of the population has non-finite weights")
+    ranked = healthy[np.argsort(np.where(np.isfinite(scores[healthy]), scores[healthy], np.inf),
+                                kind="stable")]
+    pool = ranked[:max(1, len(ranked) // 2)]
+    copies = []
+    for child in np.flatnonzero(~finite):
+        parent = int(rng.choice(pool))
+        sources[child] = parent
+        copies.append((int(child), parent))
+    return sources, copies
+
+
+def score_members(lopt: LearnedOptimizer, thetas: Theta, task: Task, key: jax.Array,
+                  num_steps: int, num_problems: int = 2) -> jax.Array:
+    """Fair, low-noise scores: every member trains the same problems with unperturbed weights.
+
+    Args:
+      lopt: the members' architecture.
+      thetas: members' weights, leading axis K.
+      task: the task to score on.
+      key: draws the ``num_problems`` problems (initial parameters and batches), shared by all.
+      num_steps: inner steps per problem.
+      num_problems: problems averaged per member.
+
+    Returns:
+      ``(K,)`` mean normalised training loss over the steps (lower is better; capped and
+      NaN-proof as the meta-loss is).
+    """
+    keys = jax.random.split(key, num_problems)
+
+    def one_member(theta):
+        def one_problem(k):
+            state = inner_problem.new_inner_state(lopt, theta, task, k, ConstantLength(num_steps))
+            return inner_problem.unroll(lopt, theta, task, state, num_steps)[1]
+        return jnp.mean(jax.vmap(one_problem)(keys))
+
+    return jax.vmap(one_member)(thetas)

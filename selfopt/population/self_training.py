@@ -1,0 +1,130 @@
+"""The self-training update: learned optimizers from the population update each other.
+
+Method.md sections 1 and 4. Member ``i``'s weights are ordinary parameters, and a learned
+optimizer taken from the population itself turns its meta-gradient estimate into a step:
+
+    theta_i <- theta_i + exp(log_step_mult_i) * LO_{theta_j}(clip(g_i), outer_state_i, theta_i)
+
+exactly as the LO updates any task's parameters (the same ``optimizer(theta).update`` call).
+``outer_state_i`` (momenta etc. of member i's own training) is kept per member. Which member
+``j`` lends its optimizer is the *policy* **(ours)**: ``self`` (j = i), ``best`` (the member
+PBT last ranked first) or ``random``. No hand-designed optimizer is involved.
+
+:class:`AdamControl` is the conventional control: the same architecture meta-trained by optax
+Adam, with the same interface, so the training loop runs either through one code path.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from selfopt.lopt.base import LearnedOptimizer, Theta
+
+POLICIES = ("self", "best", "random")
+
+
+def clip_estimate(grads: Theta, clip: float) -> Theta:
+    """Elementwise clip of an ES estimate to ``[-clip, clip]`` (method.md section 3)."""
+    return jax.tree.map(lambda g: jnp.clip(g, -clip, clip), grads)
+
+
+def scale_and_add(thetas: Theta, updates: Theta, log_step_mult: jax.Array) -> Theta:
+    """``theta_i + exp(log_step_mult_i) * update_i`` for every member (leading axis)."""
+    mult = jnp.exp(log_step_mult)
+    return jax.tree.map(
+        lambda t, u: t + mult.reshape((-1,) + (1,) * (t.ndim - 1)) * u, thetas, updates)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfTraining:
+    """Members are updated by learned optimizers of the population.
+
+    Attributes:
+      lopt: the architecture of every member (and so of every outer optimizer).
+      policy: whose weights update member i: ``self``, ``best`` or ``random``.
+      clip: elementwise clip of the ES estimate before it is used.
+    """
+
+    lopt: LearnedOptimizer
+    policy: str = "self"
+    clip: float = 0.1
+
+    label = "self-training"
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+
+    def init(self, thetas: Theta) -> Any:
+        """Per-member outer state: the LO's state for member i's weights (leading axis K)."""
+        return jax.vmap(lambda theta: self.lopt.optimizer(theta).init(theta))(thetas)
+
+    def donors(self, num_members: int, best: jax.Array, key: jax.Array) -> jax.Array:
+        """Index ``j`` of the member whose LO updates each member ``i``."""
+        if self.policy == "self":
+            return jnp.arange(num_members)
+        if self.policy == "best":
+            return jnp.full((num_members,), best)
+        return jax.random.randint(key, (num_members,), 0, num_members)
+
+    def update(self, thetas: Theta, outer_state: Any, grads: Theta, log_step_mult: jax.Array,
+               best: jax.Array, key: jax.Array) -> tuple[Theta, Any]:
+        """One self-training step of every member.
+
+        Args:
+          thetas: members' weights, leading axis K.
+          outer_state: from :meth:`init` (or a previous update).
+          grads: members' meta-gradient estimates, leading axis K.
+          log_step_mult: ``(K,)`` log step multipliers (PBT hyperparameters).
+          best: index of the best member (used by the ``best`` policy).
+          key: PRNG key (used by the ``random`` policy).
+
+        Returns:
+          New weights and outer state.
+        """
+        num = log_step_mult.shape[0]
+        donors = jax.tree.map(lambda t: t[self.donors(num, best, key)], thetas)
+        grads = clip_estimate(grads, self.clip)
+
+        def one(theta_i, state_i, grad_i, theta_j):
+            return self.lopt.optimizer(theta_j).update(grad_i, state_i, theta_i)
+
+        updates, outer_state = jax.vmap(one)(thetas, outer_state, grads, donors)
+        return scale_and_add(thetas, updates, log_step_mult), outer_state
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamControl:
+    """The control: members meta-trained by optax Adam (hand-designed), same interface.
+
+    The step is ``exp(log_step_mult_i) * adam_update(learning_rate)``, so PBT tunes the
+    control's learning rate exactly as it tunes the self-training step multiplier.
+
+    Attributes:
+      learning_rate: Adam's base learning rate.
+      clip: elementwise clip of the ES estimate before it is used.
+    """
+
+    learning_rate: float = 1e-3
+    clip: float = 0.1
+
+    label = "adam-control"
+
+    def init(self, thetas: Theta) -> Any:
+        return jax.vmap(optax.adam(self.learning_rate).init)(thetas)
+
+    def update(self, thetas: Theta, outer_state: Any, grads: Theta, log_step_mult: jax.Array,
+               best: jax.Array, key: jax.Array) -> tuple[Theta, Any]:
+        """One Adam step of every member; arguments as :meth:`SelfTraining.update`."""
+        del best, key
+        adam = optax.adam(self.learning_rate)
+        grads = clip_estimate(grads, self.clip)
+        updates, outer_state = jax.vmap(adam.update)(grads, outer_state, thetas)
+        return scale_and_add(thetas, updates, log_step_mult), outer_state
+
+
+OuterOptimizer = SelfTraining | AdamControl

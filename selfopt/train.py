@@ -1,0 +1,392 @@
+"""``selfopt train``: a population of randomly initialised learned optimizers trains itself.
+
+One outer step, for every member at once (:func:`outer_step`, one jitted call per task shape):
+
+    population -> ES/PES unrolls on the step's task -> meta-gradients -> self-update
+
+and every ``pbt_interval`` steps, on the host, PBT: score every member on the same fresh
+problems with unperturbed weights, exploit and explore, record the lineage. Members with
+non-finite weights or meta-loss are replaced at once.
+
+Inner problems live in *slots*: each slot holds one task and every member's persistent inner
+problems on it; outer step ``t`` works on slot ``t % num_slots``, and each slot draws a new task
+from the distribution every ``task_steps`` outer steps (slots staggered), restarting its problems.
+
+Everything random is a pure function of ``(seed, step)``, so a run stopped and resumed from a
+checkpoint reaches bitwise the same state as one never stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selfopt import checkpoint as ckpt
+from selfopt.config import TrainConfig
+from selfopt.estimators import PES, LogUniformLength, TruncatedES
+from selfopt.lopt import MLPLOpt
+from selfopt.population import PBT, AdamControl, Hyperparams, SelfTraining, score_members
+from selfopt.population.pbt import replace_non_finite
+from selfopt.tasks import TaskDistribution, make_task
+
+
+class Components(NamedTuple):
+    """The run's algorithms, built from its configuration (all static and hashable)."""
+
+    lopt: MLPLOpt
+    estimator: TruncatedES
+    outer: SelfTraining | AdamControl
+    pbt: PBT
+    distribution: TaskDistribution
+
+
+def build(cfg: TrainConfig) -> Components:
+    """The algorithms a configuration describes."""
+    lopt = MLPLOpt(hidden=cfg.hidden)
+    estimator_cls = PES if cfg.estimator == "pes" else TruncatedES
+    estimator = estimator_cls(
+        lopt, num_pairs=cfg.num_pairs, truncation_length=cfg.truncation_length,
+        schedule=LogUniformLength(cfg.min_inner_length, cfg.max_inner_length),
+        normalization=cfg.normalization, loss_cap=cfg.loss_cap)
+    outer = (SelfTraining(lopt, cfg.policy, cfg.clip) if cfg.outer_optimizer == "self"
+             else AdamControl(cfg.adam_learning_rate, cfg.clip))
+    pbt = PBT(interval=cfg.pbt_interval, exploit_fraction=cfg.exploit_fraction,
+              resample_probability=cfg.resample_probability, step_mult_prior=cfg.step_mult_prior,
+              sigma_prior=cfg.sigma_prior, explore_sigma=cfg.explore_sigma,
+              score_steps=cfg.score_steps)
+    return Components(lopt, estimator, outer, pbt, TaskDistribution(cfg.families))
+
+
+@dataclasses.dataclass
+class RunState:
+    """Everything a run needs to continue: device arrays and host bookkeeping."""
+
+    step: int
+    thetas: Any  # members' LO weights, leading axis K
+    outer_state: Any  # per-member state of the outer optimizer
+    hparams: Hyperparams  # per-member PBT hyperparameters (device arrays)
+    slot_configs: list[dict]  # task configuration of each slot
+    slot_inner: list[Any]  # each slot's inner problems, leading axes (K, pairs)
+    member_ids: list[int]  # lineage id of the member in each position
+    generation: list[int]  # PBT copies in each member's ancestry
+    scores: list[float]  # latest PBT score per member (lower is better; inf before the first)
+    best: int  # position of the best-scored member
+    next_id: int  # next unused lineage id
+    elapsed: float  # seconds of training across all sessions
+    start_meta_loss: float | None  # population median meta-loss at step 0
+
+    def arrays(self) -> dict[str, Any]:
+        return {"thetas": self.thetas, "outer_state": self.outer_state,
+                "hparams": self.hparams, "slots": self.slot_inner}
+
+    def metadata(self) -> dict[str, Any]:
+        return {"step": self.step, "slot_configs": self.slot_configs,
+                "member_ids": self.member_ids, "generation": self.generation,
+                "scores": [s if math.isfinite(s) else None for s in self.scores],
+                "best": self.best, "next_id": self.next_id, "elapsed": self.elapsed,
+                "start_meta_loss": self.start_meta_loss}
+
+
+def step_key(seed: int, step: int, purpose: int) -> jax.Array:
+    """The PRNG key of one purpose at one outer step: a pure function of (seed, step)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), purpose)
+
+
+def step_rng(seed: int, step: int, purpose: int) -> np.random.Generator:
+    """Host randomness (PBT choices) at one outer step: a pure function of (seed, step)."""
+    return np.random.default_rng([seed, step, purpose])
+
+
+@functools.partial(jax.jit, static_argnames=("estimator",))
+def init_inner(estimator, task, thetas, key):
+    """Fresh inner problems for every member on ``task`` (leading axes K, pairs)."""
+    keys = jax.random.split(key, jax.tree.leaves(thetas)[0].shape[0])
+    return jax.vmap(estimator.init_state, in_axes=(None, 0, 0))(task, thetas, keys)
+
+
+@functools.partial(jax.jit, static_argnames=("estimator", "outer"))
+def outer_step(estimator, outer, thetas, outer_state, hparams, best, inner, task, key):
+    """One outer step of the whole population: ES/PES estimates, then the self-update.
+
+    Returns:
+      New weights, outer state and inner problems, and per-member metrics: the meta-loss near
+      theta, whether the member is finite, and the sizes of its estimate and update.
+    """
+    num = jax.tree.leaves(thetas)[0].shape[0]
+    es_key, update_key = jax.random.split(key)
+    estimates, inner = jax.vmap(estimator.estimate, in_axes=(None, 0, 0, 0, 0))(
+        task, thetas, jnp.exp(hparams.log_sigma), inner, jax.random.split(es_key, num))
+    new_thetas, outer_state = outer.update(thetas, outer_state, estimates.grad,
+                                           hparams.log_step_mult, best, update_key)
+    per_member = lambda f, tree: sum(f(x.reshape(num, -1)) for x in jax.tree.leaves(tree))
+    finite = (per_member(lambda x: jnp.sum(~jnp.isfinite(x), axis=1), new_thetas) == 0) & \
+        jnp.isfinite(estimates.meta_loss)
+    rms = lambda tree: jnp.sqrt(per_member(lambda x: jnp.sum(x**2, axis=1), tree) /
+                                sum(x[0].size for x in jax.tree.leaves(tree)))
+    step_size = rms(jax.tree.map(jnp.subtract, new_thetas, thetas))
+    metrics = {"meta_loss": estimates.meta_loss, "finite": finite,
+               "grad_rms": rms(estimates.grad), "update_rms": step_size}
+    return new_thetas, outer_state, inner, metrics
+
+
+score = jax.jit(score_members, static_argnames=("lopt", "num_steps", "num_problems"))
+
+
+def select(tree: Any, sources: np.ndarray) -> Any:
+    """Every member position ``i`` takes the value of position ``sources[i]``."""
+    index = jnp.asarray(sources)
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+class Trainer:
+    """Runs, checkpoints and resumes a self-training run in a run directory.
+
+    Args:
+      cfg: the validated configuration.
+      run_dir: where config, metrics, lineage and checkpoints go.
+      on_step: called after every outer step with a dict of live information (for the view).
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path,
+                 on_step: Callable[[dict[str, Any]], None] | None = None):
+        self.cfg, self.run_dir, self.on_step = cfg, Path(run_dir), on_step
+        self.comps = build(cfg)
+        self._tasks: dict[str, Any] = {}
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    # -- tasks and slots ------------------------------------------------------------------
+    def task(self, config: dict):
+        name = json.dumps(config, sort_keys=True)
+        if name not in self._tasks:
+            self._tasks[name] = make_task(config)
+        return self._tasks[name]
+
+    def slot_epoch(self, slot: int, step: int) -> int:
+        """Which task a slot holds at ``step``: slots refresh staggered every task_steps."""
+        offset = slot * self.cfg.task_steps // self.cfg.num_slots
+        return (step + offset) // self.cfg.task_steps
+
+    def slot_config(self, slot: int, step: int) -> dict:
+        key = step_key(self.cfg.seed, self.slot_epoch(slot, step), 1000 + slot)
+        return self.comps.distribution.sample(key)
+
+    def fresh_slot(self, slot: int, step: int, thetas) -> tuple[dict, Any]:
+        config = self.slot_config(slot, step)
+        key = step_key(self.cfg.seed, step, 2000 + slot)
+        return config, init_inner(self.comps.estimator, self.task(config), thetas, key)
+
+    # -- state ------------------------------------------------------------------------------
+    def initial_state(self) -> RunState:
+        cfg, comps = self.cfg, self.comps
+        keys = jax.random.split(step_key(cfg.seed, 0, 1), cfg.population)
+        thetas = jax.vmap(comps.lopt.init)(keys)  # random initialisation, nothing else
+        hparams = comps.pbt.initial(step_rng(cfg.seed, 0, 1), cfg.population)
+        slots = [self.fresh_slot(s, 0, thetas) for s in range(cfg.num_slots)]
+        return RunState(
+            step=0, thetas=thetas, outer_state=comps.outer.init(thetas),
+            hparams=Hyperparams(*map(jnp.asarray, hparams)),
+            slot_configs=[c for c, _ in slots], slot_inner=[s for _, s in slots],
+            member_ids=list(range(cfg.population)), generation=[0] * cfg.population,
+            scores=[math.inf] * cfg.population, best=0, next_id=cfg.population,
+            elapsed=0.0, start_meta_loss=None)
+
+    def template(self, slot_configs: list[dict]) -> RunState:
+        """A state with the structure a checkpoint of these slot tasks must have."""
+        cfg, comps = self.cfg, self.comps
+        thetas = jax.vmap(comps.lopt.init)(jax.random.split(jax.random.key(0), cfg.population))
+        hparams = Hyperparams(*[jnp.zeros(cfg.population, jnp.float32)] * 2)
+        inner = [init_inner(comps.estimator, self.task(c), thetas, jax.random.key(0))
+                 for c in slot_configs]
+        return {"thetas": thetas, "outer_state": comps.outer.init(thetas), "hparams": hparams,
+                "slots": inner}
+
+    # -- files ------------------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        return sorted(self.ckpt_dir.glob("step-*.safetensors"))
+
+    def save(self, state: RunState) -> Path:
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        path = self.ckpt_dir / f"step-{state.step:08d}.safetensors"
+        ckpt.save_checkpoint(path, state.arrays(),
+                             {"config": self.cfg.to_json(), "run": state.metadata()})
+        for old in self.checkpoints()[:-self.cfg.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self) -> RunState:
+        paths = self.checkpoints()
+        if not paths:
+            raise ckpt.CheckpointError(f"{self.run_dir} has no checkpoint to resume from")
+        meta = ckpt.read_metadata(paths[-1])["run"]
+        arrays, _ = ckpt.load_checkpoint(paths[-1], self.template(meta["slot_configs"]))
+        return RunState(
+            step=meta["step"], thetas=arrays["thetas"], outer_state=arrays["outer_state"],
+            hparams=Hyperparams(*arrays["hparams"]), slot_configs=meta["slot_configs"],
+            slot_inner=arrays["slots"], member_ids=meta["member_ids"],
+            generation=meta["generation"],
+            scores=[math.inf if s is None else s for s in meta["scores"]], best=meta["best"],
+            next_id=meta["next_id"], elapsed=meta["elapsed"],
+            start_meta_loss=meta["start_meta_loss"])
+
+    def truncate_logs(self, step: int) -> None:
+        """Drops log lines of steps after ``step`` (written after the checkpoint resumed)."""
+        for name in ("metrics.jsonl", "lineage.jsonl"):
+            path = self.run_dir / name
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines(keepends=True)
+                        if line.strip() and json.loads(line)["step"] < step]
+                ckpt.atomic_write_bytes(path, "".join(kept).encode())
+
+    def append(self, name: str, rows: list[dict]) -> None:
+        if rows:
+            with open(self.run_dir / name, "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    # -- PBT ----------------------------------------------------------------------------------
+    def apply_copies(self, state: RunState, sources: np.ndarray, copies: list, kind: str,
+                     new_hparams: Hyperparams | None = None) -> None:
+        """Moves weights, outer state and hyperparameters and records the lineage."""
+        old_hparams = jax.tree.map(np.asarray, state.hparams)
+        state.thetas = select(state.thetas, sources)
+        state.outer_state = select(state.outer_state, sources)
+        hparams = new_hparams if new_hparams is not None else select(old_hparams, sources)
+        state.hparams = Hyperparams(*map(jnp.asarray, hparams))
+        events = []
+        parent_ids, parent_gens = list(state.member_ids), list(state.generation)
+        for child, parent in copies:
+            state.member_ids[child] = state.next_id
+            state.generation[child] = parent_gens[parent] + 1
+            state.next_id += 1
+            events.append({
+                "step": state.step, "kind": kind, "position": child,
+                "child_id": state.member_ids[child], "replaced_id": parent_ids[child],
+                "parent_id": parent_ids[parent], "parent_position": parent,
+                "generation": state.generation[child],
+                "parent_score": _finite_or_none(state.scores[parent]),
+                "replaced_score": _finite_or_none(state.scores[child]),
+                "before": {k: float(np.exp(v[parent])) for k, v in
+                           zip(("step_mult", "sigma"), old_hparams)},
+                "after": {k: float(np.exp(v[child])) for k, v in
+                          zip(("step_mult", "sigma"), hparams)},
+            })
+        for child, parent in copies:
+            state.scores[child] = state.scores[parent]
+        self.append("lineage.jsonl", events)
+
+    def pbt_round(self, state: RunState, task) -> None:
+        cfg, comps = self.cfg, self.comps
+        scores = np.asarray(score(comps.lopt, state.thetas, task,
+                                  step_key(cfg.seed, state.step, 3), cfg.score_steps))
+        state.scores = [float(s) for s in scores]
+        state.best = int(np.argmin(np.where(np.isfinite(scores), scores, np.inf)))
+        sources, hparams, copies = comps.pbt.exploit_and_explore(
+            scores, jax.tree.map(np.asarray, state.hparams), step_rng(cfg.seed, state.step, 2))
+        self.apply_copies(state, sources, copies, "exploit", hparams)
+        state.best = int(np.argmin(state.scores))
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Trains until the step or time budget is spent, or Ctrl-C; returns a summary."""
+        cfg, comps = self.cfg, self.comps
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            state = self.load_latest()
+            self.truncate_logs(state.step)
+        else:
+            ckpt.atomic_write_bytes(self.run_dir / "config.json",
+                                    (json.dumps(cfg.to_json(), indent=2) + "\n").encode())
+            state = self.initial_state()
+        interrupted = False
+        last_save = time.monotonic()
+        session_start, session_elapsed0 = time.monotonic(), state.elapsed
+        inner_per_step = cfg.population * cfg.num_pairs * 2 * cfg.truncation_length
+        try:
+            while not self.budget_spent(state):
+                started = time.monotonic()
+                metrics = self.one_step(state)
+                state.elapsed = session_elapsed0 + time.monotonic() - session_start
+                if self.on_step:
+                    self.on_step({"state": state, "metrics": metrics,
+                                  "inner_steps_per_s": inner_per_step / max(
+                                      time.monotonic() - started, 1e-9)})
+                if time.monotonic() - last_save >= cfg.checkpoint_seconds:
+                    self.save(state)
+                    last_save = time.monotonic()
+        except KeyboardInterrupt:
+            interrupted = True
+        path = self.save(state)
+        return self.summary(state, path, interrupted)
+
+    def budget_spent(self, state: RunState) -> bool:
+        if self.cfg.max_steps and state.step >= self.cfg.max_steps:
+            return True
+        return state.elapsed >= 60.0 * self.cfg.minutes
+
+    def one_step(self, state: RunState) -> dict[str, Any]:
+        """One outer step (and a PBT round when due); appends its metrics; advances ``state``."""
+        cfg, comps = self.cfg, self.comps
+        slot = state.step % cfg.num_slots
+        if self.slot_config(slot, state.step) != state.slot_configs[slot]:
+            state.slot_configs[slot], state.slot_inner[slot] = self.fresh_slot(
+                slot, state.step, state.thetas)
+        task = self.task(state.slot_configs[slot])
+        state.thetas, state.outer_state, state.slot_inner[slot], metrics = outer_step(
+            comps.estimator, comps.outer, state.thetas, state.outer_state, state.hparams,
+            jnp.asarray(state.best), state.slot_inner[slot], task,
+            step_key(cfg.seed, state.step, 0))
+        metrics = {k: np.asarray(v) for k, v in metrics.items()}
+        if state.start_meta_loss is None:
+            state.start_meta_loss = float(np.median(metrics["meta_loss"]))
+        hparams = jax.tree.map(np.asarray, state.hparams)
+        self.append("metrics.jsonl", [{
+            "step": state.step, "elapsed": round(state.elapsed, 3), "member": i,
+            "id": state.member_ids[i], "generation": state.generation[i],
+            "meta_loss": _finite_or_none(metrics["meta_loss"][i]),
+            "grad_rms": _finite_or_none(metrics["grad_rms"][i]),
+            "update_rms": _finite_or_none(metrics["update_rms"][i]),
+            "step_mult": float(np.exp(hparams.log_step_mult[i])),
+            "sigma": float(np.exp(hparams.log_sigma[i])),
+            "task": state.slot_configs[slot]["family"],
+            "outer_optimizer": comps.outer.label,
+        } for i in range(cfg.population)])
+        if not metrics["finite"].all():
+            sources, copies = replace_non_finite(metrics["finite"], np.asarray(state.scores),
+                                                 step_rng(cfg.seed, state.step, 4))
+            self.apply_copies(state, sources, copies, "replace_non_finite")
+        state.step += 1
+        if state.step % cfg.pbt_interval == 0:
+            self.pbt_round(state, task)
+        return metrics
+
+    def summary(self, state: RunState, path: Path, interrupted: bool) -> dict[str, Any]:
+        """Meta-loss at start and end, the best member, and the checkpoint written."""
+        end = self.recent_meta_loss(state.step)
+        return {"outer_optimizer": self.comps.outer.label, "steps": state.step,
+                "elapsed_s": round(state.elapsed, 1), "start_meta_loss": state.start_meta_loss,
+                "end_meta_loss": end, "best_position": state.best,
+                "best_id": state.member_ids[state.best],
+                "best_score": _finite_or_none(state.scores[state.best]),
+                "checkpoint": str(path), "interrupted": interrupted}
+
+    def recent_meta_loss(self, step: int, window: int = 10) -> float | None:
+        """Median over members and the last ``window`` steps of the logged meta-loss."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return None
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        values = [r["meta_loss"] for r in rows
+                  if r["step"] >= step - window and r["meta_loss"] is not None]
+        return float(np.median(values)) if values else None
+
+
+def _finite_or_none(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None

@@ -1,16 +1,32 @@
 """The ``selfopt`` command.
 
+    selfopt train [--config FILE] [--population 8] [--minutes 12] [--seed 0] [--out runs/NAME]
+                  [--outer-optimizer self|adam] [--set FIELD=VALUE ...] [--resume RUN]
     selfopt demo [--task mlp] [--steps 300] [--seed 0] [--adam-lr 1e-3]
 
-Bad input ends with one line on stderr (``selfopt: error: ...``) and exit status 2.
+Bad input ends with one line on stderr (``selfopt: error: ...``), exit status 2, and nothing
+written.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
+from selfopt.config import FIELDS, ConfigError, make_config
 from selfopt.tasks import FAMILIES
+
+#: Fields that may change when a run is resumed (they extend or shape the budget only).
+RESUMABLE_OVERRIDES = ("minutes", "max_steps", "checkpoint_seconds")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"selfopt: error: {message} (see: {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -27,10 +43,43 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _assignment(text: str) -> tuple[str, object]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value  # a bare word, e.g. policy=best
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="selfopt", description="Learned optimizers that train themselves.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="selfopt",
+                           description="Learned optimizers that train themselves.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    train = commands.add_parser(
+        "train", help="self-train a population of randomly initialised learned optimizers",
+        description="Self-train a population of randomly initialised learned optimizers with "
+                    "ES meta-gradients and PBT. Flags override --config; see "
+                    "selfopt/config.py for every field.")
+    train.add_argument("--config", type=Path, help="JSON file of config fields")
+    train.add_argument("--out", type=Path, help="run directory (default runs/<label>-<time>)")
+    train.add_argument("--resume", type=Path, metavar="RUN",
+                       help="continue the run in this directory from its latest checkpoint")
+    train.add_argument("--population", type=int)
+    train.add_argument("--minutes", type=float, help="training time budget (total)")
+    train.add_argument("--max-steps", type=int, help="outer-step budget (0: none)")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--outer-optimizer", choices=("self", "adam"),
+                       help="self: members trained by the population's own learned optimizers; "
+                            "adam: the Adam-trained control")
+    train.add_argument("--policy", help="whose LO updates a member: self, best or random")
+    train.add_argument("--estimator", help="es or pes")
+    train.add_argument("--set", type=_assignment, action="append", default=[],
+                       metavar="FIELD=VALUE", help="any config field, value as JSON")
+    train.add_argument("--quiet", action="store_true", help="no live view")
+
     demo = commands.add_parser(
         "demo", help="train one task with a random learned optimizer and with Adam",
         description="Train one task with a randomly initialised learned optimizer (where "
@@ -43,7 +92,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def demo(args: argparse.Namespace) -> None:
+def train_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """Config fields given on the command line (flags, then --set)."""
+    flags = {"population": args.population, "minutes": args.minutes, "max_steps": args.max_steps,
+             "seed": args.seed, "outer_optimizer": args.outer_optimizer, "policy": args.policy,
+             "estimator": args.estimator}
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    overrides.update(dict(args.set))
+    return overrides
+
+
+def train(args: argparse.Namespace) -> int:
+    from selfopt.checkpoint import CheckpointError
+    from selfopt.live_view import LiveView
+    from selfopt.train import Trainer
+
+    overrides = train_overrides(args)
+    if args.resume is not None:
+        if args.config or args.out:
+            raise ConfigError("--resume takes the run's own config; drop --config/--out")
+        if fixed := sorted(set(overrides) - set(RESUMABLE_OVERRIDES)):
+            raise ConfigError(f"cannot change {fixed} when resuming; only "
+                              f"{list(RESUMABLE_OVERRIDES)} may change")
+        run_dir = args.resume
+        config_file = run_dir / "config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"{run_dir} is not a selfopt run directory (no config.json)")
+        cfg = make_config(overrides, config_file)
+    else:
+        cfg = make_config(overrides, args.config)
+        label = "adam-control" if cfg.outer_optimizer == "adam" else "self"
+        run_dir = args.out or Path("runs") / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(f"{run_dir} already holds a run; resume it with --resume "
+                              f"{run_dir}, or choose another --out")
+
+    trainer = None
+    with LiveView("Adam control" if cfg.outer_optimizer == "adam" else "self-training",
+                  60 * cfg.minutes) as view:
+        trainer = Trainer(cfg, run_dir, on_step=None if args.quiet else view.update)
+        try:
+            summary = trainer.run(resume=args.resume is not None)
+        except CheckpointError as err:
+            raise ConfigError(str(err)) from None
+    print_summary(summary, run_dir)
+    return 130 if summary["interrupted"] else 0
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"
+    kind = ("CONTROL: meta-trained by Adam" if summary["outer_optimizer"] == "adam-control"
+            else "self-training (no hand-designed optimizer)")
+    print(f"{kind}: {summary['steps']} outer steps in {summary['elapsed_s'] / 60:.1f} min"
+          + (" (stopped early)" if summary["interrupted"] else ""))
+    print(f"population meta-loss (median): start {fmt(summary['start_meta_loss'])} -> "
+          f"end {fmt(summary['end_meta_loss'])}")
+    print(f"best member: position {summary['best_position']} (lineage id {summary['best_id']},"
+          f" PBT score {fmt(summary['best_score'])})")
+    print(f"checkpoint: {summary['checkpoint']}")
+    print(f"run directory: {run_dir} (resume with: selfopt train --resume {run_dir})")
+
+
+def demo(args: argparse.Namespace) -> int:
     from selfopt.demo import run_demo
 
     started = time.perf_counter()
@@ -57,16 +167,16 @@ def demo(args: argparse.Namespace) -> None:
     print(f"({time.perf_counter() - started:.1f} s; final = mean of the last {window} steps. "
           "A random learned optimizer barely trains; `selfopt train` makes a population of "
           "them train itself.)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"demo": demo}[args.command](args)
-    except KeyboardInterrupt:
-        print("selfopt: interrupted", file=sys.stderr)
-        return 130
-    return 0
+        return {"demo": demo, "train": train}[args.command](args)
+    except ConfigError as err:
+        print(f"selfopt: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,10 +17,13 @@ checkpoint reaches bitwise the same state as one never stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -304,12 +307,12 @@ class Trainer:
             ckpt.atomic_write_bytes(self.run_dir / "config.json",
                                     (json.dumps(cfg.to_json(), indent=2) + "\n").encode())
             state = self.initial_state()
-        interrupted = False
+        stop = threading.Event()
         last_save = time.monotonic()
         session_start, session_elapsed0 = time.monotonic(), state.elapsed
         inner_per_step = cfg.population * cfg.num_pairs * 2 * cfg.truncation_length
-        try:
-            while not self.budget_spent(state):
+        with _stop_on_signals(stop):
+            while not self.budget_spent(state) and not stop.is_set():
                 started = time.monotonic()
                 metrics = self.one_step(state)
                 state.elapsed = session_elapsed0 + time.monotonic() - session_start
@@ -320,10 +323,8 @@ class Trainer:
                 if time.monotonic() - last_save >= cfg.checkpoint_seconds:
                     self.save(state)
                     last_save = time.monotonic()
-        except KeyboardInterrupt:
-            interrupted = True
-        path = self.save(state)
-        return self.summary(state, path, interrupted)
+            path = self.save(state)
+        return self.summary(state, path, stop.is_set())
 
     def budget_spent(self, state: RunState) -> bool:
         if self.cfg.max_steps and state.step >= self.cfg.max_steps:
@@ -385,6 +386,27 @@ class Trainer:
         values = [r["meta_loss"] for r in rows
                   if r["step"] >= step - window and r["meta_loss"] is not None]
         return float(np.median(values)) if values else None
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event):
+    """Ctrl-C / SIGTERM set ``stop`` (the loop ends after the current step and checkpoints);
+    a second Ctrl-C interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _finite_or_none(value: float) -> float | None:

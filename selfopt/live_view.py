@@ -1,0 +1,72 @@
+"""What a person watching ``selfopt train`` sees: a live table, or periodic lines in a log.
+
+On a terminal, a ``rich`` live view redraws after every outer step: step, elapsed time, inner
+steps per second, best and median meta-loss, replacements, and one row per member with its
+lineage id, generation, hyperparameters, latest meta-loss and PBT score. Without a terminal (a
+log file, CI) it prints one line every ``every_s`` seconds instead.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+
+def _fmt(value: float, spec: str = ".4f") -> str:
+    return format(value, spec) if value is not None and math.isfinite(value) else "-"
+
+
+class LiveView:
+    """Context manager whose :meth:`update` is the trainer's ``on_step`` callback."""
+
+    def __init__(self, label: str, budget_s: float, every_s: float = 10.0, stream=None):
+        self.label, self.budget_s, self.every_s = label, budget_s, every_s
+        self.stream = stream or sys.stderr
+        self.console = Console(file=self.stream)
+        self.live = Live(console=self.console, refresh_per_second=4, transient=False) \
+            if self.console.is_terminal else None
+        self._last_line = -math.inf
+        self.replaced = 0
+
+    def __enter__(self) -> LiveView:
+        if self.live:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live:
+            self.live.__exit__(*exc)
+
+    def update(self, info: dict[str, Any]) -> None:
+        state, metrics = info["state"], info["metrics"]
+        self.replaced += int((~metrics["finite"]).sum())
+        losses = metrics["meta_loss"][np.isfinite(metrics["meta_loss"])]
+        best = float(losses.min()) if losses.size else math.nan
+        median = float(np.median(losses)) if losses.size else math.nan
+        header = (f"{self.label} | step {state.step} | {state.elapsed / 60:.1f}/"
+                  f"{self.budget_s / 60:.0f} min | {info['inner_steps_per_s']:,.0f} inner steps/s"
+                  f" | meta-loss best {_fmt(best)} median {_fmt(median)}"
+                  f" | start {_fmt(state.start_meta_loss)} | non-finite replaced {self.replaced}")
+        if self.live is None:
+            if time.monotonic() - self._last_line >= self.every_s:
+                print(header, file=self.stream, flush=True)
+                self._last_line = time.monotonic()
+            return
+        table = Table(box=None, pad_edge=False)
+        for column in ("member", "id", "gen", "step mult", "sigma", "meta-loss", "score"):
+            table.add_column(column, justify="right")
+        step_mult, sigma = (np.exp(np.asarray(h)) for h in state.hparams)
+        for i in range(len(state.member_ids)):
+            style = "bold" if i == state.best else None
+            table.add_row(str(i), str(state.member_ids[i]), str(state.generation[i]),
+                          f"{step_mult[i]:.3g}", f"{sigma[i]:.3g}",
+                          _fmt(float(metrics["meta_loss"][i])), _fmt(state.scores[i]),
+                          style=style)
+        self.live.update(Group(Text(header), table))

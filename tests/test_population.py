@@ -1,0 +1,120 @@
+"""Self-training update by value, PBT exploit/explore and lineage, non-finite replacement."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from selfopt.lopt import MLPLOpt
+from selfopt.population import PBT, AdamControl, Hyperparams, SelfTraining, replace_non_finite
+from test_lopt import sgd_like_theta
+
+LOPT = MLPLOpt()
+
+
+def stack(*trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def member(tree, i):
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def grads_for(thetas, seed=0):
+    leaves, treedef = jax.tree_util.tree_flatten(thetas)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def expected_sgd_like_update(grad, scale, clip, log_mult):
+    """-exp(log_mult) * step_mult * scale * clip(g)/rms(clip(g)) per tensor, clipped to 5."""
+    def leaf(g):
+        g = np.clip(np.asarray(g), -clip, clip)
+        rms = np.sqrt(np.mean(g**2) + 1e-8)
+        return -np.exp(log_mult) * LOPT.step_mult * scale * np.clip(g / rms, -5, 5)
+    return jax.tree.map(leaf, grad)
+
+
+def test_self_policy_updates_each_member_with_its_own_optimizer():
+    zero = jax.tree.map(jnp.zeros_like, LOPT.init(jax.random.key(0)))
+    known = sgd_like_theta(LOPT, scale=3.0)
+    thetas = stack(zero, known)
+    outer = SelfTraining(LOPT, policy="self", clip=0.1)
+    grads = grads_for(thetas)
+    log_mult = jnp.array([0.5, 0.7])
+    new, _ = outer.update(thetas, outer.init(thetas), grads, log_mult, jnp.asarray(0),
+                          jax.random.key(0))
+    # Member 0's own LO emits zero steps: it does not move, whatever its gradient.
+    for a, b in zip(jax.tree.leaves(member(new, 0)), jax.tree.leaves(zero)):
+        np.testing.assert_array_equal(a, b)
+    # Member 1's own LO is normalised gradient descent: the known update.
+    expected = expected_sgd_like_update(member(grads, 1), 3.0, 0.1, 0.7)
+    for got, th, exp in zip(jax.tree.leaves(member(new, 1)), jax.tree.leaves(known),
+                            jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(got) - np.asarray(th), exp, rtol=1e-4, atol=1e-9)
+
+
+def test_best_policy_uses_the_best_members_optimizer_for_everyone():
+    zero = jax.tree.map(jnp.zeros_like, LOPT.init(jax.random.key(0)))
+    known = sgd_like_theta(LOPT, scale=2.0)
+    thetas = stack(zero, known)
+    outer = SelfTraining(LOPT, policy="best", clip=0.1)
+    grads = grads_for(thetas, 1)
+    new, _ = outer.update(thetas, outer.init(thetas), grads, jnp.zeros(2), jnp.asarray(1),
+                          jax.random.key(0))
+    # The zero member now moves, by member 1's rule applied to its own gradient.
+    expected = expected_sgd_like_update(member(grads, 0), 2.0, 0.1, 0.0)
+    for got, exp in zip(jax.tree.leaves(member(new, 0)), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-9)
+    # With best = 0 (the zero LO) nobody moves.
+    still, _ = outer.update(thetas, outer.init(thetas), grads, jnp.zeros(2), jnp.asarray(0),
+                            jax.random.key(0))
+    for a, b in zip(jax.tree.leaves(still), jax.tree.leaves(thetas)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_adam_control_takes_an_adam_step():
+    thetas = stack(LOPT.init(jax.random.key(0)), LOPT.init(jax.random.key(1)))
+    control = AdamControl(learning_rate=1e-2, clip=0.1)
+    grads = grads_for(thetas)
+    new, _ = control.update(thetas, control.init(thetas), grads, jnp.log(jnp.array([1.0, 2.0])),
+                            jnp.asarray(0), jax.random.key(0))
+    # Adam's first step is -lr * sign(g) (up to eps), times the member's step multiplier.
+    for got, th, g in zip(jax.tree.leaves(new), jax.tree.leaves(thetas), jax.tree.leaves(grads)):
+        mult = np.array([1.0, 2.0]).reshape((2,) + (1,) * (g.ndim - 1))
+        np.testing.assert_allclose(np.asarray(got) - th, -1e-2 * mult * np.sign(g), rtol=1e-3,
+                                   atol=1e-6)
+
+
+def test_exploit_and_explore_moves_exactly_the_bottom_quarter():
+    pbt = PBT(exploit_fraction=0.25, resample_probability=0.0)
+    hparams = Hyperparams(np.log(np.arange(1.0, 9.0, dtype=np.float32)),
+                          np.log(np.full(8, 0.01, np.float32)))
+    scores = np.array([0.5, 0.9, 0.1, 0.7, 0.3, 0.95, 0.2, 0.6])  # best: 2, 6; worst: 5, 1
+    sources, new, copies = pbt.exploit_and_explore(scores, hparams, np.random.default_rng(0))
+    assert sorted(child for child, _ in copies) == [1, 5]
+    for child, parent in copies:
+        assert parent in (2, 6) and sources[child] == parent
+        for name in ("log_step_mult", "log_sigma"):
+            ratio = np.exp(getattr(new, name)[child] - getattr(hparams, name)[parent])
+            assert min(abs(ratio - 0.8), abs(ratio - 1.25)) < 1e-5
+    kept = [i for i in range(8) if i not in (1, 5)]
+    assert list(sources[kept]) == kept
+    np.testing.assert_array_equal(new.log_step_mult[kept], hparams.log_step_mult[kept])
+
+
+def test_sigma_can_be_kept_out_of_pbts_reach():
+    pbt = PBT(explore_sigma=False, resample_probability=0.5)
+    hparams = Hyperparams(np.zeros(4, np.float32), np.log(np.full(4, 0.01, np.float32)))
+    _, new, copies = pbt.exploit_and_explore(np.arange(4.0), hparams, np.random.default_rng(1))
+    assert copies and np.allclose(np.exp(new.log_sigma), 0.01)
+
+
+def test_non_finite_members_are_replaced_by_finite_ones():
+    finite = np.array([True, False, True, True])
+    sources, copies = replace_non_finite(finite, np.array([0.3, 0.1, 0.2, 0.9]),
+                                         np.random.default_rng(0))
+    assert [c for c, _ in copies] == [1]
+    assert sources[1] in (0, 2) and list(sources[[0, 2, 3]]) == [0, 2, 3]
+    with pytest.raises(FloatingPointError):
+        replace_non_finite(np.zeros(3, bool), np.zeros(3), np.random.default_rng(0))

@@ -1,0 +1,110 @@
+"""``selfopt train``: bitwise resume, Ctrl-C checkpoint, non-finite members, config errors."""
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from selfopt.cli import main
+from selfopt.config import make_config
+from selfopt.train import Trainer
+
+TINY = {"population": 4, "num_pairs": 1, "truncation_length": 5, "min_inner_length": 10,
+        "max_inner_length": 30, "families": ["quadratic"], "num_slots": 1, "task_steps": 3,
+        "pbt_interval": 2, "score_steps": 5, "hidden": [8], "checkpoint_seconds": 1000.0}
+
+
+def tiny(**changes):
+    return make_config({**TINY, **changes})
+
+
+def log_rows(run_dir, name):
+    rows = [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+    for row in rows:
+        row.pop("elapsed", None)
+    return rows
+
+
+def test_stop_and_resume_equals_uninterrupted_bitwise(tmp_path):
+    whole = Trainer(tiny(max_steps=6), tmp_path / "whole").run()
+    Trainer(tiny(max_steps=3), tmp_path / "split").run()
+    resumed = Trainer(tiny(max_steps=6), tmp_path / "split").run(resume=True)
+    assert whole["steps"] == resumed["steps"] == 6
+    a, b = load_file(whole["checkpoint"]), load_file(resumed["checkpoint"])
+    assert a.keys() == b.keys() and len(a) > 10
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    for name in ("metrics.jsonl", "lineage.jsonl"):
+        assert log_rows(tmp_path / "whole", name) == log_rows(tmp_path / "split", name)
+
+
+def test_ctrl_c_stops_after_the_step_and_writes_a_checkpoint(tmp_path):
+    def interrupt(info):
+        if info["state"].step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    summary = Trainer(tiny(max_steps=50), tmp_path / "run", on_step=interrupt).run()
+    assert summary["interrupted"] and summary["steps"] == 2
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002.safetensors").is_file()
+    resumed = Trainer(tiny(max_steps=4), tmp_path / "run").run(resume=True)
+    assert resumed["steps"] == 4 and not resumed["interrupted"]
+
+
+def test_non_finite_member_is_replaced_at_once(tmp_path):
+    trainer = Trainer(tiny(max_steps=1), tmp_path / "run")
+    trainer.run_dir.mkdir()
+    state = trainer.initial_state()
+    state.thetas = jax.tree.map(lambda x: x.at[1].set(jnp.nan), state.thetas)
+    trainer.one_step(state)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.thetas))
+    (event,) = log_rows(tmp_path / "run", "lineage.jsonl")
+    assert event["kind"] == "replace_non_finite" and event["position"] == 1
+    assert state.member_ids[1] == event["child_id"] == 4 and event["parent_id"] != 1
+
+
+def test_pbt_rounds_record_lineage_and_copy_weights(tmp_path):
+    summary = Trainer(tiny(max_steps=4, resample_probability=0.0), tmp_path / "run").run()
+    events = log_rows(tmp_path / "run", "lineage.jsonl")
+    assert [e["step"] for e in events] == [2, 4]  # one member replaced per round (25% of 4)
+    for e in events:
+        assert e["kind"] == "exploit" and e["parent_score"] <= e["replaced_score"]
+        for name in ("step_mult", "sigma"):
+            ratio = e["after"][name] / e["before"][name]
+            assert min(abs(ratio - 0.8), abs(ratio - 1.25)) < 1e-4
+    # The last round happened just before the final checkpoint: the child holds the parent's
+    # weights and outer state exactly, and the replaced lineage id is gone.
+    last = events[-1]
+    arrays = load_file(summary["checkpoint"])
+    copied = [n for n in arrays if n.startswith(("['thetas']", "['outer_state']"))]
+    for name in copied:
+        np.testing.assert_array_equal(arrays[name][last["position"]],
+                                      arrays[name][last["parent_position"]])
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--population", "1"], "population"),
+    (["--set", "num_pairs=0"], "num_pairs"),
+    (["--set", "families=[\"autoencoder\"]"], "families"),
+    (["--set", "clip=-1"], "clip"),
+    (["--set", "no_such_field=3"], "no_such_field"),
+    (["--outer-optimizer", "sgd"], "outer-optimizer"),
+    (["--minutes", "nan"], "minutes"),
+])
+def test_config_errors_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, argv, field):
+    out = tmp_path / "run"
+    try:
+        code = main(["train", "--out", str(out), *argv])
+    except SystemExit as exc:  # argparse's own errors (a choice outside the list)
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and field in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_resume_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "not a selfopt run directory" in capsys.readouterr().err

@@ -41,6 +41,8 @@ class TrainConfig:
     outer_optimizer: str = "self"
     policy: str = "self"
     clip: float = 0.1
+    max_update: float = 0.01  # elementwise bound of a member's update (ours: a trust region)
+    diverged_meta_loss: float = 5.0  # a member at or above this meta-loss is replaced at once
     adam_learning_rate: float = 1e-3
     # the learned-optimizer architecture
     hidden: tuple[int, ...] = (32, 32)
@@ -105,7 +107,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
            "an integer >= min_inner_length", c.max_inner_length)
     _check("minutes", _is_number(c.minutes) and 0 < c.minutes <= 60 * 24 * 30,
            "a number of minutes in (0, 43200]", c.minutes)
-    for name, lo, hi in (("clip", 0, 1e6), ("adam_learning_rate", 0, 10), ("loss_cap", 1, 1e6),
+    for name, lo, hi in (("clip", 0, 1e6), ("max_update", 0, 1e6), ("diverged_meta_loss", 0, 1e6),
+                         ("adam_learning_rate", 0, 10), ("loss_cap", 1, 1e6),
                          ("checkpoint_seconds", 0, 1e6)):
         value = getattr(c, name)
         _check(name, _is_number(value) and lo < value <= hi, f"a number in ({lo:g}, {hi:g}]",

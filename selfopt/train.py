@@ -37,7 +37,7 @@ from selfopt.config import TrainConfig
 from selfopt.estimators import PES, LogUniformLength, TruncatedES
 from selfopt.lopt import MLPLOpt
 from selfopt.population import PBT, AdamControl, Hyperparams, SelfTraining, score_members
-from selfopt.population.pbt import replace_non_finite
+from selfopt.population.pbt import replace_failed
 from selfopt.tasks import TaskDistribution, make_task
 
 
@@ -59,8 +59,9 @@ def build(cfg: TrainConfig) -> Components:
         lopt, num_pairs=cfg.num_pairs, truncation_length=cfg.truncation_length,
         schedule=LogUniformLength(cfg.min_inner_length, cfg.max_inner_length),
         normalization=cfg.normalization, loss_cap=cfg.loss_cap)
-    outer = (SelfTraining(lopt, cfg.policy, cfg.clip) if cfg.outer_optimizer == "self"
-             else AdamControl(cfg.adam_learning_rate, cfg.clip))
+    outer = (SelfTraining(lopt, cfg.policy, cfg.clip, cfg.max_update)
+             if cfg.outer_optimizer == "self"
+             else AdamControl(cfg.adam_learning_rate, cfg.clip, cfg.max_update))
     pbt = PBT(interval=cfg.pbt_interval, exploit_fraction=cfg.exploit_fraction,
               resample_probability=cfg.resample_probability, step_mult_prior=cfg.step_mult_prior,
               sigma_prior=cfg.sigma_prior, explore_sigma=cfg.explore_sigma,
@@ -254,9 +255,12 @@ class Trainer:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
 
     # -- PBT ----------------------------------------------------------------------------------
-    def apply_copies(self, state: RunState, sources: np.ndarray, copies: list, kind: str,
-                     new_hparams: Hyperparams | None = None) -> None:
-        """Moves weights, outer state and hyperparameters and records the lineage."""
+    def apply_copies(self, state: RunState, sources: np.ndarray, copies: list,
+                     kinds: dict[int, str], new_hparams: Hyperparams | None = None) -> None:
+        """Moves weights, outer state and hyperparameters and records the lineage.
+
+        ``kinds`` maps each child position to the event's kind (``exploit``,
+        ``replace_non_finite``, ``replace_diverged``)."""
         old_hparams = jax.tree.map(np.asarray, state.hparams)
         state.thetas = select(state.thetas, sources)
         state.outer_state = select(state.outer_state, sources)
@@ -269,7 +273,7 @@ class Trainer:
             state.generation[child] = parent_gens[parent] + 1
             state.next_id += 1
             events.append({
-                "step": state.step, "kind": kind, "position": child,
+                "step": state.step, "kind": kinds[child], "position": child,
                 "child_id": state.member_ids[child], "replaced_id": parent_ids[child],
                 "parent_id": parent_ids[parent], "parent_position": parent,
                 "generation": state.generation[child],
@@ -292,7 +296,7 @@ class Trainer:
         state.best = int(np.argmin(np.where(np.isfinite(scores), scores, np.inf)))
         sources, hparams, copies = comps.pbt.exploit_and_explore(
             scores, jax.tree.map(np.asarray, state.hparams), step_rng(cfg.seed, state.step, 2))
-        self.apply_copies(state, sources, copies, "exploit", hparams)
+        self.apply_copies(state, sources, copies, {c: "exploit" for c, _ in copies}, hparams)
         state.best = int(np.argmin(state.scores))
 
     # -- the loop -----------------------------------------------------------------------------
@@ -358,14 +362,28 @@ class Trainer:
             "task": state.slot_configs[slot]["family"],
             "outer_optimizer": comps.outer.label,
         } for i in range(cfg.population)])
-        if not metrics["finite"].all():
-            sources, copies = replace_non_finite(metrics["finite"], np.asarray(state.scores),
-                                                 step_rng(cfg.seed, state.step, 4))
-            self.apply_copies(state, sources, copies, "replace_non_finite")
+        self.replace_failed_members(state, metrics)
         state.step += 1
         if state.step % cfg.pbt_interval == 0:
             self.pbt_round(state, task)
         return metrics
+
+    def replace_failed_members(self, state: RunState, metrics: dict[str, np.ndarray]) -> None:
+        """Replaces non-finite members, and members whose meta-loss reached
+        ``diverged_meta_loss``, by copies of healthy ones (method.md section 5)."""
+        finite = metrics["finite"]
+        healthy = finite & (np.nan_to_num(metrics["meta_loss"], nan=np.inf)
+                            < self.cfg.diverged_meta_loss)
+        if healthy.all():
+            return
+        if not healthy.any() and not finite.all():
+            raise FloatingPointError(
+                f"step {state.step}: every member failed and some are not finite; nothing is "
+                "left to copy (try a smaller step_mult_prior or max_update)")
+        sources, copies = replace_failed(healthy, np.asarray(state.scores),
+                                         step_rng(self.cfg.seed, state.step, 4))
+        kinds = {c: "replace_diverged" if finite[c] else "replace_non_finite" for c, _ in copies}
+        self.apply_copies(state, sources, copies, kinds)
 
     def summary(self, state: RunState, path: Path, interrupted: bool) -> dict[str, Any]:
         """Meta-loss at start and end, the best member, and the checkpoint written."""

@@ -6,7 +6,8 @@ the ES pairs would reward a small sigma, which perturbs less, rather than a bett
 the bottom ``exploit_fraction`` copy weights, outer state and hyperparameters of a member drawn
 from the top fraction (exploit), then multiply each hyperparameter by 0.8 or 1.25, or with
 ``resample_probability`` redraw it from its prior (explore). Every copy is recorded in the
-lineage. A member whose weights or meta-loss are not finite is replaced at once.
+lineage. A member whose weights or meta-loss are not finite, or whose meta-loss shows its inner
+problems diverging, is replaced at once.
 
 Hyperparameters are kept as logs, so "multiply by 0.8" is "add log 0.8" and priors are
 log-uniform.
@@ -106,27 +107,28 @@ class PBT:
         return sources, Hyperparams(**new), copies
 
 
-def replace_non_finite(finite: np.ndarray, scores: np.ndarray,
-                       rng: np.random.Generator) -> tuple[np.ndarray, list]:
-    """Sources that replace every non-finite member by a random finite top member.
+def replace_failed(healthy: np.ndarray, scores: np.ndarray,
+                   rng: np.random.Generator) -> tuple[np.ndarray, list]:
+    """Sources that replace every failed member by a random healthy top member.
 
     Args:
-      finite: ``(K,)`` whether each member's weights and meta-loss are finite.
+      healthy: ``(K,)`` whether each member is fine (finite and not diverging).
       scores: latest scores (lower is better), used to pick the parents.
       rng: randomness of the choice.
 
     Returns:
-      ``sources`` as in :meth:`PBT.exploit_and_explore` and the ``(child, parent)`` pairs.
+      ``sources`` as in :meth:`PBT.exploit_and_explore` and the ``(child, parent)`` pairs
+      (none if no member is healthy: there is nothing to copy).
     """
-    sources = np.arange(len(finite))
-    healthy = np.flatnonzero(finite)
-    if healthy.size == 0:
-        raise FloatingPointError("every member of the population has non-finite weights")
-    ranked = healthy[np.argsort(np.where(np.isfinite(scores[healthy]), scores[healthy], np.inf),
-                                kind="stable")]
+    sources = np.arange(len(healthy))
+    good = np.flatnonzero(healthy)
+    if good.size == 0:
+        return sources, []
+    ranked = good[np.argsort(np.where(np.isfinite(scores[good]), scores[good], np.inf),
+                             kind="stable")]
     pool = ranked[:max(1, len(ranked) // 2)]
     copies = []
-    for child in np.flatnonzero(~finite):
+    for child in np.flatnonzero(~healthy):
         parent = int(rng.choice(pool))
         sources[child] = parent
         copies.append((int(child), parent))

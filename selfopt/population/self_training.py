@@ -32,11 +32,18 @@ def clip_estimate(grads: Theta, clip: float) -> Theta:
     return jax.tree.map(lambda g: jnp.clip(g, -clip, clip), grads)
 
 
-def scale_and_add(thetas: Theta, updates: Theta, log_step_mult: jax.Array) -> Theta:
-    """``theta_i + exp(log_step_mult_i) * update_i`` for every member (leading axis)."""
+def scale_and_add(thetas: Theta, updates: Theta, log_step_mult: jax.Array,
+                  max_update: float) -> Theta:
+    """``theta_i + clip(exp(log_step_mult_i) * update_i, +-max_update)`` for every member.
+
+    The elementwise bound on the final step **(ours)** is a trust region: an LO that learned to
+    take large steps on its tasks takes equally large steps on its own weights, and without a
+    bound that positive feedback ran away within a minute of a laptop run (docs/population.md).
+    """
     mult = jnp.exp(log_step_mult)
     return jax.tree.map(
-        lambda t, u: t + mult.reshape((-1,) + (1,) * (t.ndim - 1)) * u, thetas, updates)
+        lambda t, u: t + jnp.clip(mult.reshape((-1,) + (1,) * (t.ndim - 1)) * u,
+                                  -max_update, max_update), thetas, updates)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +54,13 @@ class SelfTraining:
       lopt: the architecture of every member (and so of every outer optimizer).
       policy: whose weights update member i: ``self``, ``best`` or ``random``.
       clip: elementwise clip of the ES estimate before it is used.
+      max_update: elementwise bound of the final update (see :func:`scale_and_add`).
     """
 
     lopt: LearnedOptimizer
     policy: str = "self"
     clip: float = 0.1
+    max_update: float = 0.01
 
     label = "self-training"
 
@@ -94,7 +103,7 @@ class SelfTraining:
             return self.lopt.optimizer(theta_j).update(grad_i, state_i, theta_i)
 
         updates, outer_state = jax.vmap(one)(thetas, outer_state, grads, donors)
-        return scale_and_add(thetas, updates, log_step_mult), outer_state
+        return scale_and_add(thetas, updates, log_step_mult, self.max_update), outer_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,10 +116,12 @@ class AdamControl:
     Attributes:
       learning_rate: Adam's base learning rate.
       clip: elementwise clip of the ES estimate before it is used.
+      max_update: elementwise bound of the final update, as for self-training.
     """
 
     learning_rate: float = 1e-3
     clip: float = 0.1
+    max_update: float = 0.01
 
     label = "adam-control"
 
@@ -124,7 +135,7 @@ class AdamControl:
         adam = optax.adam(self.learning_rate)
         grads = clip_estimate(grads, self.clip)
         updates, outer_state = jax.vmap(adam.update)(grads, outer_state, thetas)
-        return scale_and_add(thetas, updates, log_step_mult), outer_state
+        return scale_and_add(thetas, updates, log_step_mult, self.max_update), outer_state
 
 
 OuterOptimizer = SelfTraining | AdamControl

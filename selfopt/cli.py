@@ -145,8 +145,10 @@ def print_summary(summary: dict, run_dir: Path) -> None:
             else "self-training (no hand-designed optimizer)")
     print(f"{kind}: {summary['steps']} outer steps in {summary['elapsed_s'] / 60:.1f} min"
           + (" (stopped early)" if summary["interrupted"] else ""))
-    print(f"population meta-loss (median): start {fmt(summary['start_meta_loss'])} -> "
-          f"end {fmt(summary['end_meta_loss'])}")
+    start, end = summary["held_in_start"], summary["held_in_end"]
+    print(f"meta-loss on fixed held-in problems (1 = no progress): random start median "
+          f"{fmt(start['median'])} (best {fmt(start['best'])}) -> end median "
+          f"{fmt(end['median'])} (best {fmt(end['best'])})")
     print(f"best member: position {summary['best_position']} (lineage id {summary['best_id']},"
           f" PBT score {fmt(summary['best_score'])})")
     print(f"checkpoint: {summary['checkpoint']}")

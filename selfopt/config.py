@@ -41,7 +41,7 @@ class TrainConfig:
     outer_optimizer: str = "self"
     policy: str = "self"
     clip: float = 0.1
-    max_update: float = 0.01  # elementwise bound of a member's update (ours: a trust region)
+    max_update: float = 0.003  # bound on the RMS of a member's step (ours: a trust region)
     diverged_meta_loss: float = 5.0  # a member at or above this meta-loss is replaced at once
     adam_learning_rate: float = 1e-3
     # the learned-optimizer architecture
@@ -66,6 +66,7 @@ class TrainConfig:
     sigma_prior: tuple[float, float] = (0.003, 0.03)
     explore_sigma: bool = True
     score_steps: int = 50
+    summary_steps: int = 100  # inner steps of the start/end comparison in the summary
     # run directory
     checkpoint_seconds: float = 60.0
     keep_checkpoints: int = 2
@@ -95,7 +96,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     c = cfg
     for name, lo in (("population", 2), ("num_pairs", 1), ("truncation_length", 1),
                      ("min_inner_length", 1), ("num_slots", 1), ("task_steps", 1),
-                     ("pbt_interval", 1), ("score_steps", 1), ("keep_checkpoints", 1)):
+                     ("pbt_interval", 1), ("score_steps", 1), ("summary_steps", 1),
+                     ("keep_checkpoints", 1)):
         value = getattr(c, name)
         _check(name, _is_int(value) and lo <= value <= 1_000_000, f"an integer in [{lo}, 1e6]",
                value)

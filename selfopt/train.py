@@ -41,6 +41,10 @@ from selfopt.population.pbt import replace_failed
 from selfopt.tasks import TaskDistribution, make_task
 
 
+#: Seed of the fixed held-in problems of the run summary (inside the training seed range).
+HELD_IN_SEED = 424_242
+
+
 class Components(NamedTuple):
     """The run's algorithms, built from its configuration (all static and hashable)."""
 
@@ -122,14 +126,15 @@ def outer_step(estimator, outer, thetas, outer_state, hparams, best, inner, task
 
     Returns:
       New weights, outer state and inner problems, and per-member metrics: the meta-loss near
-      theta, whether the member is finite, and the sizes of its estimate and update.
+      theta, whether the member is finite, the sizes of its estimate and update, and the
+      trust-region factor applied to the update (1: not bounded).
     """
     num = jax.tree.leaves(thetas)[0].shape[0]
     es_key, update_key = jax.random.split(key)
     estimates, inner = jax.vmap(estimator.estimate, in_axes=(None, 0, 0, 0, 0))(
         task, thetas, jnp.exp(hparams.log_sigma), inner, jax.random.split(es_key, num))
-    new_thetas, outer_state = outer.update(thetas, outer_state, estimates.grad,
-                                           hparams.log_step_mult, best, update_key)
+    new_thetas, outer_state, shrink = outer.update(thetas, outer_state, estimates.grad,
+                                                   hparams.log_step_mult, best, update_key)
     per_member = lambda f, tree: sum(f(x.reshape(num, -1)) for x in jax.tree.leaves(tree))
     finite = (per_member(lambda x: jnp.sum(~jnp.isfinite(x), axis=1), new_thetas) == 0) & \
         jnp.isfinite(estimates.meta_loss)
@@ -137,7 +142,7 @@ def outer_step(estimator, outer, thetas, outer_state, hparams, best, inner, task
                                 sum(x[0].size for x in jax.tree.leaves(tree)))
     step_size = rms(jax.tree.map(jnp.subtract, new_thetas, thetas))
     metrics = {"meta_loss": estimates.meta_loss, "finite": finite,
-               "grad_rms": rms(estimates.grad), "update_rms": step_size}
+               "grad_rms": rms(estimates.grad), "update_rms": step_size, "trust": shrink}
     return new_thetas, outer_state, inner, metrics
 
 
@@ -188,10 +193,14 @@ class Trainer:
         return config, init_inner(self.comps.estimator, self.task(config), thetas, key)
 
     # -- state ------------------------------------------------------------------------------
+    def initial_thetas(self):
+        """The members' random initial weights (a function of the seed only)."""
+        keys = jax.random.split(step_key(self.cfg.seed, 0, 1), self.cfg.population)
+        return jax.vmap(self.comps.lopt.init)(keys)
+
     def initial_state(self) -> RunState:
         cfg, comps = self.cfg, self.comps
-        keys = jax.random.split(step_key(cfg.seed, 0, 1), cfg.population)
-        thetas = jax.vmap(comps.lopt.init)(keys)  # random initialisation, nothing else
+        thetas = self.initial_thetas()  # random initialisation, nothing else
         hparams = comps.pbt.initial(step_rng(cfg.seed, 0, 1), cfg.population)
         slots = [self.fresh_slot(s, 0, thetas) for s in range(cfg.num_slots)]
         return RunState(
@@ -357,6 +366,7 @@ class Trainer:
             "meta_loss": _finite_or_none(metrics["meta_loss"][i]),
             "grad_rms": _finite_or_none(metrics["grad_rms"][i]),
             "update_rms": _finite_or_none(metrics["update_rms"][i]),
+            "trust": _finite_or_none(metrics["trust"][i]),
             "step_mult": float(np.exp(hparams.log_step_mult[i])),
             "sigma": float(np.exp(hparams.log_sigma[i])),
             "task": state.slot_configs[slot]["family"],
@@ -385,12 +395,29 @@ class Trainer:
         kinds = {c: "replace_diverged" if finite[c] else "replace_non_finite" for c, _ in copies}
         self.apply_copies(state, sources, copies, kinds)
 
+    def held_in_meta_loss(self, thetas) -> np.ndarray:
+        """``(K,)`` meta-loss of each member on fixed held-in problems: the default task of
+        every training family (seed ``HELD_IN_SEED``), two problems each, ``summary_steps``
+        steps, unperturbed weights. The same problems at the start and at the end of a run, so
+        the two numbers compare like with like."""
+        cfg = self.cfg
+        per_family = [score(self.comps.lopt, thetas,
+                            self.task({"family": family, "seed": HELD_IN_SEED}),
+                            jax.random.key(HELD_IN_SEED), cfg.summary_steps)
+                      for family in cfg.families]
+        return np.mean(np.stack([np.asarray(x) for x in per_family]), axis=0)
+
     def summary(self, state: RunState, path: Path, interrupted: bool) -> dict[str, Any]:
         """Meta-loss at start and end, the best member, and the checkpoint written."""
-        end = self.recent_meta_loss(state.step)
+        start = self.held_in_meta_loss(self.initial_thetas())
+        end = self.held_in_meta_loss(state.thetas)
         return {"outer_optimizer": self.comps.outer.label, "steps": state.step,
-                "elapsed_s": round(state.elapsed, 1), "start_meta_loss": state.start_meta_loss,
-                "end_meta_loss": end, "best_position": state.best,
+                "elapsed_s": round(state.elapsed, 1),
+                "held_in_start": {"median": float(np.median(start)), "best": float(start.min())},
+                "held_in_end": {"median": float(np.median(end)), "best": float(end.min())},
+                "first_step_meta_loss": state.start_meta_loss,
+                "last_steps_meta_loss": self.recent_meta_loss(state.step),
+                "best_position": state.best,
                 "best_id": state.member_ids[state.best],
                 "best_score": _finite_or_none(state.scores[state.best]),
                 "checkpoint": str(path), "interrupted": interrupted}

@@ -6,6 +6,7 @@ import pytest
 
 from selfopt.lopt import MLPLOpt
 from selfopt.population import PBT, AdamControl, Hyperparams, SelfTraining, replace_failed
+from selfopt.population.self_training import scale_and_add
 from test_lopt import sgd_like_theta
 
 LOPT = MLPLOpt()
@@ -42,7 +43,7 @@ def test_self_policy_updates_each_member_with_its_own_optimizer():
     outer = SelfTraining(LOPT, policy="self", clip=0.1)
     grads = grads_for(thetas)
     log_mult = jnp.array([0.5, 0.7])
-    new, _ = outer.update(thetas, outer.init(thetas), grads, log_mult, jnp.asarray(0),
+    new, _, _ = outer.update(thetas, outer.init(thetas), grads, log_mult, jnp.asarray(0),
                           jax.random.key(0))
     # Member 0's own LO emits zero steps: it does not move, whatever its gradient.
     for a, b in zip(jax.tree.leaves(member(new, 0)), jax.tree.leaves(zero)):
@@ -60,14 +61,14 @@ def test_best_policy_uses_the_best_members_optimizer_for_everyone():
     thetas = stack(zero, known)
     outer = SelfTraining(LOPT, policy="best", clip=0.1)
     grads = grads_for(thetas, 1)
-    new, _ = outer.update(thetas, outer.init(thetas), grads, jnp.zeros(2), jnp.asarray(1),
+    new, _, _ = outer.update(thetas, outer.init(thetas), grads, jnp.zeros(2), jnp.asarray(1),
                           jax.random.key(0))
     # The zero member now moves, by member 1's rule applied to its own gradient.
     expected = expected_sgd_like_update(member(grads, 0), 2.0, 0.1, 0.0)
     for got, exp in zip(jax.tree.leaves(member(new, 0)), jax.tree.leaves(expected)):
         np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-9)
     # With best = 0 (the zero LO) nobody moves.
-    still, _ = outer.update(thetas, outer.init(thetas), grads, jnp.zeros(2), jnp.asarray(0),
+    still, _, _ = outer.update(thetas, outer.init(thetas), grads, jnp.zeros(2), jnp.asarray(0),
                             jax.random.key(0))
     for a, b in zip(jax.tree.leaves(still), jax.tree.leaves(thetas)):
         np.testing.assert_array_equal(a, b)
@@ -77,7 +78,7 @@ def test_adam_control_takes_an_adam_step():
     thetas = stack(LOPT.init(jax.random.key(0)), LOPT.init(jax.random.key(1)))
     control = AdamControl(learning_rate=1e-3, clip=0.1)
     grads = grads_for(thetas)
-    new, _ = control.update(thetas, control.init(thetas), grads, jnp.log(jnp.array([1.0, 2.0])),
+    new, _, _ = control.update(thetas, control.init(thetas), grads, jnp.log(jnp.array([1.0, 2.0])),
                             jnp.asarray(0), jax.random.key(0))
     # Adam's first step is -lr * sign(g) (up to eps), times the member's step multiplier.
     for got, th, g in zip(jax.tree.leaves(new), jax.tree.leaves(thetas), jax.tree.leaves(grads)):
@@ -119,3 +120,17 @@ def test_failed_members_are_replaced_by_healthy_ones():
     # With no healthy member there is nothing to copy.
     sources, copies = replace_failed(np.zeros(3, bool), np.zeros(3), np.random.default_rng(0))
     assert copies == [] and list(sources) == [0, 1, 2]
+
+
+def test_trust_region_bounds_the_step_rms_and_keeps_its_direction():
+    thetas = stack(LOPT.init(jax.random.key(0)), LOPT.init(jax.random.key(1)))
+    updates = grads_for(thetas, 2)  # RMS about 0.3 per member
+    new, shrink = scale_and_add(thetas, updates, jnp.zeros(2), max_update=0.01)
+    step = jax.tree.map(jnp.subtract, new, thetas)
+    flat = lambda tree, i: np.concatenate([np.ravel(x[i]) for x in jax.tree.leaves(tree)])
+    for i in range(2):
+        np.testing.assert_allclose(np.sqrt(np.mean(flat(step, i) ** 2)), 0.01, rtol=1e-4)
+        np.testing.assert_allclose(flat(step, i), float(shrink[i]) * flat(updates, i), rtol=1e-3,
+                                   atol=1e-6)
+    small, unbounded = scale_and_add(thetas, updates, jnp.zeros(2), max_update=10.0)
+    np.testing.assert_array_equal(unbounded, np.ones(2))

@@ -34,16 +34,27 @@ def clip_estimate(grads: Theta, clip: float) -> Theta:
 
 def scale_and_add(thetas: Theta, updates: Theta, log_step_mult: jax.Array,
                   max_update: float) -> Theta:
-    """``theta_i + clip(exp(log_step_mult_i) * update_i, +-max_update)`` for every member.
+    """``theta_i + s_i * exp(log_step_mult_i) * update_i`` for every member (leading axis).
 
-    The elementwise bound on the final step **(ours)** is a trust region: an LO that learned to
-    take large steps on its tasks takes equally large steps on its own weights, and without a
-    bound that positive feedback ran away within a minute of a laptop run (docs/population.md).
+    ``s_i <= 1`` shrinks member i's whole step so that its root mean square over all weights is
+    at most ``max_update`` **(ours)**: a trust region that keeps the direction and the relative
+    sizes the optimizer chose. An LO that learned to take large steps on its tasks takes equally
+    large steps on its own weights; without a bound that positive feedback ran away within a
+    minute of a laptop run (docs/population.md).
+
+    Returns:
+      The new weights and ``(K,)`` the fraction ``s_i`` applied (1: the bound was not reached).
     """
     mult = jnp.exp(log_step_mult)
-    return jax.tree.map(
-        lambda t, u: t + jnp.clip(mult.reshape((-1,) + (1,) * (t.ndim - 1)) * u,
-                                  -max_update, max_update), thetas, updates)
+    num = mult.shape[0]
+    steps = jax.tree.map(lambda u: mult.reshape((-1,) + (1,) * (u.ndim - 1)) * u, updates)
+    leaves = jax.tree.leaves(steps)
+    rms = jnp.sqrt(sum(jnp.sum(jnp.square(x.reshape(num, -1)), axis=1) for x in leaves)
+                   / sum(x[0].size for x in leaves))
+    shrink = jnp.minimum(1.0, max_update / jnp.maximum(rms, 1e-30))
+    new = jax.tree.map(lambda t, u: t + shrink.reshape((-1,) + (1,) * (u.ndim - 1)) * u,
+                       thetas, steps)
+    return new, shrink
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +65,7 @@ class SelfTraining:
       lopt: the architecture of every member (and so of every outer optimizer).
       policy: whose weights update member i: ``self``, ``best`` or ``random``.
       clip: elementwise clip of the ES estimate before it is used.
-      max_update: elementwise bound of the final update (see :func:`scale_and_add`).
+      max_update: bound on the RMS of a member's step (see :func:`scale_and_add`).
     """
 
     lopt: LearnedOptimizer
@@ -81,7 +92,7 @@ class SelfTraining:
         return jax.random.randint(key, (num_members,), 0, num_members)
 
     def update(self, thetas: Theta, outer_state: Any, grads: Theta, log_step_mult: jax.Array,
-               best: jax.Array, key: jax.Array) -> tuple[Theta, Any]:
+               best: jax.Array, key: jax.Array) -> tuple[Theta, Any, jax.Array]:
         """One self-training step of every member.
 
         Args:
@@ -93,7 +104,7 @@ class SelfTraining:
           key: PRNG key (used by the ``random`` policy).
 
         Returns:
-          New weights and outer state.
+          New weights, outer state, and ``(K,)`` the trust-region factor of each step.
         """
         num = log_step_mult.shape[0]
         donors = jax.tree.map(lambda t: t[self.donors(num, best, key)], thetas)
@@ -103,7 +114,8 @@ class SelfTraining:
             return self.lopt.optimizer(theta_j).update(grad_i, state_i, theta_i)
 
         updates, outer_state = jax.vmap(one)(thetas, outer_state, grads, donors)
-        return scale_and_add(thetas, updates, log_step_mult, self.max_update), outer_state
+        new, shrink = scale_and_add(thetas, updates, log_step_mult, self.max_update)
+        return new, outer_state, shrink
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +128,7 @@ class AdamControl:
     Attributes:
       learning_rate: Adam's base learning rate.
       clip: elementwise clip of the ES estimate before it is used.
-      max_update: elementwise bound of the final update, as for self-training.
+      max_update: bound on the RMS of a member's step, as for self-training.
     """
 
     learning_rate: float = 1e-3
@@ -129,13 +141,14 @@ class AdamControl:
         return jax.vmap(optax.adam(self.learning_rate).init)(thetas)
 
     def update(self, thetas: Theta, outer_state: Any, grads: Theta, log_step_mult: jax.Array,
-               best: jax.Array, key: jax.Array) -> tuple[Theta, Any]:
+               best: jax.Array, key: jax.Array) -> tuple[Theta, Any, jax.Array]:
         """One Adam step of every member; arguments as :meth:`SelfTraining.update`."""
         del best, key
         adam = optax.adam(self.learning_rate)
         grads = clip_estimate(grads, self.clip)
         updates, outer_state = jax.vmap(adam.update)(grads, outer_state, thetas)
-        return scale_and_add(thetas, updates, log_step_mult, self.max_update), outer_state
+        new, shrink = scale_and_add(thetas, updates, log_step_mult, self.max_update)
+        return new, outer_state, shrink
 
 
 OuterOptimizer = SelfTraining | AdamControl

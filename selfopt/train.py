@@ -173,8 +173,11 @@ class Trainer:
 
     # -- tasks and slots ------------------------------------------------------------------
     def task(self, config: dict):
+        """The task of a configuration, built once while it is in use."""
         name = json.dumps(config, sort_keys=True)
         if name not in self._tasks:
+            if len(self._tasks) >= 4 * self.cfg.num_slots + 16:  # slots move on; forget old
+                self._tasks.clear()
             self._tasks[name] = make_task(config)
         return self._tasks[name]
 
@@ -211,7 +214,7 @@ class Trainer:
             scores=[math.inf] * cfg.population, best=0, next_id=cfg.population,
             elapsed=0.0, start_meta_loss=None)
 
-    def template(self, slot_configs: list[dict]) -> RunState:
+    def template(self, slot_configs: list[dict]) -> dict[str, Any]:
         """A state with the structure a checkpoint of these slot tasks must have."""
         cfg, comps = self.cfg, self.comps
         thetas = jax.vmap(comps.lopt.init)(jax.random.split(jax.random.key(0), cfg.population))
@@ -302,11 +305,10 @@ class Trainer:
         scores = np.asarray(score(comps.lopt, state.thetas, task,
                                   step_key(cfg.seed, state.step, 3), cfg.score_steps))
         state.scores = [float(s) for s in scores]
-        state.best = int(np.argmin(np.where(np.isfinite(scores), scores, np.inf)))
         sources, hparams, copies = comps.pbt.exploit_and_explore(
             scores, jax.tree.map(np.asarray, state.hparams), step_rng(cfg.seed, state.step, 2))
         self.apply_copies(state, sources, copies, {c: "exploit" for c, _ in copies}, hparams)
-        state.best = int(np.argmin(state.scores))
+        state.best = int(np.argmin(np.nan_to_num(state.scores, nan=np.inf)))
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:

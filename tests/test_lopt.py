@@ -64,8 +64,9 @@ def test_accumulators_follow_their_definitions():
     g1, g2 = grads_like(PARAMS, 1), grads_like(PARAMS, 2)
     _, state = opt.update(g1, state, PARAMS)
     _, state = opt.update(g2, state, PARAMS)
-    b = np.asarray(lopt.decays).reshape(-1, 1, 1)
-    expected_m = (1 - b) * b * np.asarray(g1["dense"]) + (1 - b) * np.asarray(g2["dense"])
+    b = np.asarray(lopt.decays)
+    g1d, g2d = np.asarray(g1["dense"])[..., None], np.asarray(g2["dense"])[..., None]
+    expected_m = (1 - b) * b * g1d + (1 - b) * g2d
     np.testing.assert_allclose(state.momenta["dense"], expected_m, rtol=1e-5, atol=1e-7)
     bv = lopt.rms_decay
     expected_v = (1 - bv) * bv * np.square(g1["dense"]) + (1 - bv) * np.square(g2["dense"])
@@ -77,10 +78,27 @@ def test_features_are_normalised_clipped_and_sized():
     lopt = MLPLOpt()
     n = 50
     g = jnp.linspace(-1e-3, 1e-3, n).at[0].set(1.0)  # one huge outlier gets clipped
-    feats = lopt.features(g, g * 100, jnp.stack([g] * 5), g**2, jnp.asarray(7))
+    feats = lopt.features(g, g * 100, jnp.stack([g] * 5, axis=1), g**2, jnp.asarray(7))
     assert feats.shape == (n, lopt.num_features) == (n, 22)
     assert float(jnp.max(jnp.abs(feats))) <= 5.0
     np.testing.assert_allclose(feats[:, -6:], np.broadcast_to(np.tanh(7 / np.array(lopt.timescales)), (n, 6)), rtol=1e-6)
+
+
+def test_update_equals_the_mlp_on_all_features():
+    # The update folds the time features into the first layer's bias; the reference is the
+    # plain MLP on the full feature matrix of the module docstring.
+    lopt = MLPLOpt()
+    theta = lopt.init(jax.random.key(4))
+    opt = lopt.optimizer(theta)
+    grads = grads_like(PARAMS)
+    updates, state = opt.update(grads, opt.init(PARAMS), PARAMS)
+    g = jnp.ravel(grads["dense"])
+    feats = lopt.features(g, jnp.ravel(PARAMS["dense"]), state.momenta["dense"].reshape(-1, 5),
+                          jnp.ravel(state.rms["dense"]), state.step)
+    d, m = lopt.apply_mlp(theta, feats)
+    # Per-tensor normalisation makes each tensor's features independent of the others.
+    expected = -d * jnp.exp(lopt.exp_mult * m) * lopt.step_mult
+    np.testing.assert_allclose(jnp.ravel(updates["dense"]), expected, rtol=1e-5, atol=1e-10)
 
 
 def test_random_lo_is_an_optax_optimizer_in_jit_and_chain():

@@ -34,6 +34,8 @@ class LiveView:
             if self.console.is_terminal else None
         self._last_line = -math.inf
         self.replaced = 0
+        self._started = time.monotonic()
+        self._inner_steps = 0
 
     def __enter__(self) -> LiveView:
         if self.live:
@@ -46,12 +48,15 @@ class LiveView:
 
     def update(self, info: dict[str, Any]) -> None:
         state, metrics = info["state"], info["metrics"]
+        self._inner_steps += info["inner_steps"]
+        mean_rate = self._inner_steps / max(time.monotonic() - self._started, 1e-9)
         self.replaced += int((~metrics["finite"]).sum())
         losses = metrics["meta_loss"][np.isfinite(metrics["meta_loss"])]
         best = float(losses.min()) if losses.size else math.nan
         median = float(np.median(losses)) if losses.size else math.nan
         header = (f"{self.label} | step {state.step} | {state.elapsed / 60:.1f}/"
-                  f"{self.budget_s / 60:.0f} min | {info['inner_steps_per_s']:,.0f} inner steps/s"
+                  f"{self.budget_s / 60:g} min | inner steps/s {info['inner_steps_per_s']:,.0f} "
+                  f"(mean {mean_rate:,.0f}, compiles included)"
                   f" | meta-loss best {_fmt(best)} median {_fmt(median)}"
                   f" | start {_fmt(state.start_meta_loss)} | non-finite replaced {self.replaced}")
         if self.live is None:

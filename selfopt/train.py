@@ -333,6 +333,7 @@ class Trainer:
                 state.elapsed = session_elapsed0 + time.monotonic() - session_start
                 if self.on_step:
                     self.on_step({"state": state, "metrics": metrics,
+                                  "inner_steps": inner_per_step,
                                   "inner_steps_per_s": inner_per_step / max(
                                       time.monotonic() - started, 1e-9)})
                 if time.monotonic() - last_save >= cfg.checkpoint_seconds:

@@ -127,7 +127,6 @@ def train(args: argparse.Namespace) -> int:
             raise ConfigError(f"{run_dir} already holds a run; resume it with --resume "
                               f"{run_dir}, or choose another --out")
 
-    trainer = None
     with LiveView("Adam control" if cfg.outer_optimizer == "adam" else "self-training",
                   60 * cfg.minutes) as view:
         trainer = Trainer(cfg, run_dir, on_step=None if args.quiet else view.update)

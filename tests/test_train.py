@@ -108,3 +108,19 @@ def test_config_errors_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, 
 def test_resume_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "not a selfopt run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_resume_from_a_damaged_checkpoint_is_a_clear_error(tmp_path, capsys, damage):
+    summary = Trainer(tiny(max_steps=2), tmp_path / "run").run()
+    path = tmp_path / "run" / "checkpoints" / "step-00000002.safetensors"
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        data[-5] ^= 0xFF  # one array byte: only the checksum can tell
+        path.write_bytes(bytes(data))
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("damaged" in err or "not a readable" in err), err
+    assert summary["checkpoint"] == str(path)

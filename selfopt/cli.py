@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from selfopt.config import FIELDS, ConfigError, make_config
+from selfopt.config import ConfigError, make_config
 from selfopt.tasks import FAMILIES
 
 #: Fields that may change when a run is resumed (they extend or shape the budget only).

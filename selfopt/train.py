@@ -313,7 +313,7 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Trains until the step or time budget is spent, or Ctrl-C; returns a summary."""
-        cfg, comps = self.cfg, self.comps
+        cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             state = self.load_latest()

@@ -1,15 +1,13 @@
 """ES and PES meta-gradients against exact gradients from ``jax.grad`` through the unroll."""
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from selfopt.estimators import PES, ConstantLength, TruncatedES, unroll
 from selfopt.estimators.inner_problem import new_inner_state
 from selfopt.lopt import LearnedSGD, MLPLOpt
-from selfopt.tasks.base import Task, static_field, task_dataclass
+from selfopt.tasks.base import Task, task_dataclass
 
 
 @task_dataclass

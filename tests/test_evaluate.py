@@ -1,5 +1,4 @@
 """The tuned-Adam baseline and the comparison measures, against independent computations."""
-import jax
 import numpy as np
 import optax
 import pytest

@@ -2,7 +2,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from selfopt.lopt import MLPLOpt
 from selfopt.population import PBT, AdamControl, Hyperparams, SelfTraining, replace_failed

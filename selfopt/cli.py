@@ -105,7 +105,7 @@ def train_overrides(args: argparse.Namespace) -> dict[str, object]:
 def train(args: argparse.Namespace) -> int:
     from selfopt.checkpoint import CheckpointError
     from selfopt.live_view import LiveView
-    from selfopt.train import Trainer
+    from selfopt.train import RunInUseError, Trainer
 
     overrides = train_overrides(args)
     if args.resume is not None:
@@ -132,7 +132,7 @@ def train(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg, run_dir, on_step=None if args.quiet else view.update)
         try:
             summary = trainer.run(resume=args.resume is not None)
-        except CheckpointError as err:
+        except (CheckpointError, RunInUseError) as err:
             raise ConfigError(str(err)) from None
     print_summary(summary, run_dir)
     return 130 if summary["interrupted"] else 0

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -312,9 +314,17 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
-        """Trains until the step or time budget is spent, or Ctrl-C; returns a summary."""
-        cfg = self.cfg
+        """Trains until the step or time budget is spent, or Ctrl-C; returns a summary.
+
+        Raises:
+          RunInUseError: another process is training in this run directory.
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        with _exclusive(self.run_dir):
+            return self._run_locked(resume)
+
+    def _run_locked(self, resume: bool) -> dict[str, Any]:
+        cfg = self.cfg
         if resume:
             state = self.load_latest()
             self.truncate_logs(state.step)
@@ -434,6 +444,26 @@ class Trainer:
         values = [r["meta_loss"] for r in rows
                   if r["step"] >= step - window and r["meta_loss"] is not None]
         return float(np.median(values)) if values else None
+
+
+class RunInUseError(RuntimeError):
+    """Another ``selfopt train`` holds the run directory."""
+
+
+@contextlib.contextmanager
+def _exclusive(run_dir: Path):
+    """Holds an exclusive lock on ``run_dir/.lock`` for the life of a run, so that two trainers
+    never interleave writes in one run directory. The OS drops the lock if the process dies."""
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunInUseError(f"{run_dir} is in use by another selfopt train; wait for it or "
+                                "stop it first") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

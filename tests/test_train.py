@@ -124,3 +124,16 @@ def test_resume_from_a_damaged_checkpoint_is_a_clear_error(tmp_path, capsys, dam
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("damaged" in err or "not a readable" in err), err
     assert summary["checkpoint"] == str(path)
+
+
+def test_a_second_trainer_on_the_same_run_directory_is_refused(tmp_path, capsys):
+    import fcntl
+
+    Trainer(tiny(max_steps=2), tmp_path / "run").run()
+    before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    with open(tmp_path / "run" / ".lock") as held:  # a running trainer holds this lock
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["train", "--resume", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "in use by another selfopt train" in err and err.count("\n") == 1
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before

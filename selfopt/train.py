@@ -40,6 +40,7 @@ from selfopt.estimators import PES, LogUniformLength, TruncatedES
 from selfopt.lopt import MLPLOpt
 from selfopt.population import PBT, AdamControl, Hyperparams, SelfTraining, score_members
 from selfopt.population.pbt import replace_failed
+from selfopt.population.self_training import member_rms
 from selfopt.tasks import TaskDistribution, make_task
 
 
@@ -137,14 +138,13 @@ def outer_step(estimator, outer, thetas, outer_state, hparams, best, inner, task
         task, thetas, jnp.exp(hparams.log_sigma), inner, jax.random.split(es_key, num))
     new_thetas, outer_state, shrink = outer.update(thetas, outer_state, estimates.grad,
                                                    hparams.log_step_mult, best, update_key)
-    per_member = lambda f, tree: sum(f(x.reshape(num, -1)) for x in jax.tree.leaves(tree))
-    finite = (per_member(lambda x: jnp.sum(~jnp.isfinite(x), axis=1), new_thetas) == 0) & \
-        jnp.isfinite(estimates.meta_loss)
-    rms = lambda tree: jnp.sqrt(per_member(lambda x: jnp.sum(x**2, axis=1), tree) /
-                                sum(x[0].size for x in jax.tree.leaves(tree)))
-    step_size = rms(jax.tree.map(jnp.subtract, new_thetas, thetas))
+    finite = jnp.isfinite(estimates.meta_loss)
+    for leaf in jax.tree.leaves(new_thetas):
+        finite &= jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
     metrics = {"meta_loss": estimates.meta_loss, "finite": finite,
-               "grad_rms": rms(estimates.grad), "update_rms": step_size, "trust": shrink}
+               "grad_rms": member_rms(estimates.grad),
+               "update_rms": member_rms(jax.tree.map(jnp.subtract, new_thetas, thetas)),
+               "trust": shrink}
     return new_thetas, outer_state, inner, metrics
 
 

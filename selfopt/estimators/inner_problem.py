@@ -72,11 +72,16 @@ def is_done(state: InnerState) -> jax.Array:
     return (state.step >= state.length) | state.diverged
 
 
+def replace_where(done: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``done`` else ``old``, leaf by leaf (both pytrees of one structure)."""
+    return jax.tree.map(lambda a, b: jnp.where(done, a, b), new, old)
+
+
 def restart_if_done(lopt: LearnedOptimizer, theta: Theta, task: Task, state: InnerState,
                     key: jax.Array, schedule: LengthSchedule) -> InnerState:
     """Replaces a finished or diverged problem by a fresh one (drawn from ``key``)."""
     fresh = new_inner_state(lopt, theta, task, key, schedule)
-    return jax.tree.map(lambda new, old: jnp.where(is_done(state), new, old), fresh, state)
+    return replace_where(is_done(state), fresh, state)
 
 
 def normalized_loss(task: Task, loss: jax.Array, init_loss: jax.Array, normalization: str,

@@ -56,9 +56,9 @@ class PES(TruncatedES):
         def restart(pos, neg, acc, k):
             done = inner_problem.is_done(pos) | inner_problem.is_done(neg)
             fresh = inner_problem.new_inner_state(self.lopt, theta, task, k, self.schedule)
-            pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(done, a, b), new, old)
-            return pick(fresh, pos), pick(fresh, neg), jax.tree.map(
-                lambda a: jnp.where(done, jnp.zeros_like(a), a), acc)
+            zeros = jax.tree.map(jnp.zeros_like, acc)
+            return tuple(inner_problem.replace_where(done, new, old)
+                         for new, old in ((fresh, pos), (fresh, neg), (zeros, acc)))
 
         pos, neg, accumulated = jax.vmap(restart)(state.pos, state.neg, state.accumulated,
                                                   restart_keys)

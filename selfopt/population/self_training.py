@@ -32,6 +32,14 @@ def clip_estimate(grads: Theta, clip: float) -> Theta:
     return jax.tree.map(lambda g: jnp.clip(g, -clip, clip), grads)
 
 
+def member_rms(tree: Theta) -> jax.Array:
+    """``(K,)`` root mean square over all weights of each member (leading axis K)."""
+    leaves = jax.tree.leaves(tree)
+    num = leaves[0].shape[0]
+    total = sum(jnp.sum(jnp.square(x.reshape(num, -1)), axis=1) for x in leaves)
+    return jnp.sqrt(total / sum(x[0].size for x in leaves))
+
+
 def scale_and_add(thetas: Theta, updates: Theta, log_step_mult: jax.Array,
                   max_update: float) -> Theta:
     """``theta_i + s_i * exp(log_step_mult_i) * update_i`` for every member (leading axis).
@@ -46,12 +54,8 @@ def scale_and_add(thetas: Theta, updates: Theta, log_step_mult: jax.Array,
       The new weights and ``(K,)`` the fraction ``s_i`` applied (1: the bound was not reached).
     """
     mult = jnp.exp(log_step_mult)
-    num = mult.shape[0]
     steps = jax.tree.map(lambda u: mult.reshape((-1,) + (1,) * (u.ndim - 1)) * u, updates)
-    leaves = jax.tree.leaves(steps)
-    rms = jnp.sqrt(sum(jnp.sum(jnp.square(x.reshape(num, -1)), axis=1) for x in leaves)
-                   / sum(x[0].size for x in leaves))
-    shrink = jnp.minimum(1.0, max_update / jnp.maximum(rms, 1e-30))
+    shrink = jnp.minimum(1.0, max_update / jnp.maximum(member_rms(steps), 1e-30))
     new = jax.tree.map(lambda t, u: t + shrink.reshape((-1,) + (1,) * (u.ndim - 1)) * u,
                        thetas, steps)
     return new, shrink

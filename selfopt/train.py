@@ -243,8 +243,12 @@ class Trainer:
         paths = self.checkpoints()
         if not paths:
             raise ckpt.CheckpointError(f"{self.run_dir} has no checkpoint to resume from")
-        meta = ckpt.read_metadata(paths[-1])["run"]
-        arrays, _ = ckpt.load_checkpoint(paths[-1], self.template(meta["slot_configs"]))
+        return self.load(paths[-1])
+
+    def load(self, path: Path) -> RunState:
+        """The state stored in one checkpoint file of this run's configuration."""
+        meta = ckpt.read_metadata(path)["run"]
+        arrays, _ = ckpt.load_checkpoint(path, self.template(meta["slot_configs"]))
         return RunState(
             step=meta["step"], thetas=arrays["thetas"], outer_state=arrays["outer_state"],
             hparams=Hyperparams(*arrays["hparams"]), slot_configs=meta["slot_configs"],

@@ -67,6 +67,11 @@ class TrainConfig:
     explore_sigma: bool = True
     score_steps: int = 50
     summary_steps: int = 100  # inner steps of the start/end comparison in the summary
+    # evaluation during training: the best member against tuned Adam on the "quick" held-out
+    # suite every eval_minutes of training (0: never); logged to eval.jsonl
+    eval_minutes: float = 2.0
+    eval_steps: int = 300
+    eval_seeds: int = 3
     # run directory
     checkpoint_seconds: float = 60.0
     keep_checkpoints: int = 2
@@ -97,7 +102,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name, lo in (("population", 2), ("num_pairs", 1), ("truncation_length", 1),
                      ("min_inner_length", 1), ("num_slots", 1), ("task_steps", 1),
                      ("pbt_interval", 1), ("score_steps", 1), ("summary_steps", 1),
-                     ("keep_checkpoints", 1)):
+                     ("keep_checkpoints", 1), ("eval_steps", 10), ("eval_seeds", 1)):
         value = getattr(c, name)
         _check(name, _is_int(value) and lo <= value <= 1_000_000, f"an integer in [{lo}, 1e6]",
                value)
@@ -109,6 +114,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
            "an integer >= min_inner_length", c.max_inner_length)
     _check("minutes", _is_number(c.minutes) and 0 < c.minutes <= 60 * 24 * 30,
            "a number of minutes in (0, 43200]", c.minutes)
+    _check("eval_minutes", _is_number(c.eval_minutes) and 0 <= c.eval_minutes <= 60 * 24 * 30,
+           "a number of minutes in [0, 43200] (0: no evaluation during training)",
+           c.eval_minutes)
     for name, lo, hi in (("clip", 0, 1e6), ("max_update", 0, 1e6), ("diverged_meta_loss", 0, 1e6),
                          ("adam_learning_rate", 0, 10), ("loss_cap", 1, 1e6),
                          ("checkpoint_seconds", 0, 1e6)):

@@ -2,6 +2,11 @@
 
     selfopt train [--config FILE] [--population 8] [--minutes 12] [--seed 0] [--out runs/NAME]
                   [--outer-optimizer self|adam] [--set FIELD=VALUE ...] [--resume RUN]
+    selfopt eval RUN_OR_CHECKPOINT|optax:NAME[:LR] [--member N] [--tasks heldout|quick]
+                 [--steps 300] [--seeds 3] [--seed 0] [--out FILE]
+    selfopt plot RUN [--out DIR]
+    selfopt report RUN [--out FILE]
+    selfopt experiment self-vs-adam [--minutes 12] [--out DIR] [--seed 0]
     selfopt demo [--task mlp] [--steps 300] [--seed 0] [--adam-lr 1e-3]
 
 Bad input ends with one line on stderr (``selfopt: error: ...``), exit status 2, and nothing
@@ -16,6 +21,7 @@ import time
 from pathlib import Path
 
 from selfopt.config import ConfigError, make_config
+from selfopt.evaluate import SUITES
 from selfopt.tasks import FAMILIES
 
 #: Fields that may change when a run is resumed (they extend or shape the budget only).
@@ -33,6 +39,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
     return value
 
 
@@ -79,6 +92,51 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", type=_assignment, action="append", default=[],
                        metavar="FIELD=VALUE", help="any config field, value as JSON")
     train.add_argument("--quiet", action="store_true", help="no live view")
+
+    ev = commands.add_parser(
+        "eval", help="compare an optimizer with per-task tuned Adam on the held-out tasks",
+        description="Train every task of a suite with the optimizer under test and with Adam "
+                    "tuned per task over 14 learning rates (cached on disk), same seeds, "
+                    "initialisations and batches, and compare them task by task.")
+    ev.add_argument("target", metavar="RUN_OR_CHECKPOINT",
+                    help="a run directory (its latest checkpoint), a checkpoint file, or "
+                         "optax:NAME[:LR] for a hand-designed optax optimizer (e.g. optax:sgd:0.1)")
+    ev.add_argument("--member", type=_non_negative_int,
+                    help="population position to evaluate (default: PBT's best)")
+    ev.add_argument("--tasks", default="heldout", choices=SUITES,
+                    help="task suite (default heldout: all 12; quick: the 9 fast ones)")
+    ev.add_argument("--steps", type=_positive_int, default=300, help="inner steps (default 300)")
+    ev.add_argument("--seeds", type=_positive_int, default=3, help="runs per task (default 3)")
+    ev.add_argument("--seed", type=_non_negative_int, default=0, help="evaluation seed")
+    ev.add_argument("--out", type=Path, help="JSON file for the results (default: "
+                                             "RUN/evaluation.json for a run directory)")
+
+    plot = commands.add_parser("plot", help="draw a run's curves (PNG and SVG)",
+                               description="Draw a run's meta-loss, improvement rate, held-out "
+                                           "evaluation, per-task comparison and lineage.")
+    plot.add_argument("run", type=Path, metavar="RUN")
+    plot.add_argument("--out", type=Path, help="folder for the figures (default RUN/plots)")
+
+    report = commands.add_parser("report", help="write a run's self-contained HTML report",
+                                 description="One HTML file (figures embedded, no network) with "
+                                             "the config, summary, evaluation and lineage.")
+    report.add_argument("run", type=Path, metavar="RUN")
+    report.add_argument("--out", type=Path, help="HTML file (default RUN/report.html)")
+
+    experiment = commands.add_parser(
+        "experiment", help="the headline experiment: self-training against the Adam control",
+        description="self-vs-adam: a self-trained population and the Adam-meta-trained control, "
+                    "the same wall time each, both evaluated with tuned Adam on the held-out "
+                    "tasks; writes one comparison report.")
+    experiment.add_argument("name", choices=("self-vs-adam",))
+    experiment.add_argument("--minutes", type=_positive_float, default=12.0,
+                            help="training minutes of each run (default 12)")
+    experiment.add_argument("--out", type=Path, help="folder (default runs/self-vs-adam-<time>)")
+    experiment.add_argument("--seed", type=_non_negative_int, default=0)
+    experiment.add_argument("--steps", type=_positive_int, default=300,
+                            help="inner steps of the final evaluation (default 300)")
+    experiment.add_argument("--set", type=_assignment, action="append", default=[],
+                            metavar="FIELD=VALUE", help="config field of both runs")
 
     demo = commands.add_parser(
         "demo", help="train one task with a random learned optimizer and with Adam",
@@ -154,6 +212,105 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     print(f"run directory: {run_dir} (resume with: selfopt train --resume {run_dir})")
 
 
+def evaluation(args: argparse.Namespace) -> int:
+    from selfopt.checkpoint import CheckpointError, atomic_write_bytes
+    from selfopt.evaluate import (default_cache_dir, evaluate, lopt_candidate, optax_candidate,
+                                  suite)
+    from selfopt.train import open_checkpoint
+
+    import jax
+
+    out, source = args.out, {"target": str(args.target)}
+    if args.target.startswith("optax:"):
+        if args.member is not None:
+            raise ConfigError("--member applies to a run or checkpoint, not to an optax optimizer")
+        try:
+            candidate = optax_candidate(args.target.removeprefix("optax:"))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    else:
+        try:
+            trainer, state, path = open_checkpoint(Path(args.target))
+        except CheckpointError as err:
+            raise ConfigError(str(err)) from None
+        member = state.best if args.member is None else args.member
+        if member >= trainer.cfg.population:
+            raise ConfigError(f"--member must be below the population size "
+                              f"{trainer.cfg.population}, got {member}")
+        theta = jax.tree.map(lambda x: x[member], state.thetas)
+        candidate = lopt_candidate(trainer.comps.lopt, theta,
+                                   f"{trainer.comps.outer.label} member {member} "
+                                   f"(id {state.member_ids[member]}, step {state.step})")
+        source.update(checkpoint=str(path), member=member, member_id=state.member_ids[member],
+                      step=state.step)
+        if out is None and Path(args.target).is_dir():
+            out = Path(args.target) / "evaluation.json"
+    configs = suite(args.tasks)
+    print(f"evaluating {candidate.name} against tuned Adam on {len(configs)} {args.tasks} tasks "
+          f"({args.steps} steps, {args.seeds} seeds; tuned Adam is cached in "
+          f"{default_cache_dir()})", file=sys.stderr)
+    result = evaluate(candidate, configs, args.steps, args.seeds, args.seed, default_cache_dir(),
+                      progress=lambda i, n, row: print(
+                          f"  [{i}/{n}] {row.label}: {row.normalized:.4f} vs tuned Adam "
+                          f"{row.adam_normalized:.4f}", file=sys.stderr, flush=True))
+    print_evaluation(result)
+    if out is not None:
+        atomic_write_bytes(out, (json.dumps({**source, **result.to_json()}, indent=2)
+                                 + "\n").encode())
+        print(f"results: {out}")
+    return 0
+
+
+def print_evaluation(result) -> None:
+    """The per-task table and the summary line of an :class:`~selfopt.evaluate.Evaluation`."""
+    width = max(len(t.label) for t in result.tasks)
+    print(f"{'task':<{width}}  {'normalised':>10}  {'tuned Adam':>10}  {'Adam lr':>8}  "
+          f"{'valid':>8}  {'Adam valid':>10}  {'speedup':>7}  win")
+    for t in result.tasks:
+        print(f"{t.label:<{width}}  {t.normalized:>10.4f}  {t.adam_normalized:>10.4f}  "
+              f"{t.adam_learning_rate:>8.2g}  {t.valid:>8.4f}  {t.adam_valid:>10.4f}  "
+              f"{t.speedup:>7.2f}  {'yes' if t.wins else 'no'}")
+    s = result.summary()
+    print(f"{s['candidate']}: mean normalised loss {s['mean_normalized']:.4f} vs tuned Adam "
+          f"{s['adam_mean_normalized']:.4f} (margin {s['margin']:.3g}); wins {s['wins']}/"
+          f"{s['tasks']}; beats tuned Adam: {'YES' if s['beats_adam'] else 'no'}")
+
+
+def plot(args: argparse.Namespace) -> int:
+    from selfopt.plots import write_plots
+
+    try:
+        written = write_plots(args.run, args.out)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    print(f"{len(written) // 2} figures (PNG and SVG) in {written[0].parent if written else args.out}")
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    from selfopt.report import write_report
+
+    try:
+        path = write_report(args.run, args.out)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    print(f"report: {path}")
+    return 0
+
+
+def experiment(args: argparse.Namespace) -> int:
+    from selfopt.experiment import self_vs_adam
+
+    overrides = dict(args.set)
+    make_config({**overrides, "minutes": args.minutes, "seed": args.seed})  # validate first
+    out = args.out or Path("runs") / f"self-vs-adam-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty; choose another --out")
+    path = self_vs_adam(out, args.minutes, args.seed, args.steps, overrides)
+    print(f"report: {path}")
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     from selfopt.demo import run_demo
 
@@ -174,7 +331,8 @@ def demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"demo": demo, "train": train}[args.command](args)
+        return {"demo": demo, "train": train, "eval": evaluation, "plot": plot,
+                "report": report, "experiment": experiment}[args.command](args)
     except ConfigError as err:
         print(f"selfopt: error: {err}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Running an optimizer on a task, and the per-task tuned Adam baseline (method.md section 7).
+"""Evaluation against per-task tuned Adam (method.md section 7).
 
 The measurements every comparison in ``selfopt`` is built on: the same task, initial parameters
 and minibatches for every optimizer under test (learned or hand-designed), so that differences in
@@ -6,14 +6,22 @@ the loss curves come from the optimizers alone. The baseline of the literature i
 learning rate tuned per task over 14 log-spaced values from 1e-4 to 1 (learned_optimization's
 ``AdamLR`` baselines); :func:`tune_adam` computes it and caches it on disk per task
 configuration, so evaluating many learned optimizers stays cheap.
+
+:func:`evaluate` runs a :class:`Candidate` (a learned optimizer's weights, or any optax optimizer
+by name) over a task suite (:func:`suite`) and compares it with tuned Adam task by task: final
+and mean training loss, validation loss, the loss normalised per task, wins, and the speedup.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import inspect
 import json
+import math
+import os
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,14 +29,22 @@ import numpy as np
 import optax
 
 from selfopt.checkpoint import atomic_write_bytes
+from selfopt.lopt.base import LearnedOptimizer, check_theta
 from selfopt.tasks.base import Task
-from selfopt.tasks.distribution import full_config, make_task
+from selfopt.tasks.distribution import HELDOUT_CONFIGS, full_config, make_task
 
 #: Adam's learning-rate grid: 14 log-spaced values from 1e-4 to 1.
 ADAM_LEARNING_RATES = tuple(float(x) for x in np.logspace(-4, 0, 14))
 #: Test-split batches averaged for the validation loss at the end of a run.
 NUM_VALID_BATCHES = 4
-_CACHE_VERSION = 1
+#: A task's normalised loss is capped here (as the meta-loss is): a diverged run counts as 10x
+#: its initial loss, so one blow-up cannot make a suite's mean infinite.
+NORMALIZED_CAP = 10.0
+#: Held-out families too slow to evaluate every few minutes during training (``quick`` suite).
+SLOW_FAMILIES = ("convnet", "language_model")
+#: Task suites by name (see :func:`suite`).
+SUITES = ("heldout", "quick")
+_CACHE_VERSION = 2
 
 
 class RunResult(NamedTuple):
@@ -103,9 +119,12 @@ def train_losses(task: Task, optimizer: optax.GradientTransformation, key: jax.A
     return run_training(task, optimizer, key, num_steps).train_losses
 
 
-def seed_keys(config: Mapping[str, Any], num_seeds: int) -> list[jax.Array]:
-    """The keys of a configuration's evaluation seeds: ``fold_in(key(config seed), i)``."""
+def seed_keys(config: Mapping[str, Any], num_seeds: int, seed: int = 0) -> list[jax.Array]:
+    """The keys of a configuration's evaluation seeds: ``fold_in(key(config seed), i)``, and
+    for ``seed`` > 0 ``fold_in`` of that with ``seed`` (another draw of the same runs)."""
     base = jax.random.key(full_config(config)["seed"])
+    if seed:
+        base = jax.random.fold_in(base, 1_000_003 * seed)
     return [jax.random.fold_in(base, i) for i in range(num_seeds)]
 
 
@@ -146,17 +165,17 @@ class TunedAdam(NamedTuple):
     final_by_rate: dict[float, float]  # mean final training loss of every rate tried
 
 
-def _cache_path(cache_dir: Path, config: dict, num_steps: int, num_seeds: int,
+def _cache_path(cache_dir: Path, config: dict, num_steps: int, num_seeds: int, seed: int,
                 learning_rates: tuple[float, ...]) -> Path:
     spec = json.dumps({"version": _CACHE_VERSION, "config": config, "num_steps": num_steps,
-                       "num_seeds": num_seeds, "learning_rates": list(learning_rates)},
-                      sort_keys=True)
+                       "num_seeds": num_seeds, "seed": seed,
+                       "learning_rates": list(learning_rates)}, sort_keys=True)
     return Path(cache_dir) / f"adam-{hashlib.sha256(spec.encode()).hexdigest()[:24]}.json"
 
 
 def tune_adam(config: Mapping[str, Any], num_steps: int, num_seeds: int = 3,
               learning_rates: tuple[float, ...] = ADAM_LEARNING_RATES,
-              cache_dir: Path | None = None) -> TunedAdam:
+              cache_dir: Path | None = None, seed: int = 0) -> TunedAdam:
     """Adam with its learning rate tuned on this task: the rate with the lowest mean final
     training loss over ``num_seeds`` seeds (each rate sees the same seeds).
 
@@ -166,20 +185,22 @@ def tune_adam(config: Mapping[str, Any], num_steps: int, num_seeds: int = 3,
       num_seeds: seeds per rate (:func:`seed_keys`).
       learning_rates: the grid (default :data:`ADAM_LEARNING_RATES`).
       cache_dir: if given, results are read from and written to a JSON file there, keyed by
-        everything above (written atomically).
+        everything else (written atomically).
+      seed: the evaluation seed (:func:`seed_keys`).
 
     Returns:
       The tuned baseline.
     """
     config = full_config(config)
-    path = _cache_path(cache_dir, config, num_steps, num_seeds, learning_rates) if cache_dir else None
+    path = (_cache_path(cache_dir, config, num_steps, num_seeds, seed, learning_rates)
+            if cache_dir else None)
     if path is not None and path.is_file():
         cached = json.loads(path.read_text())
         return TunedAdam(cached["learning_rate"], np.asarray(cached["train_losses"], np.float32),
                          np.asarray(cached["valid_losses"], np.float32),
                          {float(k): float("inf") if v is None else v
                           for k, v in cached["final_by_rate"].items()})
-    keys = jnp.stack(seed_keys(config, num_seeds))
+    keys = jnp.stack(seed_keys(config, num_seeds, seed))
     losses, valid = _adam_grid(make_task(config), keys, jnp.asarray(learning_rates), num_steps)
     losses, valid = np.asarray(losses), np.asarray(valid)
     finals = np.mean(final_loss(losses), axis=1)  # (rates,), inf where a seed diverged
@@ -195,3 +216,231 @@ def tune_adam(config: Mapping[str, Any], num_steps: int, num_seeds: int = 3,
             "final_by_rate": {str(k): finite(v) for k, v in final_by_rate.items()},
         }).encode())
     return result
+
+
+# -- the optimizer under test ------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("optimizer", "num_steps"))
+def _optax_seeds(task: Task, optimizer: optax.GradientTransformation, keys: jax.Array,
+                 num_steps: int):
+    return jax.vmap(lambda k: _run(task, optimizer, k, num_steps))(keys)
+
+
+@functools.partial(jax.jit, static_argnames=("lopt", "num_steps"))
+def _lopt_seeds(lopt: LearnedOptimizer, theta: Any, task: Task, keys: jax.Array, num_steps: int):
+    # theta is traced: evaluating another member or checkpoint reuses the compiled code.
+    return jax.vmap(lambda k: _run(task, lopt.optimizer(theta), k, num_steps))(keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """An optimizer under evaluation: ``runs(task, keys, num_steps)`` trains ``task`` once per
+    key and returns the training losses ``(seeds, steps)`` and validation losses ``(seeds,)``."""
+
+    name: str
+    runs: Callable[[Task, jax.Array, int], tuple[Any, Any]]
+
+
+def lopt_candidate(lopt: LearnedOptimizer, theta: Any, name: str = "learned optimizer"
+                   ) -> Candidate:
+    """A learned optimizer with weights ``theta`` (checked against ``lopt``)."""
+    check_theta(lopt, theta)
+    theta = jax.tree.map(jnp.asarray, theta)
+    return Candidate(name, lambda task, keys, n: _lopt_seeds(lopt, theta, task, keys, n))
+
+
+def optax_candidate(spec: str) -> Candidate:
+    """A hand-designed optax optimizer named ``NAME[:LEARNING_RATE]``, e.g. ``sgd:0.1`` or
+    ``adamw:3e-4`` (default rate 1e-3): any ``optax`` alias whose first argument is the
+    learning rate.
+
+    Raises:
+      ValueError: an unknown name, a name that is not such an alias, or a bad rate.
+    """
+    name, _, rate = spec.partition(":")
+    factory = getattr(optax, name, None)
+    params = list(inspect.signature(factory).parameters) if callable(factory) else []
+    if not name.isidentifier() or not params or params[0] != "learning_rate":
+        raise ValueError(f"unknown optax optimizer {name!r}: expected an optax alias taking a "
+                         "learning rate, e.g. sgd, adam, adamw, lion, rmsprop")
+    try:
+        learning_rate = float(rate) if rate else 1e-3
+    except ValueError:
+        raise ValueError(f"learning rate of {spec!r} is not a number: {rate!r}") from None
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning rate of {spec!r} must be a positive number")
+    optimizer = factory(learning_rate)
+    return Candidate(f"optax.{name}(lr={learning_rate:g})",
+                     lambda task, keys, n: _optax_seeds(task, optimizer, keys, n))
+
+
+# -- task suites and the comparison -------------------------------------------------------------
+
+def suite(name: str = "heldout") -> list[dict[str, Any]]:
+    """The task configurations of a named suite.
+
+    ``heldout``: the 12 held-out configurations (:data:`HELDOUT_CONFIGS`). ``quick``: those
+    minus the slow families (:data:`SLOW_FAMILIES`): 8 tasks, seconds each; what ``selfopt
+    train`` evaluates during a run.
+
+    Raises:
+      ValueError: an unknown suite name.
+    """
+    if name not in SUITES:
+        raise ValueError(f"unknown task suite {name!r}; choose one of {list(SUITES)}")
+    configs = [full_config(c) for c in HELDOUT_CONFIGS]
+    if name == "quick":
+        configs = [c for c in configs if c["family"] not in SLOW_FAMILIES]
+    return configs
+
+
+def task_label(config: Mapping[str, Any]) -> str:
+    """A short readable name of a task configuration: its family and what sets it apart."""
+    config = full_config(config)
+    family = config["family"]
+    default = full_config({"family": family})
+    differs = [f"{k}={v}" for k, v in config.items()
+               if k not in ("family", "seed") and v != default[k]]
+    return f"{family}({', '.join(differs)})" if differs else family
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskComparison:
+    """The optimizer under test against tuned Adam on one task (means over seeds)."""
+
+    label: str
+    config: dict[str, Any]
+    init_loss: float  # training loss at step 0 (same initial parameters for both)
+    final: float  # final training loss (:func:`final_loss`)
+    mean: float  # mean training loss over the run (area under the curve)
+    valid: float  # validation loss of the final parameters (test split)
+    normalized: float  # (final - floor) / (init - floor), capped at NORMALIZED_CAP
+    adam_final: float
+    adam_mean: float
+    adam_valid: float
+    adam_normalized: float
+    adam_learning_rate: float
+    speedup: float  # steps tuned Adam needs to reach ``final`` / steps of the run
+
+    @property
+    def wins(self) -> bool:
+        """Lower final training loss than tuned Adam."""
+        return self.final < self.adam_final
+
+    def to_json(self) -> dict[str, Any]:
+        row = {k: _json_number(v) for k, v in dataclasses.asdict(self).items()}
+        row["wins"] = self.wins
+        return row
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """A whole suite: per-task comparisons and their summary."""
+
+    candidate: str
+    num_steps: int
+    num_seeds: int
+    seed: int
+    tasks: tuple[TaskComparison, ...]
+
+    @property
+    def mean_normalized(self) -> float:
+        return float(np.mean([t.normalized for t in self.tasks]))
+
+    @property
+    def adam_mean_normalized(self) -> float:
+        return float(np.mean([t.adam_normalized for t in self.tasks]))
+
+    @property
+    def num_wins(self) -> int:
+        return sum(t.wins for t in self.tasks)
+
+    @property
+    def beats_adam(self) -> bool:
+        """The project's criterion (issue 6): a lower mean normalised loss than tuned Adam,
+        and a win on the majority of the tasks."""
+        return (self.mean_normalized < self.adam_mean_normalized
+                and self.num_wins > len(self.tasks) / 2)
+
+    def summary(self) -> dict[str, Any]:
+        ratios = [t.normalized / max(t.adam_normalized, 1e-12) for t in self.tasks]
+        return {"candidate": self.candidate, "steps": self.num_steps, "seeds": self.num_seeds,
+                "seed": self.seed, "tasks": len(self.tasks), "wins": self.num_wins,
+                "win_fraction": self.num_wins / len(self.tasks),
+                "mean_normalized": self.mean_normalized,
+                "adam_mean_normalized": self.adam_mean_normalized,
+                "margin": self.mean_normalized / max(self.adam_mean_normalized, 1e-12),
+                "median_ratio": float(np.median(ratios)),
+                "median_speedup": _json_number(np.median([t.speedup for t in self.tasks])),
+                "beats_adam": self.beats_adam}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"summary": self.summary(), "tasks": [t.to_json() for t in self.tasks]}
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def _normalized(task: Task, final: float, init: float) -> float:
+    value = float(task.normalize(final, init))
+    return min(value, NORMALIZED_CAP) if math.isfinite(value) else NORMALIZED_CAP
+
+
+def compare_on_task(candidate: Candidate, config: Mapping[str, Any], num_steps: int,
+                    num_seeds: int = 3, seed: int = 0, cache_dir: Path | None = None
+                    ) -> TaskComparison:
+    """``candidate`` against tuned Adam on one task: same seeds, initialisations and batches.
+
+    Args:
+      candidate: the optimizer under test.
+      config: the task configuration.
+      num_steps: inner steps of every run.
+      num_seeds: runs per optimizer (and per Adam learning rate).
+      seed: the evaluation seed (:func:`seed_keys`).
+      cache_dir: where tuned Adam is cached (:func:`tune_adam`).
+
+    Returns:
+      The comparison; losses are means over the seeds.
+    """
+    config = full_config(config)
+    task = make_task(config)
+    adam = tune_adam(config, num_steps, num_seeds, cache_dir=cache_dir, seed=seed)
+    losses, valid = candidate.runs(task, jnp.stack(seed_keys(config, num_seeds, seed)), num_steps)
+    losses, valid = np.asarray(losses, np.float64), np.asarray(valid, np.float64)
+    init = float(adam.train_losses[:, 0].mean())  # equal to losses[:, 0]: same init and batch
+    final, adam_final = float(final_loss(losses).mean()), float(final_loss(adam.train_losses).mean())
+    mean_curve = losses.mean(axis=0)
+    return TaskComparison(
+        label=task_label(config), config=config, init_loss=init, final=final,
+        mean=float(np.mean(losses)) if np.isfinite(losses).all() else math.inf,
+        valid=float(valid.mean()) if np.isfinite(valid).all() else math.inf,
+        normalized=_normalized(task, final, init), adam_final=adam_final,
+        adam_mean=float(np.mean(adam.train_losses)), adam_valid=float(adam.valid_losses.mean()),
+        adam_normalized=_normalized(task, adam_final, init),
+        adam_learning_rate=adam.learning_rate,
+        speedup=speedup_over(adam.train_losses.mean(axis=0), mean_curve)
+        if np.isfinite(mean_curve).all() else 0.0)
+
+
+def evaluate(candidate: Candidate, configs: Sequence[Mapping[str, Any]], num_steps: int = 300,
+             num_seeds: int = 3, seed: int = 0, cache_dir: Path | None = None,
+             progress: Callable[[int, int, TaskComparison], None] | None = None) -> Evaluation:
+    """``candidate`` against tuned Adam on every task of ``configs``.
+
+    Reproducible: the same candidate, configurations, steps, seeds and ``seed`` give the same
+    numbers. ``progress(i, total, comparison)`` is called after each task.
+    """
+    rows = []
+    for i, config in enumerate(configs):
+        rows.append(compare_on_task(candidate, config, num_steps, num_seeds, seed, cache_dir))
+        if progress:
+            progress(i + 1, len(configs), rows[-1])
+    return Evaluation(candidate.name, num_steps, num_seeds, seed, tuple(rows))
+
+
+def default_cache_dir() -> Path:
+    """Where tuned-Adam results are cached: ``$SELFOPT_CACHE`` or ``~/.cache/selfopt``."""
+    return Path(os.environ.get("SELFOPT_CACHE") or Path.home() / ".cache" / "selfopt") / "adam"

@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfopt import checkpoint as ckpt
-from selfopt.config import TrainConfig
+from selfopt.config import ConfigError, TrainConfig, make_config
 from selfopt.estimators import PES, LogUniformLength, TruncatedES
+from selfopt.evaluate import default_cache_dir, evaluate, lopt_candidate, suite
 from selfopt.lopt import MLPLOpt
 from selfopt.population import PBT, AdamControl, Hyperparams, SelfTraining, score_members
 from selfopt.population.pbt import replace_failed
@@ -44,6 +45,9 @@ from selfopt.population.self_training import member_rms
 from selfopt.tasks import TaskDistribution, make_task
 
 
+#: Fields of an ``eval.jsonl`` row that the run summary repeats for the last evaluation.
+EVAL_SUMMARY_FIELDS = ("step", "elapsed", "mean_normalized", "adam_mean_normalized", "wins",
+                       "tasks", "beats_adam")
 #: Seed of the fixed held-in problems of the run summary (inside the training seed range).
 HELD_IN_SEED = 424_242
 
@@ -164,11 +168,13 @@ class Trainer:
       cfg: the validated configuration.
       run_dir: where config, metrics, lineage and checkpoints go.
       on_step: called after every outer step with a dict of live information (for the view).
+      on_eval: called with each row of ``eval.jsonl`` (evaluation during training).
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: Path,
-                 on_step: Callable[[dict[str, Any]], None] | None = None):
-        self.cfg, self.run_dir, self.on_step = cfg, Path(run_dir), on_step
+                 on_step: Callable[[dict[str, Any]], None] | None = None,
+                 on_eval: Callable[[dict[str, Any]], None] | None = None):
+        self.cfg, self.run_dir, self.on_step, self.on_eval = cfg, Path(run_dir), on_step, on_eval
         self.comps = build(cfg)
         self._tasks: dict[str, Any] = {}
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -260,7 +266,7 @@ class Trainer:
 
     def truncate_logs(self, step: int) -> None:
         """Drops log lines of steps after ``step`` (written after the checkpoint resumed)."""
-        for name in ("metrics.jsonl", "lineage.jsonl"):
+        for name in ("metrics.jsonl", "lineage.jsonl", "eval.jsonl"):
             path = self.run_dir / name
             if path.exists():
                 kept = [line for line in path.read_text().splitlines(keepends=True)
@@ -338,13 +344,23 @@ class Trainer:
             state = self.initial_state()
         stop = threading.Event()
         last_save = time.monotonic()
-        session_start, session_elapsed0 = time.monotonic(), state.elapsed
+        # Training time excludes evaluations (measurement, not training): ``elapsed`` is what
+        # the budget, the logs and time-to-beat-Adam count.
+        session_start, session_elapsed0, evaluating = time.monotonic(), state.elapsed, 0.0
         inner_per_step = cfg.population * cfg.num_pairs * 2 * cfg.truncation_length
+        eval_every = 60.0 * cfg.eval_minutes
+        next_eval = eval_every * (state.elapsed // eval_every + 1) if resume and eval_every else 0.0
         with _stop_on_signals(stop):
-            while not self.budget_spent(state) and not stop.is_set():
+            while not stop.is_set():
+                if eval_every and state.elapsed >= next_eval:
+                    evaluating += self.evaluate_best(state)
+                    next_eval = eval_every * (state.elapsed // eval_every + 1)
+                if self.budget_spent(state) or stop.is_set():
+                    break
                 started = time.monotonic()
                 metrics = self.one_step(state)
-                state.elapsed = session_elapsed0 + time.monotonic() - session_start
+                state.elapsed = (session_elapsed0 + time.monotonic() - session_start
+                                 - evaluating)
                 if self.on_step:
                     self.on_step({"state": state, "metrics": metrics,
                                   "inner_steps": inner_per_step,
@@ -354,7 +370,36 @@ class Trainer:
                     self.save(state)
                     last_save = time.monotonic()
             path = self.save(state)
+            if eval_every and not stop.is_set() and self.last_eval_step() != state.step:
+                self.evaluate_best(state)  # the end state, unless Ctrl-C asked to stop now
         return self.summary(state, path, stop.is_set())
+
+    # -- evaluation during training ----------------------------------------------------------
+    def evaluate_best(self, state: RunState) -> float:
+        """The best member against tuned Adam on the ``quick`` held-out suite (method.md
+        section 7), appended to ``eval.jsonl`` with the training time; returns its seconds.
+
+        Tuned Adam is cached on disk (:func:`selfopt.evaluate.default_cache_dir`), so only a
+        run's first evaluation pays for it."""
+        cfg, started = self.cfg, time.monotonic()
+        theta = jax.tree.map(lambda x: x[state.best], state.thetas)
+        result = evaluate(lopt_candidate(self.comps.lopt, theta, f"member {state.best}"),
+                          suite("quick"), cfg.eval_steps, cfg.eval_seeds,
+                          cache_dir=default_cache_dir())
+        seconds = time.monotonic() - started
+        row = {"step": state.step, "elapsed": round(state.elapsed, 3),
+               "eval_seconds": round(seconds, 3), "member": state.best,
+               "id": state.member_ids[state.best], **result.summary(),
+               "normalized": {t.label: t.normalized for t in result.tasks},
+               "adam_normalized": {t.label: t.adam_normalized for t in result.tasks}}
+        self.append("eval.jsonl", [row])
+        if self.on_eval:
+            self.on_eval(row)
+        return seconds
+
+    def last_eval_step(self) -> int | None:
+        rows = read_jsonl(self.run_dir / "eval.jsonl")
+        return rows[-1]["step"] if rows else None
 
     def budget_spent(self, state: RunState) -> bool:
         if self.cfg.max_steps and state.step >= self.cfg.max_steps:
@@ -428,7 +473,8 @@ class Trainer:
         """Meta-loss at start and end, the best member, and the checkpoint written."""
         start = self.held_in_meta_loss(self.initial_thetas())
         end = self.held_in_meta_loss(state.thetas)
-        return {"outer_optimizer": self.comps.outer.label, "steps": state.step,
+        evals = read_jsonl(self.run_dir / "eval.jsonl")
+        summary = {"outer_optimizer": self.comps.outer.label, "steps": state.step,
                 "elapsed_s": round(state.elapsed, 1),
                 "held_in_start": {"median": float(np.median(start)), "best": float(start.min())},
                 "held_in_end": {"median": float(np.median(end)), "best": float(end.min())},
@@ -437,17 +483,62 @@ class Trainer:
                 "best_position": state.best,
                 "best_id": state.member_ids[state.best],
                 "best_score": _finite_or_none(state.scores[state.best]),
-                "checkpoint": str(path), "interrupted": interrupted}
+                "checkpoint": str(path), "interrupted": interrupted,
+                "last_eval": ({k: evals[-1][k] for k in EVAL_SUMMARY_FIELDS}
+                              if evals else None),
+                "time_to_beat_adam_s": time_to_beat_adam(evals)}
+        ckpt.atomic_write_bytes(self.run_dir / "summary.json",
+                                (json.dumps(summary, indent=2) + "\n").encode())
+        return summary
 
     def recent_meta_loss(self, step: int, window: int = 10) -> float | None:
         """Median over members and the last ``window`` steps of the logged meta-loss."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return None
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(self.run_dir / "metrics.jsonl")
         values = [r["meta_loss"] for r in rows
                   if r["step"] >= step - window and r["meta_loss"] is not None]
         return float(np.median(values)) if values else None
+
+
+def open_checkpoint(target: Path) -> tuple[Trainer, RunState, Path]:
+    """A trained population from a run directory (its latest checkpoint) or a checkpoint file.
+
+    Returns:
+      The run's trainer (its configuration and components), the state, and the file read.
+
+    Raises:
+      CheckpointError: no such run or file, or a damaged or incompatible checkpoint.
+    """
+    target = Path(target)
+    if target.is_dir():
+        if not (target / "config.json").is_file():
+            raise ckpt.CheckpointError(f"{target} is not a selfopt run directory (no config.json)")
+        trainer = Trainer(make_config({}, target / "config.json"), target)
+        paths = trainer.checkpoints()
+        if not paths:
+            raise ckpt.CheckpointError(f"{target} has no checkpoint yet")
+        return trainer, trainer.load_latest(), paths[-1]
+    if not target.is_file():
+        raise ckpt.CheckpointError(f"no run directory or checkpoint file at {target}")
+    try:
+        config = ckpt.read_metadata(target)["config"]
+        cfg = make_config(config)
+    except (KeyError, TypeError, ConfigError) as err:
+        raise ckpt.CheckpointError(f"{target} is not a selfopt training checkpoint ({err})") from None
+    trainer = Trainer(cfg, target.parent.parent)
+    return trainer, trainer.load(target), target
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a run's log file (``[]`` if there is none yet)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def time_to_beat_adam(eval_rows: list[dict[str, Any]]) -> float | None:
+    """Training seconds at the first evaluation that beat tuned Adam (``None``: none did)."""
+    return next((row["elapsed"] for row in eval_rows if row["beats_adam"]), None)
 
 
 class RunInUseError(RuntimeError):

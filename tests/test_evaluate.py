@@ -54,3 +54,95 @@ def test_steps_to_reach_and_speedup_on_known_curves():
     slow = np.full(100, 0.9)
     assert speedup_over(adam, slow) == pytest.approx(15 / 100)
     assert final_loss(np.array([1.0, np.nan])) == float("inf")
+
+
+# -- the comparison of an optimizer under test with tuned Adam ---------------------------------
+
+import dataclasses  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from selfopt.evaluate import (NORMALIZED_CAP, Candidate, Evaluation, TaskComparison,  # noqa: E402
+                              compare_on_task, evaluate, lopt_candidate, optax_candidate, suite)
+from selfopt.lopt import MLPLOpt  # noqa: E402
+from selfopt.tasks import TaskDistribution  # noqa: E402
+
+
+def scaled_adam_curve(factor):
+    """A candidate whose every training loss is ``factor`` x the initial loss (known answer)."""
+    def runs(task, keys, num_steps):
+        def one(key):
+            params = task.init(jax.random.split(key, 3)[0])
+            batch = task.sample_batch(jax.random.fold_in(jax.random.split(key, 3)[1], 0))
+            init = task.loss(params, batch)
+            return jnp.full(num_steps, factor * init), factor * init
+        return jax.vmap(one)(keys)
+    return Candidate(f"x{factor}", runs)
+
+
+def test_normalised_loss_and_wins_on_synthetic_curves(tmp_path):
+    half = compare_on_task(scaled_adam_curve(0.5), QUAD, num_steps=40, num_seeds=2,
+                           cache_dir=tmp_path)
+    assert half.normalized == pytest.approx(0.5, rel=1e-5)  # quadratic floor is 0
+    assert half.final == pytest.approx(0.5 * half.init_loss, rel=1e-5)
+    assert half.adam_normalized == pytest.approx(half.adam_final / half.init_loss, rel=1e-5)
+    assert not half.wins  # Adam gets a quadratic well below half its initial loss in 40 steps
+    assert half.speedup < 1
+    blown = compare_on_task(scaled_adam_curve(float("nan")), QUAD, 40, 2, cache_dir=tmp_path)
+    assert blown.normalized == NORMALIZED_CAP and not blown.wins and blown.speedup == 0.0
+
+
+def _row(label, normalized, adam_normalized):
+    return TaskComparison(label, {}, 1.0, normalized, normalized, normalized, normalized,
+                          adam_normalized, adam_normalized, adam_normalized, adam_normalized,
+                          1e-3, 1.0)
+
+
+def test_beating_adam_needs_a_lower_mean_and_a_majority_of_wins():
+    ev = lambda rows: Evaluation("x", 10, 1, 0, tuple(rows))
+    wins_most_but_loses_big = ev([_row("a", 0.1, 0.2), _row("b", 0.1, 0.2), _row("c", 5.0, 0.2)])
+    assert wins_most_but_loses_big.num_wins == 2
+    assert wins_most_but_loses_big.mean_normalized == pytest.approx(5.2 / 3)
+    assert not wins_most_but_loses_big.beats_adam
+    lower_mean_minority = ev([_row("a", 0.01, 1.0), _row("b", 0.3, 0.2), _row("c", 0.3, 0.2)])
+    assert not lower_mean_minority.beats_adam
+    both = ev([_row("a", 0.1, 0.2), _row("b", 0.1, 0.2), _row("c", 0.3, 0.2)])
+    assert both.beats_adam
+    summary = both.summary()
+    assert summary["wins"] == 2 and summary["median_ratio"] == pytest.approx(0.5)
+    assert summary["margin"] == pytest.approx(0.5 / 0.6)
+
+
+def test_an_optax_optimizer_by_name_is_the_optax_optimizer(tmp_path):
+    sgd = compare_on_task(optax_candidate("sgd:0.05"), QUAD, 30, 2, cache_dir=tmp_path)
+    direct = np.mean([final_loss(run_training(make_task(QUAD), optax.sgd(0.05), k, 30).train_losses)
+                      for k in seed_keys(QUAD, 2)])
+    assert sgd.final == pytest.approx(direct, rel=1e-5)
+    assert optax_candidate("adam").name == "optax.adam(lr=0.001)"
+    for bad in ("nosuch:0.1", "chain", "sgd:fast", "sgd:-1", "__import__:1"):
+        with pytest.raises(ValueError):
+            optax_candidate(bad)
+
+
+def test_evaluation_is_reproducible_and_the_seed_matters(tmp_path):
+    lopt = MLPLOpt(hidden=(8,))
+    candidate = lopt_candidate(lopt, lopt.init(jax.random.key(3)))
+    configs = [QUAD, {"family": "test_function", "seed": 2}]
+    first = evaluate(candidate, configs, 20, 2, cache_dir=tmp_path)
+    again = evaluate(lopt_candidate(lopt, lopt.init(jax.random.key(3))), configs, 20, 2,
+                     cache_dir=tmp_path)
+    assert [dataclasses.astuple(t) for t in first.tasks] == [dataclasses.astuple(t)
+                                                             for t in again.tasks]
+    other = evaluate(candidate, configs, 20, 2, seed=1, cache_dir=tmp_path)
+    assert other.tasks[0].init_loss != first.tasks[0].init_loss
+
+
+def test_suites_are_the_held_out_configurations():
+    heldout, quick = suite("heldout"), suite("quick")
+    assert heldout == TaskDistribution().heldout() and len(heldout) == 12
+    assert {c["family"] for c in quick} == {"quadratic", "test_function", "logistic", "mlp",
+                                            "autoencoder"}
+    assert all(c in heldout for c in quick)
+    with pytest.raises(ValueError, match="unknown task suite"):
+        suite("train")

@@ -15,7 +15,8 @@ from selfopt.train import Trainer
 
 TINY = {"population": 4, "num_pairs": 1, "truncation_length": 5, "min_inner_length": 10,
         "max_inner_length": 30, "families": ["quadratic"], "num_slots": 1, "task_steps": 3,
-        "pbt_interval": 2, "score_steps": 5, "summary_steps": 5, "hidden": [8], "checkpoint_seconds": 1000.0}
+        "pbt_interval": 2, "score_steps": 5, "summary_steps": 5, "hidden": [8], "checkpoint_seconds": 1000.0,
+        "eval_minutes": 0}
 
 
 def tiny(**changes):

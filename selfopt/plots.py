@@ -78,7 +78,7 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def _window(n: int) -> int:
-    return max(1, min(50, n // 30))
+    return max(1, min(100, n // 15))
 
 
 def meta_loss_figure(data: RunData) -> Figure | None:
@@ -115,22 +115,28 @@ def meta_loss_figure(data: RunData) -> Figure | None:
 
 def improvement_rate(minutes: np.ndarray, values: np.ndarray, num_windows: int = 12
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Decades per minute by which ``values`` fall, window by window: the slope of a line
-    fitted to ``log10(values)`` against minutes in each of ``num_windows`` equal time windows.
-    Positive means improving. Returns window centres and rates."""
+    """Decades per minute by which ``values`` fall: ``minutes`` is cut into ``num_windows``
+    equal windows, each summarised by the median of ``log10(values)`` in it (robust to the
+    task-to-task noise of single steps), and the rate between neighbouring windows is the fall
+    of that median over the time between their centres. Positive means improving.
+
+    Returns:
+      The midpoints between neighbouring window centres, and the rates there.
+    """
     minutes, values = np.asarray(minutes, float), np.asarray(values, float)
     ok = np.isfinite(values) & (values > 0)
     minutes, logs = minutes[ok], np.log10(values[ok])
-    if len(minutes) < 3 or minutes[-1] <= minutes[0]:
+    if len(minutes) < 2 or minutes[-1] <= minutes[0]:
         return np.zeros(0), np.zeros(0)
     edges = np.linspace(minutes[0], minutes[-1], num_windows + 1)
-    centres, rates = [], []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        inside = (minutes >= lo) & (minutes <= hi)
-        if inside.sum() >= 2 and np.ptp(minutes[inside]) > 0:
+    centres, medians = [], []
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        inside = (minutes >= lo) & ((minutes < hi) if i < num_windows - 1 else (minutes <= hi))
+        if inside.any():
             centres.append((lo + hi) / 2)
-            rates.append(-np.polyfit(minutes[inside], logs[inside], 1)[0])
-    return np.asarray(centres), np.asarray(rates)
+            medians.append(np.median(logs[inside]))
+    centres, medians = np.asarray(centres), np.asarray(medians)
+    return (centres[1:] + centres[:-1]) / 2, -np.diff(medians) / np.diff(centres)
 
 
 def improvement_rate_figure(data: RunData) -> Figure | None:
@@ -144,11 +150,11 @@ def improvement_rate_figure(data: RunData) -> Figure | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar(x, rate, width=0.8 * (x[1] - x[0]) if len(x) > 1 else 0.5, alpha=0.6,
-           label="median training meta-loss")
+           label="median training meta-loss (all members)")
     if len(data.evals) >= 3:
         ex, erate = improvement_rate([r["elapsed"] / 60 for r in data.evals],
                                      [r["mean_normalized"] for r in data.evals],
-                                     num_windows=min(6, len(data.evals) - 1))
+                                     num_windows=len(data.evals))
         ax.plot(ex, erate, "o-", color="tab:red", label="best member, held-out loss")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xlabel("training time (minutes)")

@@ -1,0 +1,99 @@
+"""Time to beat Adam (TTB): how long self-training takes to beat per-task tuned Adam.
+
+    python benchmarks/ttb.py [--minutes 10] [--eval-minutes 1] [--control] [--heldout]
+                             [--set FIELD=VALUE ...] [--out DIR]
+
+Runs ``selfopt train`` (the default configuration plus ``--set`` overrides; random
+initialisation, no hand-designed optimizer in the loop) for ``--minutes`` of training, with the
+best member evaluated against Adam tuned per task over 14 learning rates on the quick held-out
+suite every ``--eval-minutes`` (``eval.jsonl``; evaluation time is not training time). Prints
+JSON: the training seconds until the best member first *beats tuned Adam* (a lower mean
+normalised loss and a win on the majority of tasks; ``null`` if it never did), the best margin
+reached (mean normalised loss of the learned optimizer / of tuned Adam; below 1 is better than
+Adam) and the margin at 10, 30 and 60 minutes where the run got there. ``--control`` runs the
+Adam-meta-trained control with the same budget afterwards and reports it the same way;
+``--heldout`` also evaluates each final best member on the whole held-out suite (12 tasks).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+from selfopt.cli import _assignment
+from selfopt.config import make_config
+from selfopt.evaluate import default_cache_dir, evaluate, lopt_candidate, suite
+from selfopt.train import Trainer, read_jsonl, time_to_beat_adam
+
+MARGIN_MINUTES = (10, 30, 60)
+
+
+def margins(rows: list[dict]) -> dict:
+    """TTB and margins from the rows of ``eval.jsonl``."""
+    margin = [r["mean_normalized"] / r["adam_mean_normalized"] for r in rows]
+    best = min(range(len(rows)), key=margin.__getitem__)
+    at = {}
+    for minutes in MARGIN_MINUTES:
+        before = [m for r, m in zip(rows, margin) if r["elapsed"] <= 60 * minutes + 1]
+        if rows[-1]["elapsed"] >= 60 * minutes - 30:  # the run reached that time
+            at[str(minutes)] = min(before)
+    return {"time_to_beat_adam_s": time_to_beat_adam(rows),
+            "best_margin": margin[best], "best_margin_at_s": rows[best]["elapsed"],
+            "best_wins": max(r["wins"] for r in rows), "tasks": rows[-1]["tasks"],
+            "best_margin_by_minute": at,
+            "curve": [{"elapsed_s": r["elapsed"], "step": r["step"], "margin": m,
+                       "wins": r["wins"], "mean_normalized": r["mean_normalized"]}
+                      for r, m in zip(rows, margin)],
+            "adam_mean_normalized": rows[-1]["adam_mean_normalized"]}
+
+
+def run_arm(run_dir: Path, overrides: dict, heldout: bool) -> dict:
+    cfg = make_config(overrides)
+    started = time.monotonic()
+    summary = Trainer(cfg, run_dir).run()
+    result = {"run_dir": str(run_dir), "outer_optimizer": summary["outer_optimizer"],
+              "steps": summary["steps"], "training_s": summary["elapsed_s"],
+              "wall_s": round(time.monotonic() - started, 1),
+              **margins(read_jsonl(run_dir / "eval.jsonl"))}
+    if heldout:
+        state = Trainer(cfg, run_dir).load_latest()
+        theta = jax.tree.map(lambda x: x[state.best], state.thetas)
+        full = evaluate(lopt_candidate(Trainer(cfg, run_dir).comps.lopt, theta), suite("heldout"),
+                        cfg.eval_steps, cfg.eval_seeds, cache_dir=default_cache_dir())
+        result["heldout_at_end"] = full.summary()
+    print(json.dumps({k: v for k, v in result.items() if k != "curve"}), file=sys.stderr)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--eval-minutes", type=float, default=1.0)
+    parser.add_argument("--control", action="store_true", help="also run the Adam control")
+    parser.add_argument("--heldout", action="store_true",
+                        help="evaluate the final best members on all 12 held-out tasks")
+    parser.add_argument("--set", type=_assignment, action="append", default=[],
+                        metavar="FIELD=VALUE")
+    parser.add_argument("--out", type=Path,
+                        default=Path("runs") / f"ttb-{time.strftime('%Y%m%d-%H%M%S')}")
+    args = parser.parse_args()
+    overrides = {**dict(args.set), "minutes": args.minutes, "eval_minutes": args.eval_minutes}
+    report = {"benchmark": "time_to_beat_adam", "overrides": dict(args.set),
+              "minutes": args.minutes, "machine": {
+                  "platform": platform.platform(), "cpus": os.cpu_count(),
+                  "devices": [str(d) for d in jax.devices()]}}
+    report["self"] = run_arm(args.out / "self", overrides, args.heldout)
+    if args.control:
+        report["control"] = run_arm(args.out / "control", {**overrides, "outer_optimizer": "adam"},
+                                    args.heldout)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -64,6 +64,9 @@ def _assignment(text: str) -> tuple[str, object]:
         return name, json.loads(value)
     except json.JSONDecodeError:
         return name, value  # a bare word, e.g. policy=best
+    except (ValueError, RecursionError):  # an integer of 4,300+ digits, nesting too deep
+        raise argparse.ArgumentTypeError(f"{name or 'FIELD'}: the value is not usable JSON"
+                                         ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,7 +184,12 @@ def train(args: argparse.Namespace) -> int:
         cfg = make_config(overrides, args.config)
         label = "adam-control" if cfg.outer_optimizer == "adam" else "self"
         run_dir = args.out or Path("runs") / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"--out {run_dir} is a file, not a directory")
+        # A run killed before it wrote its config leaves only its lock (and perhaps a
+        # temporary file): nothing to resume, so the directory may be used again.
+        if run_dir.exists() and any(p.name != ".lock" and ".tmp-" not in p.name
+                                    for p in run_dir.iterdir()):
             raise ConfigError(f"{run_dir} already holds a run; resume it with --resume "
                               f"{run_dir}, or choose another --out")
 
@@ -190,8 +198,14 @@ def train(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg, run_dir, on_step=None if args.quiet else view.update)
         try:
             summary = trainer.run(resume=args.resume is not None)
-        except (CheckpointError, RunInUseError) as err:
+        except (CheckpointError, RunInUseError, FloatingPointError) as err:
             raise ConfigError(str(err)) from None
+        except OSError as err:  # a full disk, a folder we may not write: one line, no traceback
+            raise ConfigError(f"{run_dir}: {err}") from None
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once, the last checkpoint stays
+            print(f"selfopt: interrupted; resume with: selfopt train --resume {run_dir}",
+                  file=sys.stderr)
+            return 130
     print_summary(summary, run_dir)
     return 130 if summary["interrupted"] else 0
 

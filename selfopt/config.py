@@ -73,7 +73,7 @@ class TrainConfig:
     eval_steps: int = 300
     eval_seeds: int = 3
     # run directory
-    checkpoint_seconds: float = 60.0
+    checkpoint_seconds: float = 60.0  # 0: after every outer step
     keep_checkpoints: int = 2
 
     def to_json(self) -> dict[str, Any]:
@@ -88,23 +88,47 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (an error stays one readable line)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer with more digits than Python will print
+        text = f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _one_line(value: Any, limit: int = 160) -> str:
+    """``str(value)`` on one line of at most ``limit`` characters."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _check(name: str, ok: bool, allowed: str, value: Any) -> None:
     if not ok:
-        raise ConfigError(f"config field {name!r} must be {allowed}, got {value!r}")
+        raise ConfigError(f"config field {name!r} must be {allowed}, got {_short_repr(value)}")
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Checks every field; returns ``cfg`` or raises :class:`ConfigError`."""
     c = cfg
-    for name, lo in (("population", 2), ("num_pairs", 1), ("truncation_length", 1),
-                     ("min_inner_length", 1), ("num_slots", 1), ("task_steps", 1),
-                     ("pbt_interval", 1), ("score_steps", 1), ("summary_steps", 1),
-                     ("keep_checkpoints", 1), ("eval_steps", 10), ("eval_seeds", 1)):
+    # Upper bounds: far above any run a machine can hold, low enough that a typo (an extra
+    # three zeros) is an error rather than an allocation that never finishes.
+    for name, lo, hi in (("population", 2, 4096), ("num_pairs", 1, 4096),
+                         ("truncation_length", 1, 1_000_000), ("min_inner_length", 1, 10**7),
+                         ("num_slots", 1, 1024), ("task_steps", 1, 1_000_000),
+                         ("pbt_interval", 1, 1_000_000), ("score_steps", 1, 1_000_000),
+                         ("summary_steps", 1, 1_000_000), ("keep_checkpoints", 1, 1000),
+                         ("eval_steps", 10, 1_000_000), ("eval_seeds", 1, 1000)):
         value = getattr(c, name)
-        _check(name, _is_int(value) and lo <= value <= 1_000_000, f"an integer in [{lo}, 1e6]",
+        _check(name, _is_int(value) and lo <= value <= hi, f"an integer in [{lo}, {hi}]",
                value)
     _check("max_steps", _is_int(c.max_steps) and 0 <= c.max_steps <= 10**9,
            "an integer >= 0 (0: no limit)", c.max_steps)
@@ -118,11 +142,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
            "a number of minutes in [0, 43200] (0: no evaluation during training)",
            c.eval_minutes)
     for name, lo, hi in (("clip", 0, 1e6), ("max_update", 0, 1e6), ("diverged_meta_loss", 0, 1e6),
-                         ("adam_learning_rate", 0, 10), ("loss_cap", 1, 1e6),
-                         ("checkpoint_seconds", 0, 1e6)):
+                         ("adam_learning_rate", 0, 10), ("loss_cap", 1, 1e6)):
         value = getattr(c, name)
         _check(name, _is_number(value) and lo < value <= hi, f"a number in ({lo:g}, {hi:g}]",
                value)
+    _check("checkpoint_seconds", _is_number(c.checkpoint_seconds)
+           and 0 <= c.checkpoint_seconds <= 1e6, "a number in [0, 1e+06] (0: every step)",
+           c.checkpoint_seconds)
     for name, lo, hi in (("exploit_fraction", 0, 0.5), ("resample_probability", 0, 1)):
         value = getattr(c, name)
         _check(name, _is_number(value) and lo <= value <= hi, f"a number in [{lo}, {hi}]", value)
@@ -134,11 +160,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check("hidden", isinstance(c.hidden, tuple) and 1 <= len(c.hidden) <= 4
            and all(_is_int(w) and 1 <= w <= 1024 for w in c.hidden),
            "1 to 4 layer widths, each in [1, 1024]", c.hidden)
-    for name in ("step_mult_prior", "sigma_prior"):
+    for name, hi in (("step_mult_prior", 1000), ("sigma_prior", 1)):
         value = getattr(c, name)
         _check(name, isinstance(value, tuple) and len(value) == 2
-               and all(_is_number(v) and v > 0 for v in value) and value[0] <= value[1],
-               "a pair [low, high] with 0 < low <= high", value)
+               and all(_is_number(v) and 0 < v <= hi for v in value) and value[0] <= value[1],
+               f"a pair [low, high] with 0 < low <= high <= {hi}", value)
     _check("families", isinstance(c.families, tuple) and len(c.families) >= 1
            and all(f in TRAIN_FAMILIES for f in c.families),
            f"a non-empty list of training families from {list(TRAIN_FAMILIES)} "
@@ -164,12 +190,16 @@ def make_config(overrides: dict[str, Any] | None = None, file: Path | None = Non
     if file is not None:
         try:
             loaded = json.loads(Path(file).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ConfigError(f"cannot read config file {file}: {err}") from None
+        # ValueError: bad JSON, bad UTF-8, or an integer of 4,300+ digits; RecursionError:
+        # nesting too deep for the parser.
+        except (OSError, ValueError, RecursionError) as err:
+            raise ConfigError(f"cannot read config file {file}: {_one_line(err)}") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {file} must hold a JSON object")
+            raise ConfigError(f"config file {file} must hold a JSON object, not "
+                              f"{type(loaded).__name__}")
         values.update(loaded)
     values.update(overrides or {})
-    if unknown := sorted(set(values) - set(FIELDS)):
-        raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {sorted(FIELDS)}")
+    if unknown := sorted(map(str, set(values) - set(FIELDS))):
+        raise ConfigError(f"unknown config field(s) {_short_repr(unknown)}; valid fields: "
+                          f"{sorted(FIELDS)}")
     return validate(TrainConfig(**{k: _coerce(k, v) for k, v in values.items()}))

@@ -1,9 +1,10 @@
 """What a person watching ``selfopt train`` sees: a live table, or periodic lines in a log.
 
 On a terminal, a ``rich`` live view redraws after every outer step: step, elapsed time, inner
-steps per second, best and median meta-loss, replacements, and one row per member with its
-lineage id, generation, hyperparameters, latest meta-loss and PBT score. Without a terminal (a
-log file, CI) it prints one line every ``every_s`` seconds instead.
+steps per second, best and median meta-loss, and one row per member with its lineage id,
+generation, hyperparameters, latest meta-loss and PBT score, and a footer line with the members
+replaced so far in the run (non-finite, diverged) and PBT's copies. Without a terminal (a log
+file, CI) it prints one line every ``every_s`` seconds instead, replacements included.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class LiveView:
         self.live = Live(console=self.console, refresh_per_second=4, transient=False) \
             if self.console.is_terminal else None
         self._last_line = -math.inf
-        self.replaced = 0
+        self.replacements: dict[str, int] = {}
         self._started = time.monotonic()
         self._inner_steps = 0
 
@@ -50,7 +51,8 @@ class LiveView:
         state, metrics = info["state"], info["metrics"]
         self._inner_steps += info["inner_steps"]
         mean_rate = self._inner_steps / max(time.monotonic() - self._started, 1e-9)
-        self.replaced += int((~metrics["finite"]).sum())
+        # Running counts of the whole run (the trainer keeps them across resumes).
+        self.replacements = dict(metrics.get("replacements", self.replacements))
         losses = metrics["meta_loss"][np.isfinite(metrics["meta_loss"])]
         best = float(losses.min()) if losses.size else math.nan
         median = float(np.median(losses)) if losses.size else math.nan
@@ -58,10 +60,13 @@ class LiveView:
                   f"{self.budget_s / 60:g} min | inner steps/s {info['inner_steps_per_s']:,.0f} "
                   f"(mean {mean_rate:,.0f}, compiles included)"
                   f" | meta-loss best {_fmt(best)} median {_fmt(median)}"
-                  f" | start {_fmt(state.start_meta_loss)} | non-finite replaced {self.replaced}")
+                  f" | start {_fmt(state.start_meta_loss)}")
+        footer = replacements_line(self.replacements)
         if self.live is None:
-            if time.monotonic() - self._last_line >= self.every_s:
-                print(header, file=self.stream, flush=True)
+            # A replacement is news: report it at once rather than at the next periodic line.
+            if (time.monotonic() - self._last_line >= self.every_s
+                    or metrics.get("replaced")):
+                print(f"{header} | {footer}", file=self.stream, flush=True)
                 self._last_line = time.monotonic()
             return
         table = Table(box=None, pad_edge=False)
@@ -74,4 +79,10 @@ class LiveView:
                           f"{step_mult[i]:.3g}", f"{sigma[i]:.3g}",
                           _fmt(float(metrics["meta_loss"][i])), _fmt(state.scores[i]),
                           style=style)
-        self.live.update(Group(Text(header), table))
+        self.live.update(Group(Text(header), table, Text(footer)))
+
+
+def replacements_line(counts: dict[str, int]) -> str:
+    """Replacements so far: ``replaced: non-finite N, diverged M | PBT copies P``."""
+    return (f"replaced: non-finite {counts.get('replace_non_finite', 0)}, diverged "
+            f"{counts.get('replace_diverged', 0)} | PBT copies {counts.get('exploit', 0)}")

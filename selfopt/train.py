@@ -234,44 +234,126 @@ class Trainer:
 
     # -- files ------------------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
-        return sorted(self.ckpt_dir.glob("step-*.safetensors"))
+        """The run's checkpoint files, oldest first (never a temporary file of a write)."""
+        steps = {p: p.name[len("step-"):-len(".safetensors")]
+                 for p in self.ckpt_dir.glob("step-*.safetensors")}
+        return sorted((p for p, n in steps.items() if n.isdigit()), key=lambda p: int(steps[p]))
 
     def save(self, state: RunState) -> Path:
+        """Writes ``state`` as checkpoint ``step-N`` (atomically), then tidies the folders.
+
+        The metadata also records the byte size of every ``*.jsonl`` log at this moment (the
+        log lines a resume from this checkpoint keeps) and the running replacement counts.
+        Tidying removes temporary files of writes that a crash cut short, checkpoints of later
+        steps (a timeline abandoned by resuming from an older, good checkpoint) and all but the
+        newest ``keep_checkpoints``. Only the trainer holding the run's lock calls this.
+
+        Returns:
+          The checkpoint's path.
+
+        Raises:
+          CheckpointError: the write failed (a full disk); earlier checkpoints are intact.
+        """
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         path = self.ckpt_dir / f"step-{state.step:08d}.safetensors"
+        logs = {log.name: log.stat().st_size for log in sorted(self.run_dir.glob("*.jsonl"))}
         ckpt.save_checkpoint(path, state.arrays(),
-                             {"config": self.cfg.to_json(), "run": state.metadata()})
-        for old in self.checkpoints()[:-self.cfg.keep_checkpoints]:
+                             {"config": self.cfg.to_json(), "run": state.metadata(),
+                              "logs": logs, "replacements": dict(self.replacement_counts())})
+        ckpt.remove_temp_files(self.ckpt_dir, "step-*.safetensors")
+        for name in ("config.json", "*.jsonl"):
+            ckpt.remove_temp_files(self.run_dir, name)
+        paths = self.checkpoints()
+        for later in paths[paths.index(path) + 1:]:
+            later.unlink(missing_ok=True)
+        for old in paths[:paths.index(path) + 1][:-self.cfg.keep_checkpoints]:
             old.unlink(missing_ok=True)
         return path
 
     def load_latest(self) -> RunState:
+        """The state of the newest checkpoint that verifies.
+
+        A damaged newest checkpoint (bad checksum, truncated, unreadable) is skipped with a
+        one-line warning on stderr and the previous one is used. A run directory without any
+        checkpoint (stopped before its first) starts again from step 0, with a warning.
+
+        Raises:
+          CheckpointError: checkpoints exist but none is usable; the message says why for the
+            newest.
+        """
         paths = self.checkpoints()
         if not paths:
-            raise ckpt.CheckpointError(f"{self.run_dir} has no checkpoint to resume from")
-        return self.load(paths[-1])
+            ckpt.warn(f"{self.run_dir} has no checkpoint yet (stopped before its first one); "
+                      "starting it again from step 0")
+            return self.initial_state()
+        errors = []
+        for path in reversed(paths):
+            try:
+                state = self.load(path)
+            except ckpt.CheckpointError as err:
+                errors.append(err)
+                continue
+            if errors:
+                skipped = ", ".join(p.name for p in paths[len(paths) - len(errors):])
+                ckpt.warn(f"skipping {skipped} ({errors[0]}); resuming from {path.name}")
+            return state
+        older = f" (and the {len(errors) - 1} older ones)" if len(errors) > 1 else ""
+        raise ckpt.CheckpointError(f"no usable checkpoint to resume from: {errors[0]}{older}")
 
     def load(self, path: Path) -> RunState:
-        """The state stored in one checkpoint file of this run's configuration."""
-        meta = ckpt.read_metadata(path)["run"]
-        arrays, _ = ckpt.load_checkpoint(path, self.template(meta["slot_configs"]))
-        return RunState(
-            step=meta["step"], thetas=arrays["thetas"], outer_state=arrays["outer_state"],
-            hparams=Hyperparams(*arrays["hparams"]), slot_configs=meta["slot_configs"],
-            slot_inner=arrays["slots"], member_ids=meta["member_ids"],
-            generation=meta["generation"],
-            scores=[math.inf if s is None else s for s in meta["scores"]], best=meta["best"],
-            next_id=meta["next_id"], elapsed=meta["elapsed"],
-            start_meta_loss=meta["start_meta_loss"])
+        """The state stored in one checkpoint file of this run's configuration.
+
+        Raises:
+          CheckpointError: unreadable, damaged, another schema version, or saved by another
+            configuration (architecture, population size).
+        """
+        meta = ckpt.read_metadata(path)
+        try:
+            run = meta["run"]
+            arrays, _ = ckpt.load_checkpoint(path, self.template(run["slot_configs"]))
+            state = RunState(
+                step=int(run["step"]), thetas=arrays["thetas"],
+                outer_state=arrays["outer_state"], hparams=Hyperparams(*arrays["hparams"]),
+                slot_configs=run["slot_configs"], slot_inner=arrays["slots"],
+                member_ids=list(run["member_ids"]), generation=list(run["generation"]),
+                scores=[math.inf if s is None else float(s) for s in run["scores"]],
+                best=int(run["best"]), next_id=int(run["next_id"]),
+                elapsed=float(run["elapsed"]), start_meta_loss=run["start_meta_loss"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+            # The checksum held, so the file is as written, but not by this selfopt's trainer.
+            raise ckpt.CheckpointError(f"{path} does not hold a selfopt run state ({err!r})"
+                                       ) from None
+        self._replacements = dict(meta.get("replacements") or {})
+        return state
+
+    def replacement_counts(self) -> dict[str, int]:
+        """Members copied over others so far in this run, by lineage kind (``exploit``,
+        ``replace_non_finite``, ``replace_diverged``); kept in checkpoints."""
+        if not hasattr(self, "_replacements"):  # a fresh run (a resumed one loads them)
+            self._replacements = {}
+        return self._replacements
 
     def truncate_logs(self, step: int) -> None:
-        """Drops log lines of steps after ``step`` (written after the checkpoint resumed)."""
+        """Drops log lines written after the checkpoint of ``step`` (the one resumed from).
+
+        A checkpoint records each log's size when it was written, and the logs are cut back to
+        exactly that: this keeps the PBT round logged at ``step`` just before its checkpoint and
+        drops a line that a crash or a full disk cut short. For a checkpoint without sizes
+        (older selfopt), complete lines of steps before ``step`` are kept."""
+        path = self.ckpt_dir / f"step-{step:08d}.safetensors"
+        sizes = ckpt.read_metadata(path).get("logs") if path.exists() else {}
         for name in ("metrics.jsonl", "lineage.jsonl", "eval.jsonl"):
-            path = self.run_dir / name
-            if path.exists():
-                kept = [line for line in path.read_text().splitlines(keepends=True)
-                        if line.strip() and json.loads(line)["step"] < step]
-                ckpt.atomic_write_bytes(path, "".join(kept).encode())
+            log = self.run_dir / name
+            if not log.exists():
+                continue
+            data = log.read_bytes()
+            if sizes is not None:
+                kept = data[:sizes.get(name, 0)]
+            else:
+                kept = b"".join(line for line in data.splitlines(keepends=True)
+                                if _logged_step(line) < step)
+            if kept != data:
+                ckpt.atomic_write_bytes(log, kept)
 
     def append(self, name: str, rows: list[dict]) -> None:
         if rows:
@@ -310,6 +392,9 @@ class Trainer:
             })
         for child, parent in copies:
             state.scores[child] = state.scores[parent]
+        counts = self.replacement_counts()
+        for child, _ in copies:
+            counts[kinds[child]] = counts.get(kinds[child], 0) + 1
         self.append("lineage.jsonl", events)
 
     def pbt_round(self, state: RunState, task) -> None:
@@ -420,11 +505,15 @@ class Trainer:
             step_key(cfg.seed, state.step, 0))
         metrics = {k: np.asarray(v) for k, v in metrics.items()}
         if state.start_meta_loss is None:
-            state.start_meta_loss = float(np.median(metrics["meta_loss"]))
+            finite_losses = metrics["meta_loss"][np.isfinite(metrics["meta_loss"])]
+            state.start_meta_loss = (float(np.median(finite_losses)) if finite_losses.size
+                                     else None)
         hparams = jax.tree.map(np.asarray, state.hparams)
+        ids, generation = list(state.member_ids), list(state.generation)  # before replacement
+        replaced = self.replace_failed_members(state, metrics)
         self.append("metrics.jsonl", [{
             "step": state.step, "elapsed": round(state.elapsed, 3), "member": i,
-            "id": state.member_ids[i], "generation": state.generation[i],
+            "id": ids[i], "generation": generation[i],
             "meta_loss": _finite_or_none(metrics["meta_loss"][i]),
             "grad_rms": _finite_or_none(metrics["grad_rms"][i]),
             "update_rms": _finite_or_none(metrics["update_rms"][i]),
@@ -433,29 +522,45 @@ class Trainer:
             "sigma": float(np.exp(hparams.log_sigma[i])),
             "task": state.slot_configs[slot]["family"],
             "outer_optimizer": comps.outer.label,
+            "replaced": replaced.get(i),  # this member was replaced after this step (kind)
         } for i in range(cfg.population)])
-        self.replace_failed_members(state, metrics)
         state.step += 1
         if state.step % cfg.pbt_interval == 0:
             self.pbt_round(state, task)
+        metrics["replaced"] = replaced
+        metrics["replacements"] = dict(self.replacement_counts())
         return metrics
 
-    def replace_failed_members(self, state: RunState, metrics: dict[str, np.ndarray]) -> None:
+    def replace_failed_members(self, state: RunState, metrics: dict[str, np.ndarray]
+                               ) -> dict[int, str]:
         """Replaces non-finite members, and members whose meta-loss reached
-        ``diverged_meta_loss``, by copies of healthy ones (method.md section 5)."""
+        ``diverged_meta_loss``, by copies of healthy ones (method.md section 5).
+
+        If no member is healthy, the non-finite ones are replaced by copies of finite (diverged)
+        ones, which stay: a diverged member is still a usable starting point.
+
+        Returns:
+          The kind of each replaced position (``replace_non_finite``, ``replace_diverged``).
+
+        Raises:
+          FloatingPointError: no member is finite; nothing is left to copy.
+        """
         finite = metrics["finite"]
         healthy = finite & (np.nan_to_num(metrics["meta_loss"], nan=np.inf)
                             < self.cfg.diverged_meta_loss)
         if healthy.all():
-            return
-        if not healthy.any() and not finite.all():
+            return {}
+        if not finite.any():
             raise FloatingPointError(
-                f"step {state.step}: every member failed and some are not finite; nothing is "
-                "left to copy (try a smaller step_mult_prior or max_update)")
-        sources, copies = replace_failed(healthy, np.asarray(state.scores),
+                f"step {state.step}: every member's weights or meta-loss are not finite; "
+                "nothing is left to copy (try a smaller step_mult_prior, max_update or "
+                "sigma_prior)")
+        sources, copies = replace_failed(healthy if healthy.any() else finite,
+                                         np.asarray(state.scores),
                                          step_rng(self.cfg.seed, state.step, 4))
         kinds = {c: "replace_diverged" if finite[c] else "replace_non_finite" for c, _ in copies}
         self.apply_copies(state, sources, copies, kinds)
+        return kinds
 
     def held_in_meta_loss(self, thetas) -> np.ndarray:
         """``(K,)`` meta-loss of each member on fixed held-in problems: the default task of
@@ -580,6 +685,14 @@ def _stop_on_signals(stop: threading.Event):
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _logged_step(line: bytes) -> float:
+    """The step of a complete log line (``inf`` for a line a crash cut short)."""
+    try:
+        return json.loads(line)["step"] if line.endswith(b"\n") else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _finite_or_none(value: float) -> float | None:

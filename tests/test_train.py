@@ -111,20 +111,57 @@ def test_resume_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
     assert "not a selfopt run directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_resume_from_a_damaged_checkpoint_is_a_clear_error(tmp_path, capsys, damage):
-    summary = Trainer(tiny(max_steps=2), tmp_path / "run").run()
-    path = tmp_path / "run" / "checkpoints" / "step-00000002.safetensors"
+def damage(path, how):
+    """Damages a checkpoint file in place, the ways a disk or a person can."""
     data = bytearray(path.read_bytes())
-    if damage == "truncate":
-        path.write_bytes(bytes(data[: len(data) // 2]))
-    else:
+    if how == "truncate":
+        data = data[: len(data) // 2]
+    elif how == "flip_array":
         data[-5] ^= 0xFF  # one array byte: only the checksum can tell
-        path.write_bytes(bytes(data))
-    assert main(["train", "--resume", str(tmp_path / "run")]) == 2
+    elif how == "flip_metadata":  # a digit of the JSON metadata: still valid JSON
+        at = data.index(b'next_id\\": ') + len(b'next_id\\": ')
+        data[at] = ord("9") if data[at] != ord("9") else ord("8")
+    elif how == "random_bytes":
+        data = bytearray(np.random.default_rng(0).bytes(len(data)))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip_array", "flip_metadata", "random_bytes"])
+def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, capsys, how):
+    # Checkpoints after every step; keep 2: steps 2 and 3. Step 3 is damaged, so the resume
+    # goes on from step 2 and must still reach the uninterrupted run's state bitwise.
+    Trainer(tiny(max_steps=3, checkpoint_seconds=0), tmp_path / "run").run()
+    latest = tmp_path / "run" / "checkpoints" / "step-00000003.safetensors"
+    damage(latest, how)
+    assert main(["train", "--resume", str(tmp_path / "run"), "--quiet", "--max-steps", "5"]) == 0
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and ("damaged" in err or "not a readable" in err), err
-    assert summary["checkpoint"] == str(path)
+    assert err.count("\n") == 1 and err.startswith("selfopt: warning: skipping "
+                                                   "step-00000003.safetensors"), err
+    assert "resuming from step-00000002.safetensors" in err
+    whole = Trainer(tiny(max_steps=5, checkpoint_seconds=0), tmp_path / "whole").run()
+    a = load_file(whole["checkpoint"])
+    b = load_file(tmp_path / "run" / "checkpoints" / "step-00000005.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    for name in ("metrics.jsonl", "lineage.jsonl"):
+        assert log_rows(tmp_path / "whole", name) == log_rows(tmp_path / "run", name)
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip_array"])
+def test_resume_with_every_checkpoint_damaged_is_a_clear_error(tmp_path, capsys, how):
+    Trainer(tiny(max_steps=3, checkpoint_seconds=0), tmp_path / "run").run()
+    paths = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert len(paths) == 2
+    for path in paths:
+        damage(path, how)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert main(["train", "--resume", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("selfopt: error: no usable checkpoint"), err
+    assert "step-00000003" in err and ("damaged" in err or "not a readable" in err), err
+    after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert after == before  # nothing written, nothing removed
 
 
 def test_a_second_trainer_on_the_same_run_directory_is_refused(tmp_path, capsys):

@@ -32,6 +32,8 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line and exit status 2."""
 
     def error(self, message: str):
+        # An argument can hold a newline or a control character; print it escaped.
+        message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
         self.exit(2, f"selfopt: error: {message} (see: {self.prog} --help)\n")
 
 

@@ -10,11 +10,12 @@ round every 3 steps, a task change halfway) twice as real ``selfopt train`` proc
 2. the same run, killed with SIGKILL ``--kills`` times and resumed with
    ``selfopt train --resume RUN`` after each kill. One kill in five lands at a random moment of
    start-up (imports, compilation, resume, log truncation); the others after the run has made
-   progress again, at a random phase of an outer step, so that many land inside a checkpoint
-   save (evidence, counted: a temporary file, i.e. killed while writing, or one checkpoint
-   more than ``keep_checkpoints``, i.e. killed after the rename and before pruning) or a log
-   write (a temporary file or a half-written line). The timing is real, not scripted: no hook
-   in ``selfopt`` helps.
+   progress again: 40% the moment the harness, polling the checkpoint folder from outside,
+   sees a checkpoint's temporary file (a write in progress), the rest at a random phase of an
+   outer step. Evidence of where kills landed is counted afterwards: a temporary file left
+   (killed while writing a checkpoint), one checkpoint more than ``keep_checkpoints`` (killed
+   after the rename, before pruning), a half-written log line. The timing is real: no hook in
+   ``selfopt`` helps, and whether a kill beats the rename is up to the scheduler.
 
 After every kill it checks that every checkpoint file verifies (SHA-256), that the work lost
 (outer steps done minus the step of the newest good checkpoint) is at most one checkpoint
@@ -122,6 +123,16 @@ def wait_for_step(life: Life, run: Path, step: int) -> bool:
     return False
 
 
+def wait_for_write(life: Life, folder: Path, timeout_s: float = 5.0) -> None:
+    """Returns as soon as a temporary file of a checkpoint write is in ``folder`` (a write in
+    progress), or the process ended, or ``timeout_s`` passed. Busy-polls: a write lasts ~1 ms."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and life.alive():
+        if any(".tmp-" in name for name in os.listdir(folder)):
+            return
+    return
+
+
 def inspect_after_kill(run: Path) -> dict:
     """What a kill left behind: verified and corrupt checkpoints, temporary files, logs."""
     good, corrupt = [], []
@@ -176,8 +187,24 @@ def compare_runs(base: Path, crash: Path) -> dict:
 
 
 def run_harness(kills: int, seed: int, workdir: Path, max_steps: int | None = None,
-                startup_fraction: float = 0.2, compile_cache: bool = True) -> dict:
-    """Runs the baseline and the killed run in ``workdir``; returns the summary (see module)."""
+                startup_fraction: float = 0.2, write_fraction: float = 0.4,
+                compile_cache: bool = True) -> dict:
+    """Runs the baseline and the killed run in ``workdir``; returns the summary (see module).
+
+    Args:
+      kills: SIGKILLs to deliver.
+      seed: seed of the run and of the kill timing.
+      workdir: folder of the two runs and each process's stderr.
+      max_steps: outer steps of the run (default 20 x kills + 60).
+      startup_fraction: share of kills at a random moment of start-up.
+      write_fraction: share of the other kills sent the moment a checkpoint's temporary file is
+        seen (polling the folder from outside; whether the kill lands before the rename is up
+        to real timing). The rest land at a random phase of an outer step.
+      compile_cache: restarts load compiled steps from JAX's cache (filled by the baseline).
+
+    Returns:
+      The summary printed by the script.
+    """
     rng = random.Random(seed)
     max_steps = max_steps or 20 * kills + 60
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
@@ -222,7 +249,9 @@ def run_harness(kills: int, seed: int, workdir: Path, max_steps: int | None = No
             if alive and extra:
                 alive = wait_for_step(life, crash, start_step + 1 + extra)
                 step_s = (time.monotonic() - first) / extra
-            if alive:
+            if alive and rng.random() < write_fraction:
+                wait_for_write(life, crash / "checkpoints")  # kill as soon as one is seen
+            elif alive:
                 time.sleep(rng.uniform(0, step_s))
         # Where the kill landed, as seen from outside: had this life saved a checkpoint yet?
         stepping = max(checkpoint_steps(crash), default=-1) > start_step

@@ -197,7 +197,8 @@ def train(args: argparse.Namespace) -> int:
 
     with LiveView("Adam control" if cfg.outer_optimizer == "adam" else "self-training",
                   60 * cfg.minutes) as view:
-        trainer = Trainer(cfg, run_dir, on_step=None if args.quiet else view.update)
+        trainer = Trainer(cfg, run_dir, on_step=None if args.quiet else view.update,
+                          on_eval=lambda row: view.console.print(eval_line(row), highlight=False))
         try:
             summary = trainer.run(resume=args.resume is not None)
         except (CheckpointError, RunInUseError, FloatingPointError) as err:
@@ -212,6 +213,15 @@ def train(args: argparse.Namespace) -> int:
     return 130 if summary["interrupted"] else 0
 
 
+def eval_line(row: dict) -> str:
+    """One line about an evaluation during training (a row of ``eval.jsonl``)."""
+    return (f"held-out check at {row['elapsed'] / 60:.1f} min (step {row['step']}, member "
+            f"{row['member']}): mean normalised loss {row['mean_normalized']:.4f} vs tuned Adam "
+            f"{row['adam_mean_normalized']:.4f}, wins {row['wins']}/{row['tasks']}"
+            + (" -- BEATS TUNED ADAM" if row["beats_adam"] else "")
+            + f" ({row['eval_seconds']:.0f} s, not counted as training time)")
+
+
 def print_summary(summary: dict, run_dir: Path) -> None:
     fmt = lambda v: "-" if v is None else f"{v:.4f}"
     kind = ("CONTROL: meta-trained by Adam" if summary["outer_optimizer"] == "adam-control"
@@ -222,6 +232,12 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     print(f"meta-loss on fixed held-in problems (1 = no progress): random start median "
           f"{fmt(start['median'])} (best {fmt(start['best'])}) -> end median "
           f"{fmt(end['median'])} (best {fmt(end['best'])})")
+    if last := summary["last_eval"]:
+        ttb = summary["time_to_beat_adam_s"]
+        print(f"held-out (quick suite) at the end: mean normalised loss "
+              f"{last['mean_normalized']:.4f} vs tuned Adam {last['adam_mean_normalized']:.4f}, "
+              f"wins {last['wins']}/{last['tasks']}; first beat tuned Adam: "
+              + ("never" if ttb is None else f"after {ttb / 60:.1f} training minutes"))
     print(f"best member: position {summary['best_position']} (lineage id {summary['best_id']},"
           f" PBT score {fmt(summary['best_score'])})")
     print(f"checkpoint: {summary['checkpoint']}")

@@ -20,6 +20,7 @@ from selfopt.tasks.distribution import HELDOUT_FAMILIES, TRAIN_FAMILIES
 
 ESTIMATORS = ("es", "pes")
 OUTER_OPTIMIZERS = ("self", "adam")
+PBT_SCORES = ("task", "held_in")
 #: The default training families: the fast ones, so a laptop run shows the phenomenon.
 DEFAULT_FAMILIES = ("quadratic", "test_function", "logistic", "mlp")
 
@@ -58,6 +59,9 @@ class TrainConfig:
     families: tuple[str, ...] = DEFAULT_FAMILIES
     num_slots: int = 2
     task_steps: int = 40
+    # each slot samples one family (slot s: families[s % len(families)]) instead of any, so a
+    # run never spends a long stretch on one kind of task (and forgets the others)
+    stratify_slots: bool = False
     # population-based training
     pbt_interval: int = 10
     exploit_fraction: float = 0.25
@@ -66,6 +70,9 @@ class TrainConfig:
     sigma_prior: tuple[float, float] = (0.003, 0.03)
     explore_sigma: bool = True
     score_steps: int = 50
+    # what PBT ranks members by: "task", the step's task (fresh problems); "held_in", every
+    # training family's default task (mean; comparable from round to round)
+    pbt_score: str = "task"
     summary_steps: int = 100  # inner steps of the start/end comparison in the summary
     # evaluation during training: the best member against tuned Adam on the "quick" held-out
     # suite every eval_minutes of training (0: never); logged to eval.jsonl
@@ -153,10 +160,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = getattr(c, name)
         _check(name, _is_number(value) and lo <= value <= hi, f"a number in [{lo}, {hi}]", value)
     for name, choices in (("outer_optimizer", OUTER_OPTIMIZERS), ("policy", POLICIES),
+                          ("pbt_score", PBT_SCORES),
                           ("estimator", ESTIMATORS), ("normalization", NORMALIZATIONS)):
         value = getattr(c, name)
         _check(name, value in choices, f"one of {list(choices)}", value)
-    _check("explore_sigma", isinstance(c.explore_sigma, bool), "true or false", c.explore_sigma)
+    for name in ("explore_sigma", "stratify_slots"):
+        _check(name, isinstance(getattr(c, name), bool), "true or false", getattr(c, name))
     _check("hidden", isinstance(c.hidden, tuple) and 1 <= len(c.hidden) <= 4
            and all(_is_int(w) and 1 <= w <= 1024 for w in c.hidden),
            "1 to 4 layer widths, each in [1, 1024]", c.hidden)

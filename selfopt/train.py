@@ -50,6 +50,8 @@ EVAL_SUMMARY_FIELDS = ("step", "elapsed", "mean_normalized", "adam_mean_normaliz
                        "tasks", "beats_adam")
 #: Seed of the fixed held-in problems of the run summary (inside the training seed range).
 HELD_IN_SEED = 424_242
+#: Instance seed of the held-in problems of PBT's ``held_in`` score (training seed range).
+PBT_SEED = 424_243
 
 
 class Components(NamedTuple):
@@ -195,8 +197,15 @@ class Trainer:
         return (step + offset) // self.cfg.task_steps
 
     def slot_config(self, slot: int, step: int) -> dict:
+        """The task slot ``slot`` holds at ``step``: drawn from the whole distribution, or with
+        ``stratify_slots`` from the slot's own family (``families[slot % len(families)]``), so
+        that every family comes round every ``num_slots`` steps."""
         key = step_key(self.cfg.seed, self.slot_epoch(slot, step), 1000 + slot)
-        return self.comps.distribution.sample(key)
+        distribution = self.comps.distribution
+        if self.cfg.stratify_slots:
+            families = distribution.families
+            distribution = TaskDistribution((families[slot % len(families)],))
+        return distribution.sample(key)
 
     def fresh_slot(self, slot: int, step: int, thetas) -> tuple[dict, Any]:
         config = self.slot_config(slot, step)
@@ -399,8 +408,11 @@ class Trainer:
 
     def pbt_round(self, state: RunState, task) -> None:
         cfg, comps = self.cfg, self.comps
-        scores = np.asarray(score(comps.lopt, state.thetas, task,
-                                  step_key(cfg.seed, state.step, 3), cfg.score_steps))
+        key = step_key(cfg.seed, state.step, 3)
+        if cfg.pbt_score == "held_in":
+            scores = self.held_in_meta_loss(state.thetas, cfg.score_steps, key, PBT_SEED)
+        else:
+            scores = np.asarray(score(comps.lopt, state.thetas, task, key, cfg.score_steps))
         state.scores = [float(s) for s in scores]
         sources, hparams, copies = comps.pbt.exploit_and_explore(
             scores, jax.tree.map(np.asarray, state.hparams), step_rng(cfg.seed, state.step, 2))
@@ -562,15 +574,20 @@ class Trainer:
         self.apply_copies(state, sources, copies, kinds)
         return kinds
 
-    def held_in_meta_loss(self, thetas) -> np.ndarray:
-        """``(K,)`` meta-loss of each member on fixed held-in problems: the default task of
-        every training family (seed ``HELD_IN_SEED``), two problems each, ``summary_steps``
-        steps, unperturbed weights. The same problems at the start and at the end of a run, so
-        the two numbers compare like with like."""
+    def held_in_meta_loss(self, thetas, num_steps: int | None = None,
+                          key: jax.Array | None = None, seed: int = HELD_IN_SEED) -> np.ndarray:
+        """``(K,)`` meta-loss of each member on held-in problems: the default task of every
+        training family (instance seed ``seed``), two problems each (drawn by ``key``),
+        ``num_steps`` steps, unperturbed weights; the mean over families.
+
+        The defaults (``summary_steps``, the fixed key of ``HELD_IN_SEED``) are the summary's
+        start/end comparison: the same problems at both ends, so they compare like with like.
+        PBT's ``held_in`` score (``pbt_score``) uses its own instances and a fresh key each
+        round. None of these is a held-out task."""
         cfg = self.cfg
-        per_family = [score(self.comps.lopt, thetas,
-                            self.task({"family": family, "seed": HELD_IN_SEED}),
-                            jax.random.key(HELD_IN_SEED), cfg.summary_steps)
+        key = jax.random.key(seed) if key is None else key
+        per_family = [score(self.comps.lopt, thetas, self.task({"family": family, "seed": seed}),
+                            key, num_steps or cfg.summary_steps)
                       for family in cfg.families]
         return np.mean(np.stack([np.asarray(x) for x in per_family]), axis=0)
 

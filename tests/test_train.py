@@ -175,3 +175,38 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "in use by another selfopt train" in err and err.count("\n") == 1
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
+
+
+def test_stratified_slots_hold_one_family_each():
+    cfg = make_config({"families": ["quadratic", "test_function", "logistic"], "num_slots": 4,
+                       "stratify_slots": True})
+    trainer = Trainer(cfg, "unused")
+    for step in (0, 40, 400, 4000):
+        assert [trainer.slot_config(s, step)["family"] for s in range(4)] == [
+            "quadratic", "test_function", "logistic", "quadratic"]
+    mixed = Trainer(make_config({"families": ["quadratic", "test_function", "logistic"],
+                                 "num_slots": 4}), "unused")
+    draws = {mixed.slot_config(0, step)["family"] for step in range(0, 4000, 40)}
+    assert len(draws) == 3  # unstratified: any slot draws any family
+
+
+def test_held_in_pbt_score_ranks_members_on_every_family(tmp_path, monkeypatch):
+    trainer = Trainer(tiny(max_steps=2, pbt_score="held_in",
+                           families=["quadratic", "test_function"]), tmp_path / "run")
+    calls = []
+    original = trainer.held_in_meta_loss
+
+    def spy(thetas, *args, **kwargs):
+        calls.append((args, original(thetas, *args, **kwargs)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(trainer, "held_in_meta_loss", spy)
+    trainer.run()
+    pbt_calls = [(a, out) for a, out in calls if len(a) == 3]  # (score_steps, key, PBT seed)
+    assert len(pbt_calls) == 1 and pbt_calls[0][0][0] == 5
+    scores = trainer.load_latest().scores
+    copied = {e["position"] for e in map(json.loads, (tmp_path / "run" / "lineage.jsonl")
+                                         .read_text().splitlines())}
+    for i, value in enumerate(pbt_calls[0][1]):
+        if i not in copied:  # an exploited member takes its parent's score
+            assert scores[i] == pytest.approx(float(value))

@@ -198,7 +198,8 @@ def train(args: argparse.Namespace) -> int:
     with LiveView("Adam control" if cfg.outer_optimizer == "adam" else "self-training",
                   60 * cfg.minutes) as view:
         trainer = Trainer(cfg, run_dir, on_step=None if args.quiet else view.update,
-                          on_eval=lambda row: view.console.print(eval_line(row), highlight=False))
+                          on_eval=lambda row: view.console.print(eval_line(row), highlight=False,
+                                                              soft_wrap=True))
         try:
             summary = trainer.run(resume=args.resume is not None)
         except (CheckpointError, RunInUseError, FloatingPointError) as err:

@@ -12,7 +12,9 @@ hidden units. Prints JSON with:
   inner steps/s of the identical unroll code driven by ``optax.adam``; their ratio is the
   learned optimizer's overhead;
 * ``population_scaling``: outer-step time for populations of 4, 8 and 16 members;
-* ``truncation_scaling``: outer-step time for truncations of 10, 20 and 40 steps.
+* ``truncation_scaling``: outer-step time for truncations of 10, 20 and 40 steps;
+* ``fused``: 10 outer steps of 8 members as 10 calls, each read back to the host (what
+  ``steps_per_call=1`` does), against one ``outer_steps`` call of 10 (``steps_per_call=10``).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from selfopt.estimators import inner_problem
 from selfopt.lopt import MLPLOpt
 from selfopt.population import Hyperparams, SelfTraining
 from selfopt.tasks import make_task
-from selfopt.train import init_inner, outer_step
+from selfopt.train import init_inner, outer_step, outer_steps
 
 TASK = {"family": "mlp", "dataset": "fashion_mnist8", "hidden": [32], "batch_size": 128,
         "activation": "relu"}
@@ -62,8 +64,7 @@ def median_seconds(fn, repeats):
     return statistics.median(times)
 
 
-def time_outer_step(task, population, pairs, truncation, repeats):
-    """Seconds of one jitted outer step of ``population`` members."""
+def population_setup(task, population, pairs, truncation):
     lopt = MLPLOpt()
     estimator = TruncatedES(lopt, num_pairs=pairs, truncation_length=truncation,
                             schedule=ConstantLength(200))
@@ -71,10 +72,36 @@ def time_outer_step(task, population, pairs, truncation, repeats):
     thetas = jax.vmap(lopt.init)(jax.random.split(jax.random.key(0), population))
     inner = init_inner(estimator, task, thetas, jax.random.key(1))
     hparams = Hyperparams(jnp.zeros(population), jnp.full(population, jnp.log(0.01)))
-    outer_state = outer.init(thetas)
+    return estimator, outer, thetas, outer.init(thetas), hparams, inner
+
+
+def time_outer_step(task, population, pairs, truncation, repeats):
+    """Seconds of one jitted outer step of ``population`` members."""
+    estimator, outer, thetas, outer_state, hparams, inner = population_setup(
+        task, population, pairs, truncation)
     run = lambda: outer_step(estimator, outer, thetas, outer_state, hparams, jnp.asarray(0),
                              inner, task, jax.random.key(2))
     return median_seconds(run, repeats)
+
+
+def time_fused(task, population, pairs, truncation, steps, repeats):
+    """Seconds of ``steps`` outer steps: one call each with the metrics read back (as the
+    trainer does with ``steps_per_call=1``), and one fused call."""
+    estimator, outer, thetas, outer_state, hparams, inner = population_setup(
+        task, population, pairs, truncation)
+    best = jnp.asarray(0)
+
+    def one_by_one():
+        carry = (thetas, outer_state, inner)
+        for i in range(steps):
+            *carry, metrics = outer_step(estimator, outer, carry[0], carry[1], hparams, best,
+                                         carry[2], task, jax.random.key(i))
+            jax.tree.map(lambda x: x.__array__(), metrics)  # the host round trip
+        return carry
+
+    fused = lambda: outer_steps(estimator, outer, thetas, outer_state, hparams, best, inner,
+                                task, 0, 0, steps)
+    return median_seconds(one_by_one, repeats), median_seconds(fused, repeats)
 
 
 @jax.jit
@@ -119,6 +146,10 @@ def main() -> None:
         result["truncation_scaling"] = [
             {"truncation": t, "outer_step_s": round(time_outer_step(
                 task, 1, pairs, t, args.repeats), 4)} for t in (10, 20, 40)]
+    separate, fused = time_fused(task, 8, pairs, truncation, 10, args.repeats)
+    result["fused"] = {"population": 8, "steps": 10, "separate_calls_s": round(separate, 4),
+                       "one_fused_call_s": round(fused, 4),
+                       "speedup": round(separate / fused, 2)}
     print(json.dumps(result, indent=2))
 
 

@@ -64,6 +64,9 @@ class TrainConfig:
     stratify_slots: bool = False
     # population-based training
     pbt_interval: int = 10
+    # outer steps per compiled call (one task, no host round trip in between; for GPUs);
+    # failed members are replaced, and PBT runs, between calls
+    steps_per_call: int = 1
     exploit_fraction: float = 0.25
     resample_probability: float = 0.1
     step_mult_prior: tuple[float, float] = (0.3, 30.0)
@@ -130,7 +133,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     # three zeros) is an error rather than an allocation that never finishes.
     for name, lo, hi in (("population", 2, 4096), ("num_pairs", 1, 4096),
                          ("truncation_length", 1, 1_000_000), ("min_inner_length", 1, 10**7),
-                         ("num_slots", 1, 1024), ("task_steps", 1, 1_000_000),
+                         ("num_slots", 1, 1024), ("steps_per_call", 1, 1000),
+                         ("task_steps", 1, 1_000_000),
                          ("pbt_interval", 1, 1_000_000), ("score_steps", 1, 1_000_000),
                          ("summary_steps", 1, 1_000_000), ("keep_checkpoints", 1, 1000),
                          ("eval_steps", 10, 1_000_000), ("eval_seeds", 1, 1000)):

@@ -154,6 +154,28 @@ def outer_step(estimator, outer, thetas, outer_state, hparams, best, inner, task
     return new_thetas, outer_state, inner, metrics
 
 
+@functools.partial(jax.jit, static_argnames=("estimator", "outer", "num_steps"))
+def outer_steps(estimator, outer, thetas, outer_state, hparams, best, inner, task, seed,
+                first_step, num_steps):
+    """``num_steps`` outer steps on one task in one compiled call (``lax.scan`` over
+    :func:`outer_step`), with no trip to the host in between: what a GPU needs, where one outer
+    step takes milliseconds. Step ``first_step + i`` uses the key :func:`step_key` gives it.
+
+    Returns:
+      As :func:`outer_step`, with every metric stacked over the steps: ``(num_steps, K)``.
+    """
+    def body(carry, i):
+        thetas, outer_state, inner = carry
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), first_step + i), 0)
+        thetas, outer_state, inner, metrics = outer_step(
+            estimator, outer, thetas, outer_state, hparams, best, inner, task, key)
+        return (thetas, outer_state, inner), metrics
+
+    (thetas, outer_state, inner), metrics = jax.lax.scan(
+        body, (thetas, outer_state, inner), jnp.arange(num_steps))
+    return thetas, outer_state, inner, metrics
+
+
 score = jax.jit(score_members, static_argnames=("lopt", "num_steps", "num_problems"))
 
 
@@ -444,7 +466,8 @@ class Trainer:
         # Training time excludes evaluations (measurement, not training): ``elapsed`` is what
         # the budget, the logs and time-to-beat-Adam count.
         session_start, session_elapsed0, evaluating = time.monotonic(), state.elapsed, 0.0
-        inner_per_step = cfg.population * cfg.num_pairs * 2 * cfg.truncation_length
+        inner_per_call = (cfg.population * cfg.num_pairs * 2 * cfg.truncation_length
+                          * cfg.steps_per_call)
         eval_every = 60.0 * cfg.eval_minutes
         next_eval = eval_every * (state.elapsed // eval_every + 1) if resume and eval_every else 0.0
         with _stop_on_signals(stop):
@@ -460,8 +483,8 @@ class Trainer:
                                  - evaluating)
                 if self.on_step:
                     self.on_step({"state": state, "metrics": metrics,
-                                  "inner_steps": inner_per_step,
-                                  "inner_steps_per_s": inner_per_step / max(
+                                  "inner_steps": inner_per_call,
+                                  "inner_steps_per_s": inner_per_call / max(
                                       time.monotonic() - started, 1e-9)})
                 if time.monotonic() - last_save >= cfg.checkpoint_seconds:
                     self.save(state)
@@ -504,40 +527,52 @@ class Trainer:
         return state.elapsed >= 60.0 * self.cfg.minutes
 
     def one_step(self, state: RunState) -> dict[str, Any]:
-        """One outer step (and a PBT round when due); appends its metrics; advances ``state``."""
+        """One call's outer steps (``steps_per_call``, all on one slot's task; then a PBT round
+        when one is due); appends their metrics; advances ``state``. Returns the metrics of the
+        call's last step."""
         cfg, comps = self.cfg, self.comps
-        slot = state.step % cfg.num_slots
+        n = cfg.steps_per_call
+        slot = (state.step // n) % cfg.num_slots
         if self.slot_config(slot, state.step) != state.slot_configs[slot]:
             state.slot_configs[slot], state.slot_inner[slot] = self.fresh_slot(
                 slot, state.step, state.thetas)
         task = self.task(state.slot_configs[slot])
-        state.thetas, state.outer_state, state.slot_inner[slot], metrics = outer_step(
-            comps.estimator, comps.outer, state.thetas, state.outer_state, state.hparams,
-            jnp.asarray(state.best), state.slot_inner[slot], task,
-            step_key(cfg.seed, state.step, 0))
-        metrics = {k: np.asarray(v) for k, v in metrics.items()}
+        if n == 1:
+            state.thetas, state.outer_state, state.slot_inner[slot], metrics = outer_step(
+                comps.estimator, comps.outer, state.thetas, state.outer_state, state.hparams,
+                jnp.asarray(state.best), state.slot_inner[slot], task,
+                step_key(cfg.seed, state.step, 0))
+            metrics = {k: np.asarray(v)[None] for k, v in metrics.items()}
+        else:
+            state.thetas, state.outer_state, state.slot_inner[slot], metrics = outer_steps(
+                comps.estimator, comps.outer, state.thetas, state.outer_state, state.hparams,
+                jnp.asarray(state.best), state.slot_inner[slot], task, cfg.seed,
+                state.step, n)
+            metrics = {k: np.asarray(v) for k, v in metrics.items()}
+        history, metrics = metrics, {k: v[-1] for k, v in metrics.items()}
         if state.start_meta_loss is None:
-            finite_losses = metrics["meta_loss"][np.isfinite(metrics["meta_loss"])]
+            finite_losses = history["meta_loss"][0][np.isfinite(history["meta_loss"][0])]
             state.start_meta_loss = (float(np.median(finite_losses)) if finite_losses.size
                                      else None)
         hparams = jax.tree.map(np.asarray, state.hparams)
         ids, generation = list(state.member_ids), list(state.generation)  # before replacement
         replaced = self.replace_failed_members(state, metrics)
         self.append("metrics.jsonl", [{
-            "step": state.step, "elapsed": round(state.elapsed, 3), "member": i,
+            "step": state.step + j, "elapsed": round(state.elapsed, 3), "member": i,
             "id": ids[i], "generation": generation[i],
-            "meta_loss": _finite_or_none(metrics["meta_loss"][i]),
-            "grad_rms": _finite_or_none(metrics["grad_rms"][i]),
-            "update_rms": _finite_or_none(metrics["update_rms"][i]),
-            "trust": _finite_or_none(metrics["trust"][i]),
+            "meta_loss": _finite_or_none(history["meta_loss"][j, i]),
+            "grad_rms": _finite_or_none(history["grad_rms"][j, i]),
+            "update_rms": _finite_or_none(history["update_rms"][j, i]),
+            "trust": _finite_or_none(history["trust"][j, i]),
             "step_mult": float(np.exp(hparams.log_step_mult[i])),
             "sigma": float(np.exp(hparams.log_sigma[i])),
             "task": state.slot_configs[slot]["family"],
             "outer_optimizer": comps.outer.label,
-            "replaced": replaced.get(i),  # this member was replaced after this step (kind)
-        } for i in range(cfg.population)])
-        state.step += 1
-        if state.step % cfg.pbt_interval == 0:
+            # this member was replaced after this step (kind); replacement follows a call
+            "replaced": replaced.get(i) if j == n - 1 else None,
+        } for j in range(n) for i in range(cfg.population)])
+        state.step += n
+        if state.step // cfg.pbt_interval > (state.step - n) // cfg.pbt_interval:
             self.pbt_round(state, task)
         metrics["replaced"] = replaced
         metrics["replacements"] = dict(self.replacement_counts())

@@ -210,3 +210,42 @@ def test_held_in_pbt_score_ranks_members_on_every_family(tmp_path, monkeypatch):
     for i, value in enumerate(pbt_calls[0][1]):
         if i not in copied:  # an exploited member takes its parent's score
             assert scores[i] == pytest.approx(float(value))
+
+
+def test_fused_steps_equal_one_step_at_a_time(tmp_path):
+    """``outer_steps`` (one compiled scan) against the same steps one call each."""
+    from selfopt.train import outer_step, outer_steps, step_key
+
+    trainer = Trainer(tiny(), tmp_path / "run")
+    state = trainer.initial_state()
+    comps = trainer.comps
+    task = trainer.task(state.slot_configs[0])
+    args = (state.thetas, state.outer_state, state.slot_inner[0])
+    one = args
+    for step in range(5, 8):
+        *one, metrics = outer_step(comps.estimator, comps.outer, *one[:2], state.hparams,
+                                   jnp.asarray(0), one[2], task, step_key(0, step, 0))
+    fused = outer_steps(comps.estimator, comps.outer, *args[:2], state.hparams, jnp.asarray(0),
+                        args[2], task, 0, 5, 3)
+    raw = lambda x: (jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                     else x)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(fused[:3])):
+        np.testing.assert_allclose(np.asarray(raw(a), np.float64), np.asarray(raw(b), np.float64),
+                                   rtol=1e-4, atol=1e-6)
+    assert fused[3]["meta_loss"].shape == (3, 4)
+    np.testing.assert_allclose(fused[3]["meta_loss"][-1], metrics["meta_loss"], rtol=1e-4)
+
+
+def test_fused_run_logs_every_step_and_resumes_bitwise(tmp_path):
+    whole = Trainer(tiny(max_steps=6, steps_per_call=3), tmp_path / "whole").run()
+    Trainer(tiny(max_steps=3, steps_per_call=3), tmp_path / "split").run()
+    resumed = Trainer(tiny(max_steps=6, steps_per_call=3), tmp_path / "split").run(resume=True)
+    assert whole["steps"] == resumed["steps"] == 6
+    a, b = load_file(whole["checkpoint"]), load_file(resumed["checkpoint"])
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    rows = log_rows(tmp_path / "whole", "metrics.jsonl")
+    assert [r["step"] for r in rows] == [s for s in range(6) for _ in range(4)]
+    assert rows == log_rows(tmp_path / "split", "metrics.jsonl")
+    lineage = log_rows(tmp_path / "whole", "lineage.jsonl")
+    assert {e["step"] for e in lineage if e["kind"] == "exploit"} == {3, 6}  # pbt_interval 2

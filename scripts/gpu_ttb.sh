@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The default experiment at larger scale on one GPU: device throughput, then time to beat tuned
-# Adam for self-training and the Adam control (population 16, 8 ES pairs). Writes JSON and the
+# Adam for self-training and the Adam control (population 16, 8 ES pairs, 10 outer steps per compiled call). Writes JSON and the
 # run directories under OUT (default runs/gpu). Usage: OUT=DIR MINUTES=3 bash scripts/gpu_ttb.sh
 set -euo pipefail
 OUT=${OUT:-runs/gpu}
@@ -11,7 +11,7 @@ python -c "import jax; print('devices:', jax.devices())"
 python benchmarks/throughput.py --quick > "$OUT/throughput.json"
 cat "$OUT/throughput.json"
 python benchmarks/ttb.py --minutes "$MINUTES" --eval-minutes 0.5 --control \
-  --set population=16 --set num_pairs=8 --out "$OUT/ttb" > "$OUT/ttb.json"
+  --set population=16 --set num_pairs=8 --set steps_per_call=10 --out "$OUT/ttb" > "$OUT/ttb.json"
 python - "$OUT/ttb.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))

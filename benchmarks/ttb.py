@@ -28,8 +28,8 @@ import jax
 
 from selfopt.cli import _assignment
 from selfopt.config import make_config
-from selfopt.evaluate import default_cache_dir, evaluate, lopt_candidate, suite
-from selfopt.train import Trainer, read_jsonl, time_to_beat_adam
+from selfopt.evaluate import default_cache_dir, evaluate, suite
+from selfopt.train import Trainer, open_checkpoint, read_jsonl, time_to_beat_adam
 
 MARGIN_MINUTES = (10, 30, 60)
 
@@ -62,10 +62,9 @@ def run_arm(run_dir: Path, overrides: dict, heldout: bool) -> dict:
               "wall_s": round(time.monotonic() - started, 1),
               **margins(read_jsonl(run_dir / "eval.jsonl"))}
     if heldout:
-        state = Trainer(cfg, run_dir).load_latest()
-        theta = jax.tree.map(lambda x: x[state.best], state.thetas)
-        full = evaluate(lopt_candidate(Trainer(cfg, run_dir).comps.lopt, theta), suite("heldout"),
-                        cfg.eval_steps, cfg.eval_seeds, cache_dir=default_cache_dir())
+        trainer, state, _ = open_checkpoint(run_dir)
+        full = evaluate(trainer.member_candidate(state), suite("heldout"), cfg.eval_steps,
+                        cfg.eval_seeds, cache_dir=default_cache_dir())
         result["heldout_at_end"] = full.summary()
     print(json.dumps({k: v for k, v in result.items() if k != "curve"}), file=sys.stderr)
     return result

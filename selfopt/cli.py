@@ -246,12 +246,10 @@ def print_summary(summary: dict, run_dir: Path) -> None:
 
 
 def evaluation(args: argparse.Namespace) -> int:
-    from selfopt.checkpoint import CheckpointError, atomic_write_bytes
-    from selfopt.evaluate import (default_cache_dir, evaluate, lopt_candidate, optax_candidate,
+    from selfopt.checkpoint import CheckpointError
+    from selfopt.evaluate import (default_cache_dir, evaluate, optax_candidate, print_progress,
                                   suite)
     from selfopt.train import open_checkpoint
-
-    import jax
 
     out, source = args.out, {"target": str(args.target)}
     if args.target.startswith("optax:"):
@@ -267,13 +265,10 @@ def evaluation(args: argparse.Namespace) -> int:
         except CheckpointError as err:
             raise ConfigError(str(err)) from None
         member = state.best if args.member is None else args.member
-        if member >= trainer.cfg.population:
-            raise ConfigError(f"--member must be below the population size "
-                              f"{trainer.cfg.population}, got {member}")
-        theta = jax.tree.map(lambda x: x[member], state.thetas)
-        candidate = lopt_candidate(trainer.comps.lopt, theta,
-                                   f"{trainer.comps.outer.label} member {member} "
-                                   f"(id {state.member_ids[member]}, step {state.step})")
+        try:
+            candidate = trainer.member_candidate(state, member)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         source.update(checkpoint=str(path), member=member, member_id=state.member_ids[member],
                       step=state.step)
         if out is None and Path(args.target).is_dir():
@@ -283,13 +278,10 @@ def evaluation(args: argparse.Namespace) -> int:
           f"({args.steps} steps, {args.seeds} seeds; tuned Adam is cached in "
           f"{default_cache_dir()})", file=sys.stderr)
     result = evaluate(candidate, configs, args.steps, args.seeds, args.seed, default_cache_dir(),
-                      progress=lambda i, n, row: print(
-                          f"  [{i}/{n}] {row.label}: {row.normalized:.4f} vs tuned Adam "
-                          f"{row.adam_normalized:.4f}", file=sys.stderr, flush=True))
+                      progress=print_progress())
     print_evaluation(result)
     if out is not None:
-        atomic_write_bytes(out, (json.dumps({**source, **result.to_json()}, indent=2)
-                                 + "\n").encode())
+        result.save(out, **source)
         print(f"results: {out}")
     return 0
 

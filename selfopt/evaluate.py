@@ -20,6 +20,7 @@ import inspect
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -377,6 +378,12 @@ class Evaluation:
     def to_json(self) -> dict[str, Any]:
         return {"summary": self.summary(), "tasks": [t.to_json() for t in self.tasks]}
 
+    def save(self, path: Path, **source: Any) -> None:
+        """Writes the evaluation as JSON (atomically), after ``source`` fields saying what was
+        evaluated (``evaluation.json``, which the report reads)."""
+        atomic_write_bytes(Path(path), (json.dumps({**source, **self.to_json()}, indent=2)
+                                        + "\n").encode())
+
 
 def _json_number(value: Any) -> Any:
     if isinstance(value, (float, np.floating)):
@@ -439,6 +446,14 @@ def evaluate(candidate: Candidate, configs: Sequence[Mapping[str, Any]], num_ste
         if progress:
             progress(i + 1, len(configs), rows[-1])
     return Evaluation(candidate.name, num_steps, num_seeds, seed, tuple(rows))
+
+
+def print_progress(prefix: str = "") -> Callable[[int, int, TaskComparison], None]:
+    """An :func:`evaluate` ``progress`` callback printing one line per task on stderr."""
+    def progress(i: int, total: int, row: TaskComparison) -> None:
+        print(f"  {prefix}[{i}/{total}] {row.label}: {row.normalized:.4f} vs tuned Adam "
+              f"{row.adam_normalized:.4f}", file=sys.stderr, flush=True)
+    return progress
 
 
 def default_cache_dir() -> Path:

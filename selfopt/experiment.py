@@ -18,15 +18,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import jax
 import matplotlib.pyplot as plt
 
 from selfopt.checkpoint import atomic_write_bytes
 from selfopt.config import make_config
-from selfopt.evaluate import Evaluation, default_cache_dir, evaluate, lopt_candidate, suite
+from selfopt.evaluate import Evaluation, default_cache_dir, evaluate, print_progress, suite
 from selfopt.live_view import LiveView
 from selfopt.report import comparison_page, figure_html, table
-from selfopt.train import Trainer, read_jsonl
+from selfopt.train import Trainer, open_checkpoint, read_jsonl
 
 #: The two arms: run folder, config value of ``outer_optimizer``, label.
 ARMS = (("self", "self", "self-training (no hand-designed optimizer)"),
@@ -43,17 +42,12 @@ def train_arm(run_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_arm(run_dir: Path, name: str, num_steps: int) -> Evaluation:
     """The run's best member on the held-out suite; written to ``run_dir/evaluation.json``."""
-    trainer = Trainer(make_config({}, run_dir / "config.json"), run_dir)
-    state = trainer.load_latest()
-    theta = jax.tree.map(lambda x: x[state.best], state.thetas)
-    result = evaluate(lopt_candidate(trainer.comps.lopt, theta, f"{name} best member"),
+    trainer, state, path = open_checkpoint(run_dir)
+    result = evaluate(trainer.member_candidate(state, name=f"{name} best member"),
                       suite("heldout"), num_steps, cache_dir=default_cache_dir(),
-                      progress=lambda i, n, row: print(
-                          f"  {name} [{i}/{n}] {row.label}: {row.normalized:.4f} vs tuned Adam "
-                          f"{row.adam_normalized:.4f}", file=sys.stderr, flush=True))
-    atomic_write_bytes(run_dir / "evaluation.json", (json.dumps(
-        {"target": str(run_dir), "member": state.best, "step": state.step, **result.to_json()},
-        indent=2) + "\n").encode())
+                      progress=print_progress(f"{name} "))
+    result.save(run_dir / "evaluation.json", target=str(run_dir), checkpoint=str(path),
+                member=state.best, step=state.step)
     return result
 
 

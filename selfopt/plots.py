@@ -34,10 +34,16 @@ EVENT_COLORS = {"exploit": "tab:blue", "replace_non_finite": "tab:red",
 
 
 class RunData:
-    """A run directory's logs, read once."""
+    """A run directory's logs, read once.
+
+    Raises:
+      FileNotFoundError: ``run_dir`` holds no run (no ``metrics.jsonl``).
+    """
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
+        if not (self.run_dir / "metrics.jsonl").is_file():
+            raise FileNotFoundError(f"{run_dir} holds no selfopt run (no metrics.jsonl)")
         self.metrics = read_jsonl(self.run_dir / "metrics.jsonl")
         self.lineage = read_jsonl(self.run_dir / "lineage.jsonl")
         self.evals = read_jsonl(self.run_dir / "eval.jsonl")
@@ -45,6 +51,8 @@ class RunData:
         self.evaluation = json.loads(path.read_text()) if path.is_file() else None
         path = self.run_dir / "config.json"
         self.config = json.loads(path.read_text()) if path.is_file() else {}
+        path = self.run_dir / "summary.json"  # written when a run ends
+        self.summary = json.loads(path.read_text()) if path.is_file() else None
         self.label = ("CONTROL (meta-trained by Adam)" if self.config.get("outer_optimizer") ==
                       "adam" else "self-training")
 
@@ -261,9 +269,8 @@ def lineage_figure(data: RunData) -> Figure | None:
 
 
 def _best_id(data: RunData) -> int | None:
-    path = data.run_dir / "summary.json"
-    if path.is_file():
-        return json.loads(path.read_text()).get("best_id")
+    if data.summary:
+        return data.summary["best_id"]
     return data.evals[-1]["id"] if data.evals else None
 
 
@@ -294,13 +301,11 @@ def write_plots(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     Raises:
       FileNotFoundError: ``run_dir`` holds no run (no ``metrics.jsonl``).
     """
-    run_dir = Path(run_dir)
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise FileNotFoundError(f"{run_dir} holds no selfopt run (no metrics.jsonl)")
-    out_dir = Path(out_dir) if out_dir else run_dir / "plots"
+    data = RunData(run_dir)
+    out_dir = Path(out_dir) if out_dir else data.run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, fig in render(RunData(run_dir)).items():
+    for name, fig in render(data).items():
         for suffix in ("png", "svg"):
             path = out_dir / f"{name}.{suffix}"
             fig.savefig(path, dpi=110)

@@ -98,8 +98,7 @@ def run_sections(data: RunData, heading_level: int = 2) -> str:
     """The body of one run's report."""
     h = f"h{heading_level}"
     parts = []
-    summary_path = data.run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    summary = data.summary
     if summary:
         start, end = summary["held_in_start"], summary["held_in_end"]
         ttb = summary.get("time_to_beat_adam_s")
@@ -167,12 +166,9 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     Raises:
       FileNotFoundError: ``run_dir`` holds no run.
     """
-    run_dir = Path(run_dir)
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise FileNotFoundError(f"{run_dir} holds no selfopt run (no metrics.jsonl)")
     data = RunData(run_dir)
-    out = Path(out) if out else run_dir / "report.html"
-    atomic_write_bytes(out, page(f"selfopt run {run_dir.name}: {data.label}",
+    out = Path(out) if out else data.run_dir / "report.html"
+    atomic_write_bytes(out, page(f"selfopt run {data.run_dir.name}: {data.label}",
                                  run_sections(data)).encode())
     return out
 

@@ -37,7 +37,7 @@ import numpy as np
 from selfopt import checkpoint as ckpt
 from selfopt.config import ConfigError, TrainConfig, make_config
 from selfopt.estimators import PES, LogUniformLength, TruncatedES
-from selfopt.evaluate import default_cache_dir, evaluate, lopt_candidate, suite
+from selfopt.evaluate import Candidate, default_cache_dir, evaluate, lopt_candidate, suite
 from selfopt.lopt import MLPLOpt
 from selfopt.population import PBT, AdamControl, Hyperparams, SelfTraining, score_members
 from selfopt.population.pbt import replace_failed
@@ -166,7 +166,7 @@ def outer_steps(estimator, outer, thetas, outer_state, hparams, best, inner, tas
     """
     def body(carry, i):
         thetas, outer_state, inner = carry
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), first_step + i), 0)
+        key = step_key(seed, first_step + i, 0)
         thetas, outer_state, inner, metrics = outer_step(
             estimator, outer, thetas, outer_state, hparams, best, inner, task, key)
         return (thetas, outer_state, inner), metrics
@@ -201,6 +201,7 @@ class Trainer:
         self.cfg, self.run_dir, self.on_step, self.on_eval = cfg, Path(run_dir), on_step, on_eval
         self.comps = build(cfg)
         self._tasks: dict[str, Any] = {}
+        self._replacements: dict[str, int] = {}  # a resumed run loads them (:meth:`load`)
         self.ckpt_dir = self.run_dir / "checkpoints"
 
     # -- tasks and slots ------------------------------------------------------------------
@@ -360,8 +361,6 @@ class Trainer:
     def replacement_counts(self) -> dict[str, int]:
         """Members copied over others so far in this run, by lineage kind (``exploit``,
         ``replace_non_finite``, ``replace_diverged``); kept in checkpoints."""
-        if not hasattr(self, "_replacements"):  # a fresh run (a resumed one loads them)
-            self._replacements = {}
         return self._replacements
 
     def truncate_logs(self, step: int) -> None:
@@ -502,8 +501,7 @@ class Trainer:
         Tuned Adam is cached on disk (:func:`selfopt.evaluate.default_cache_dir`), so only a
         run's first evaluation pays for it."""
         cfg, started = self.cfg, time.monotonic()
-        theta = jax.tree.map(lambda x: x[state.best], state.thetas)
-        result = evaluate(lopt_candidate(self.comps.lopt, theta, f"member {state.best}"),
+        result = evaluate(self.member_candidate(state, name=f"member {state.best}"),
                           suite("quick"), cfg.eval_steps, cfg.eval_seeds,
                           cache_dir=default_cache_dir())
         seconds = time.monotonic() - started
@@ -516,6 +514,22 @@ class Trainer:
         if self.on_eval:
             self.on_eval(row)
         return seconds
+
+    def member_candidate(self, state: RunState, member: int | None = None,
+                         name: str | None = None) -> Candidate:
+        """Member ``member`` (default: PBT's best) of ``state`` as an optimizer under evaluation.
+
+        Raises:
+          ValueError: ``member`` is not a position of the population.
+        """
+        member = state.best if member is None else member
+        if not 0 <= member < self.cfg.population:
+            raise ValueError(f"member {member} is not in the population (positions 0 to "
+                             f"{self.cfg.population - 1})")
+        theta = jax.tree.map(lambda x: x[member], state.thetas)
+        return lopt_candidate(self.comps.lopt, theta, name or (
+            f"{self.comps.outer.label} member {member} (id {state.member_ids[member]}, "
+            f"step {state.step})"))
 
     def last_eval_step(self) -> int | None:
         rows = read_jsonl(self.run_dir / "eval.jsonl")
@@ -537,19 +551,16 @@ class Trainer:
             state.slot_configs[slot], state.slot_inner[slot] = self.fresh_slot(
                 slot, state.step, state.thetas)
         task = self.task(state.slot_configs[slot])
-        if n == 1:
-            state.thetas, state.outer_state, state.slot_inner[slot], metrics = outer_step(
-                comps.estimator, comps.outer, state.thetas, state.outer_state, state.hparams,
-                jnp.asarray(state.best), state.slot_inner[slot], task,
-                step_key(cfg.seed, state.step, 0))
-            metrics = {k: np.asarray(v)[None] for k, v in metrics.items()}
+        args = (comps.estimator, comps.outer, state.thetas, state.outer_state, state.hparams,
+                jnp.asarray(state.best), state.slot_inner[slot], task)
+        if n == 1:  # the plain step (no scan around it)
+            *new, metrics = outer_step(*args, step_key(cfg.seed, state.step, 0))
+            history = {k: np.asarray(v)[None] for k, v in metrics.items()}
         else:
-            state.thetas, state.outer_state, state.slot_inner[slot], metrics = outer_steps(
-                comps.estimator, comps.outer, state.thetas, state.outer_state, state.hparams,
-                jnp.asarray(state.best), state.slot_inner[slot], task, cfg.seed,
-                state.step, n)
-            metrics = {k: np.asarray(v) for k, v in metrics.items()}
-        history, metrics = metrics, {k: v[-1] for k, v in metrics.items()}
+            *new, metrics = outer_steps(*args, cfg.seed, state.step, n)
+            history = {k: np.asarray(v) for k, v in metrics.items()}
+        state.thetas, state.outer_state, state.slot_inner[slot] = new
+        metrics = {k: v[-1] for k, v in history.items()}
         if state.start_meta_loss is None:
             finite_losses = history["meta_loss"][0][np.isfinite(history["meta_loss"][0])]
             state.start_meta_loss = (float(np.median(finite_losses)) if finite_losses.size

@@ -46,7 +46,7 @@ def warn(message: str) -> None:
 def _to_numpy(leaf: Any) -> np.ndarray:
     if jax.dtypes.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
         leaf = jax.random.key_data(leaf)
-    return np.ascontiguousarray(np.asarray(leaf))
+    return np.asarray(leaf, order="C")  # (np.ascontiguousarray would make a scalar 1-d)
 
 
 def _digest(arrays: dict[str, np.ndarray], meta: Any, version: int) -> str:

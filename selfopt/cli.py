@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from selfopt.cache import enable_compilation_cache
 from selfopt.config import ConfigError, make_config
 from selfopt.evaluate import SUITES
 from selfopt.tasks import FAMILIES
@@ -107,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a run directory (its latest checkpoint), a checkpoint file, or "
                          "optax:NAME[:LR] for a hand-designed optax optimizer (e.g. optax:sgd:0.1)")
     ev.add_argument("--member", type=_non_negative_int,
-                    help="population position to evaluate (default: PBT's best)")
+                    help="population position to evaluate (default: the run's elite, the best "
+                         "held-in validation so far; PBT's best member if it has none)")
     ev.add_argument("--tasks", default="heldout", choices=SUITES,
                     help="task suite (default heldout: all 12; quick: the 9 fast ones)")
     ev.add_argument("--steps", type=_positive_int, default=300, help="inner steps (default 300)")
@@ -232,7 +234,9 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     start, end = summary["held_in_start"], summary["held_in_end"]
     print(f"meta-loss on fixed held-in problems (1 = no progress): random start median "
           f"{fmt(start['median'])} (best {fmt(start['best'])}) -> end median "
-          f"{fmt(end['median'])} (best {fmt(end['best'])})")
+          f"{fmt(end['median'])} (best {fmt(end['best'])})"
+          + (f"; elite {fmt(summary['elite']['held_in'])} (lineage id {summary['elite']['id']}, "
+             f"step {summary['elite']['step']})" if summary.get("elite") else ""))
     if last := summary["last_eval"]:
         ttb = summary["time_to_beat_adam_s"]
         print(f"held-out (quick suite) at the end: mean normalised loss "
@@ -264,13 +268,12 @@ def evaluation(args: argparse.Namespace) -> int:
             trainer, state, path = open_checkpoint(Path(args.target))
         except CheckpointError as err:
             raise ConfigError(str(err)) from None
-        member = state.best if args.member is None else args.member
         try:
-            candidate = trainer.member_candidate(state, member)
+            candidate = trainer.member_candidate(state, args.member)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        source.update(checkpoint=str(path), member=member, member_id=state.member_ids[member],
-                      step=state.step)
+        source.update(checkpoint=str(path), step=state.step,
+                      **trainer.member_source(state, args.member))
         if out is None and Path(args.target).is_dir():
             out = Path(args.target) / "evaluation.json"
     configs = suite(args.tasks)
@@ -355,6 +358,7 @@ def demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    enable_compilation_cache()
     try:
         return {"demo": demo, "train": train, "eval": evaluation, "plot": plot,
                 "report": report, "experiment": experiment}[args.command](args)

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from selfopt.estimators.inner_problem import NORMALIZATIONS
-from selfopt.population.self_training import POLICIES
-from selfopt.tasks.distribution import HELDOUT_FAMILIES, TRAIN_FAMILIES
+from selfopt.population.pbt import SCORE_LOSSES
+from selfopt.population.self_training import POLICIES, TRUST_REGIONS
+from selfopt.tasks.distribution import GRIDS, HELDOUT_FAMILIES, TRAIN_FAMILIES
 
 ESTIMATORS = ("es", "pes")
 OUTER_OPTIMIZERS = ("self", "adam")
@@ -43,6 +44,9 @@ class TrainConfig:
     policy: str = "self"
     clip: float = 0.1
     max_update: float = 0.003  # bound on the RMS of a member's step (ours: a trust region)
+    # "step": max_update bounds the step; "proposal": it bounds the optimizer's proposal before
+    # the PBT-tuned step multiplier scales it (so the multiplier sets the step length)
+    trust_region: str = "step"
     diverged_meta_loss: float = 5.0  # a member at or above this meta-loss is replaced at once
     adam_learning_rate: float = 1e-3
     # the learned-optimizer architecture
@@ -57,6 +61,8 @@ class TrainConfig:
     loss_cap: float = 10.0
     # tasks: slots of inner problems in flight, each on one task for task_steps outer steps
     families: tuple[str, ...] = DEFAULT_FAMILIES
+    # "compact": few task shapes, so compilation does not eat a laptop run; "full": the full grids
+    task_grid: str = "compact"
     num_slots: int = 2
     task_steps: int = 40
     # each slot samples one family (slot s: families[s % len(families)]) instead of any, so a
@@ -73,10 +79,20 @@ class TrainConfig:
     sigma_prior: tuple[float, float] = (0.003, 0.03)
     explore_sigma: bool = True
     score_steps: int = 50
+    # what PBT scores and validation average: "mean" (normalised loss over every step) or
+    # "final" (over the last 10% of the steps, as evaluation's final loss)
+    score_loss: str = "mean"
     # what PBT ranks members by: "task", the step's task (fresh problems); "held_in", every
     # training family's default task (mean; comparable from round to round)
     pbt_score: str = "task"
-    summary_steps: int = 100  # inner steps of the start/end comparison in the summary
+    summary_steps: int = 100  # inner steps of the held-in problems (summary and validation)
+    # held-in validation: every validate_interval outer steps (0: never), every member trains
+    # the fixed held-in problems (each training family's default task, training seeds); the
+    # best weights seen so far are the run's *elite*, which evaluation and export use
+    validate_interval: int = 50
+    validate_steps: int = 100  # inner steps of each validation problem
+    # when no member validates as well as the elite, the elite replaces the worst member
+    restore_elite: bool = True
     # evaluation during training: the best member against tuned Adam on the "quick" held-out
     # suite every eval_minutes of training (0: never); logged to eval.jsonl
     eval_minutes: float = 2.0
@@ -137,6 +153,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                          ("task_steps", 1, 1_000_000),
                          ("pbt_interval", 1, 1_000_000), ("score_steps", 1, 1_000_000),
                          ("summary_steps", 1, 1_000_000), ("keep_checkpoints", 1, 1000),
+                         ("validate_interval", 0, 1_000_000), ("validate_steps", 1, 1_000_000),
                          ("eval_steps", 10, 1_000_000), ("eval_seeds", 1, 1000)):
         value = getattr(c, name)
         _check(name, _is_int(value) and lo <= value <= hi, f"an integer in [{lo}, {hi}]",
@@ -164,11 +181,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = getattr(c, name)
         _check(name, _is_number(value) and lo <= value <= hi, f"a number in [{lo}, {hi}]", value)
     for name, choices in (("outer_optimizer", OUTER_OPTIMIZERS), ("policy", POLICIES),
-                          ("pbt_score", PBT_SCORES),
+                          ("pbt_score", PBT_SCORES), ("trust_region", TRUST_REGIONS),
+                          ("score_loss", SCORE_LOSSES), ("task_grid", tuple(GRIDS)),
                           ("estimator", ESTIMATORS), ("normalization", NORMALIZATIONS)):
         value = getattr(c, name)
         _check(name, value in choices, f"one of {list(choices)}", value)
-    for name in ("explore_sigma", "stratify_slots"):
+    for name in ("explore_sigma", "stratify_slots", "restore_elite"):
         _check(name, isinstance(getattr(c, name), bool), "true or false", getattr(c, name))
     _check("hidden", isinstance(c.hidden, tuple) and 1 <= len(c.hidden) <= 4
            and all(_is_int(w) and 1 <= w <= 1024 for w in c.hidden),

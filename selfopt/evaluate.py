@@ -19,7 +19,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from selfopt.cache import cache_root
 from selfopt.checkpoint import atomic_write_bytes
 from selfopt.lopt.base import LearnedOptimizer, check_theta
 from selfopt.tasks.base import Task
@@ -457,5 +457,5 @@ def print_progress(prefix: str = "") -> Callable[[int, int, TaskComparison], Non
 
 
 def default_cache_dir() -> Path:
-    """Where tuned-Adam results are cached: ``$SELFOPT_CACHE`` or ``~/.cache/selfopt``."""
-    return Path(os.environ.get("SELFOPT_CACHE") or Path.home() / ".cache" / "selfopt") / "adam"
+    """Where tuned-Adam results are cached: ``$SELFOPT_CACHE/adam`` (``~/.cache/selfopt/adam``)."""
+    return cache_root() / "adam"

@@ -41,13 +41,14 @@ def train_arm(run_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_arm(run_dir: Path, name: str, num_steps: int) -> Evaluation:
-    """The run's best member on the held-out suite; written to ``run_dir/evaluation.json``."""
+    """The run's answer (its elite, see ``Trainer.member_candidate``) on the held-out suite;
+    written to ``run_dir/evaluation.json``."""
     trainer, state, path = open_checkpoint(run_dir)
-    result = evaluate(trainer.member_candidate(state, name=f"{name} best member"),
+    result = evaluate(trainer.member_candidate(state, name=f"{name} elite"),
                       suite("heldout"), num_steps, cache_dir=default_cache_dir(),
                       progress=print_progress(f"{name} "))
     result.save(run_dir / "evaluation.json", target=str(run_dir), checkpoint=str(path),
-                member=state.best, step=state.step)
+                step=state.step, **trainer.member_source(state))
     return result
 
 

@@ -83,6 +83,8 @@ class LiveView:
 
 
 def replacements_line(counts: dict[str, int]) -> str:
-    """Replacements so far: ``replaced: non-finite N, diverged M | PBT copies P``."""
+    """Replacements so far: ``replaced: non-finite N, diverged M | PBT copies P | elite
+    restored R``."""
     return (f"replaced: non-finite {counts.get('replace_non_finite', 0)}, diverged "
-            f"{counts.get('replace_diverged', 0)} | PBT copies {counts.get('exploit', 0)}")
+            f"{counts.get('replace_diverged', 0)} | PBT copies {counts.get('exploit', 0)}"
+            f" | elite restored {counts.get('restore_elite', 0)}")

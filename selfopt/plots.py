@@ -30,7 +30,7 @@ from selfopt.train import read_jsonl  # noqa: E402
 
 #: Colours of the lineage events.
 EVENT_COLORS = {"exploit": "tab:blue", "replace_non_finite": "tab:red",
-                "replace_diverged": "tab:orange"}
+                "replace_diverged": "tab:orange", "restore_elite": "tab:purple"}
 
 
 class RunData:
@@ -270,8 +270,13 @@ def lineage_figure(data: RunData) -> Figure | None:
 
 def _best_id(data: RunData) -> int | None:
     if data.summary:
-        return data.summary["best_id"]
+        return answer_id(data.summary)
     return data.evals[-1]["id"] if data.evals else None
+
+
+def answer_id(summary: dict[str, Any]) -> int:
+    """Lineage id of the run's answer: its elite, or PBT's best member in a run without one."""
+    return summary["elite"]["id"] if summary.get("elite") else summary["best_id"]
 
 
 def ancestry(lineage: list[dict[str, Any]], member_id: int) -> list[int]:

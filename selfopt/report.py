@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 import matplotlib.pyplot as plt
 
 from selfopt.checkpoint import atomic_write_bytes
-from selfopt.plots import RunData, ancestry, render
+from selfopt.plots import RunData, ancestry, answer_id, render
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
@@ -113,6 +113,9 @@ def run_sections(data: RunData, heading_level: int = 2) -> str:
              "not reached" if ttb is None else ttb / 60),
             ("best member (position, lineage id)",
              f"{summary['best_position']}, {summary['best_id']}"),
+            ("elite (lineage id, validated at step, held-in meta-loss)",
+             f"{summary['elite']['id']}, {summary['elite']['step']}, "
+             f"{_fmt(summary['elite']['held_in'])}" if summary.get("elite") else "none"),
             ("stopped early", summary["interrupted"]),
         ]))
     figures = render(data)
@@ -130,7 +133,7 @@ def run_sections(data: RunData, heading_level: int = 2) -> str:
               r["adam_mean_normalized"], f"{r['wins']}/{r['tasks']}", r["beats_adam"])
              for r in data.evals]))
     if summary and data.lineage:
-        chain = ancestry(data.lineage, summary["best_id"])
+        chain = ancestry(data.lineage, answer_id(summary))
         by_child = {e["child_id"]: e for e in data.lineage}
         rows = [(member, by_child[member]["step"], by_child[member]["kind"],
                  by_child[member]["parent_id"], by_child[member]["after"]["step_mult"],
@@ -139,7 +142,8 @@ def run_sections(data: RunData, heading_level: int = 2) -> str:
         counts = {}
         for e in data.lineage:
             counts[e["kind"]] = counts.get(e["kind"], 0) + 1
-        parts.append(f"<{h}>Lineage of the best member</{h}>"
+        whose = "the elite" if summary.get("elite") else "the best member"
+        parts.append(f"<{h}>Lineage of {whose}</{h}>"
                      + f'<p>Member {chain[0]} descends from randomly initialised member '
                        f'{chain[-1]} through {len(chain) - 1} copies. All copies in the run: '
                        f'{html.escape(", ".join(f"{k} {v}" for k, v in sorted(counts.items())))}.</p>'

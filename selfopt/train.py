@@ -72,14 +72,14 @@ def build(cfg: TrainConfig) -> Components:
         lopt, num_pairs=cfg.num_pairs, truncation_length=cfg.truncation_length,
         schedule=LogUniformLength(cfg.min_inner_length, cfg.max_inner_length),
         normalization=cfg.normalization, loss_cap=cfg.loss_cap)
-    outer = (SelfTraining(lopt, cfg.policy, cfg.clip, cfg.max_update)
+    outer = (SelfTraining(lopt, cfg.policy, cfg.clip, cfg.max_update, cfg.trust_region)
              if cfg.outer_optimizer == "self"
-             else AdamControl(cfg.adam_learning_rate, cfg.clip, cfg.max_update))
+             else AdamControl(cfg.adam_learning_rate, cfg.clip, cfg.max_update, cfg.trust_region))
     pbt = PBT(interval=cfg.pbt_interval, exploit_fraction=cfg.exploit_fraction,
               resample_probability=cfg.resample_probability, step_mult_prior=cfg.step_mult_prior,
               sigma_prior=cfg.sigma_prior, explore_sigma=cfg.explore_sigma,
               score_steps=cfg.score_steps)
-    return Components(lopt, estimator, outer, pbt, TaskDistribution(cfg.families))
+    return Components(lopt, estimator, outer, pbt, TaskDistribution(cfg.families, cfg.task_grid))
 
 
 @dataclasses.dataclass
@@ -99,17 +99,26 @@ class RunState:
     next_id: int  # next unused lineage id
     elapsed: float  # seconds of training across all sessions
     start_meta_loss: float | None  # population median meta-loss at step 0
+    # the elite: the best held-in validation so far (weights and outer state of one member)
+    elite: dict[str, Any] | None = None  # {"theta": ..., "outer_state": ...}
+    elite_score: float = math.inf
+    elite_step: int = -1  # the validation step that found it
+    elite_id: int = -1  # its lineage id
+    elite_generation: int = 0  # PBT copies in its ancestry
 
     def arrays(self) -> dict[str, Any]:
-        return {"thetas": self.thetas, "outer_state": self.outer_state,
-                "hparams": self.hparams, "slots": self.slot_inner}
+        arrays = {"thetas": self.thetas, "outer_state": self.outer_state,
+                  "hparams": self.hparams, "slots": self.slot_inner}
+        return arrays if self.elite is None else {**arrays, "elite": self.elite}
 
     def metadata(self) -> dict[str, Any]:
         return {"step": self.step, "slot_configs": self.slot_configs,
                 "member_ids": self.member_ids, "generation": self.generation,
                 "scores": [s if math.isfinite(s) else None for s in self.scores],
                 "best": self.best, "next_id": self.next_id, "elapsed": self.elapsed,
-                "start_meta_loss": self.start_meta_loss}
+                "start_meta_loss": self.start_meta_loss,
+                "elite_score": _finite_or_none(self.elite_score), "elite_step": self.elite_step,
+                "elite_id": self.elite_id, "elite_generation": self.elite_generation}
 
 
 def step_key(seed: int, step: int, purpose: int) -> jax.Array:
@@ -176,13 +185,23 @@ def outer_steps(estimator, outer, thetas, outer_state, hparams, best, inner, tas
     return thetas, outer_state, inner, metrics
 
 
-score = jax.jit(score_members, static_argnames=("lopt", "num_steps", "num_problems"))
+score = jax.jit(score_members, static_argnames=("lopt", "num_steps", "num_problems", "loss"))
 
 
 def select(tree: Any, sources: np.ndarray) -> Any:
     """Every member position ``i`` takes the value of position ``sources[i]``."""
     index = jnp.asarray(sources)
     return jax.tree.map(lambda x: x[index], tree)
+
+
+def member_slice(tree: Any, member: int) -> Any:
+    """One member's part of a population pytree (leading axis removed)."""
+    return jax.tree.map(lambda x: x[member], tree)
+
+
+def put_member(tree: Any, member: int, value: Any) -> Any:
+    """``tree`` with member position ``member`` set to ``value`` (one member's pytree)."""
+    return jax.tree.map(lambda x, v: x.at[member].set(v), tree, value)
 
 
 class Trainer:
@@ -227,7 +246,7 @@ class Trainer:
         distribution = self.comps.distribution
         if self.cfg.stratify_slots:
             families = distribution.families
-            distribution = TaskDistribution((families[slot % len(families)],))
+            distribution = TaskDistribution((families[slot % len(families)],), distribution.grid)
         return distribution.sample(key)
 
     def fresh_slot(self, slot: int, step: int, thetas) -> tuple[dict, Any]:
@@ -254,15 +273,20 @@ class Trainer:
             scores=[math.inf] * cfg.population, best=0, next_id=cfg.population,
             elapsed=0.0, start_meta_loss=None)
 
-    def template(self, slot_configs: list[dict]) -> dict[str, Any]:
-        """A state with the structure a checkpoint of these slot tasks must have."""
+    def template(self, slot_configs: list[dict], elite: bool) -> dict[str, Any]:
+        """A state with the structure a checkpoint of these slot tasks (and an elite, or not)
+        must have."""
         cfg, comps = self.cfg, self.comps
         thetas = jax.vmap(comps.lopt.init)(jax.random.split(jax.random.key(0), cfg.population))
         hparams = Hyperparams(*[jnp.zeros(cfg.population, jnp.float32)] * 2)
         inner = [init_inner(comps.estimator, self.task(c), thetas, jax.random.key(0))
                  for c in slot_configs]
-        return {"thetas": thetas, "outer_state": comps.outer.init(thetas), "hparams": hparams,
-                "slots": inner}
+        outer_state = comps.outer.init(thetas)
+        template = {"thetas": thetas, "outer_state": outer_state, "hparams": hparams,
+                    "slots": inner}
+        if elite:
+            template["elite"] = member_slice({"theta": thetas, "outer_state": outer_state}, 0)
+        return template
 
     # -- files ------------------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
@@ -342,7 +366,8 @@ class Trainer:
         meta = ckpt.read_metadata(path)
         try:
             run = meta["run"]
-            arrays, _ = ckpt.load_checkpoint(path, self.template(run["slot_configs"]))
+            has_elite = run.get("elite_id", -1) >= 0  # older checkpoints have none
+            arrays, _ = ckpt.load_checkpoint(path, self.template(run["slot_configs"], has_elite))
             state = RunState(
                 step=int(run["step"]), thetas=arrays["thetas"],
                 outer_state=arrays["outer_state"], hparams=Hyperparams(*arrays["hparams"]),
@@ -350,7 +375,12 @@ class Trainer:
                 member_ids=list(run["member_ids"]), generation=list(run["generation"]),
                 scores=[math.inf if s is None else float(s) for s in run["scores"]],
                 best=int(run["best"]), next_id=int(run["next_id"]),
-                elapsed=float(run["elapsed"]), start_meta_loss=run["start_meta_loss"])
+                elapsed=float(run["elapsed"]), start_meta_loss=run["start_meta_loss"],
+                elite=arrays.get("elite"),
+                elite_score=math.inf if run.get("elite_score") is None else float(
+                    run["elite_score"]),
+                elite_step=int(run.get("elite_step", -1)), elite_id=int(run.get("elite_id", -1)),
+                elite_generation=int(run.get("elite_generation", 0)))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
             # The checksum held, so the file is as written, but not by this selfopt's trainer.
             raise ckpt.CheckpointError(f"{path} does not hold a selfopt run state ({err!r})"
@@ -372,7 +402,7 @@ class Trainer:
         (older selfopt), complete lines of steps before ``step`` are kept."""
         path = self.ckpt_dir / f"step-{step:08d}.safetensors"
         sizes = ckpt.read_metadata(path).get("logs") if path.exists() else {}
-        for name in ("metrics.jsonl", "lineage.jsonl", "eval.jsonl"):
+        for name in ("metrics.jsonl", "lineage.jsonl", "eval.jsonl", "validation.jsonl"):
             log = self.run_dir / name
             if not log.exists():
                 continue
@@ -431,14 +461,63 @@ class Trainer:
         cfg, comps = self.cfg, self.comps
         key = step_key(cfg.seed, state.step, 3)
         if cfg.pbt_score == "held_in":
-            scores = self.held_in_meta_loss(state.thetas, cfg.score_steps, key, PBT_SEED)
+            scores = self.held_in_meta_loss(state.thetas, cfg.score_steps, key, PBT_SEED,
+                                            cfg.score_loss)
         else:
-            scores = np.asarray(score(comps.lopt, state.thetas, task, key, cfg.score_steps))
+            scores = np.asarray(score(comps.lopt, state.thetas, task, key, cfg.score_steps,
+                                      loss=cfg.score_loss))
         state.scores = [float(s) for s in scores]
         sources, hparams, copies = comps.pbt.exploit_and_explore(
             scores, jax.tree.map(np.asarray, state.hparams), step_rng(cfg.seed, state.step, 2))
         self.apply_copies(state, sources, copies, {c: "exploit" for c, _ in copies}, hparams)
         state.best = int(np.argmin(np.nan_to_num(state.scores, nan=np.inf)))
+
+    def validate(self, state: RunState) -> None:
+        """Held-in validation of every member; keeps the best weights seen as the elite.
+
+        Every member trains the fixed held-in problems (:meth:`held_in_meta_loss` on the
+        summary's problems, training families and seeds only) for ``validate_steps`` steps,
+        scored by ``score_loss``. A member that
+        validates better than the elite becomes the elite (its weights and outer state are
+        copied). If none does and ``restore_elite`` is on, the elite replaces the member that
+        validated worst (lineage kind ``restore_elite``; it keeps that position's PBT
+        hyperparameters), so that a population that drifted away from its best point is pulled
+        back. Logged to ``validation.jsonl``.
+        """
+        scores = np.nan_to_num(self.held_in_meta_loss(state.thetas, self.cfg.validate_steps,
+                                                      loss=self.cfg.score_loss), nan=np.inf)
+        best, restored = int(np.argmin(scores)), None
+        if scores[best] < state.elite_score:
+            state.elite = member_slice({"theta": state.thetas, "outer_state": state.outer_state},
+                                       best)
+            state.elite_score, state.elite_step = float(scores[best]), state.step
+            state.elite_id, state.elite_generation = state.member_ids[best], state.generation[best]
+        elif self.cfg.restore_elite and state.elite is not None:
+            restored = int(np.argmax(scores))
+            hparams = {k: float(np.exp(np.asarray(v)[restored]))
+                       for k, v in zip(("step_mult", "sigma"), state.hparams)}
+            state.thetas = put_member(state.thetas, restored, state.elite["theta"])
+            state.outer_state = put_member(state.outer_state, restored,
+                                           state.elite["outer_state"])
+            self.append("lineage.jsonl", [{
+                "step": state.step, "kind": "restore_elite", "position": restored,
+                "child_id": state.next_id, "replaced_id": state.member_ids[restored],
+                "parent_id": state.elite_id, "parent_position": None,
+                "generation": state.elite_generation + 1,
+                "parent_score": _finite_or_none(state.elite_score),
+                "replaced_score": _finite_or_none(state.scores[restored]),
+                # the position keeps its PBT hyperparameters
+                "before": hparams, "after": hparams}])
+            state.member_ids[restored] = state.next_id
+            state.generation[restored] = state.elite_generation + 1
+            state.next_id += 1
+            counts = self.replacement_counts()
+            counts["restore_elite"] = counts.get("restore_elite", 0) + 1
+        self.append("validation.jsonl", [{
+            "step": state.step, "elapsed": round(state.elapsed, 3),
+            "scores": [_finite_or_none(x) for x in scores], "best": best,
+            "elite_score": _finite_or_none(state.elite_score), "elite_id": state.elite_id,
+            "elite_step": state.elite_step, "restored": restored}])
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
@@ -460,6 +539,8 @@ class Trainer:
             ckpt.atomic_write_bytes(self.run_dir / "config.json",
                                     (json.dumps(cfg.to_json(), indent=2) + "\n").encode())
             state = self.initial_state()
+        if cfg.validate_interval and state.elite is None:
+            self.validate(state)  # the random start is the first elite
         stop = threading.Event()
         last_save = time.monotonic()
         # Training time excludes evaluations (measurement, not training): ``elapsed`` is what
@@ -495,19 +576,21 @@ class Trainer:
 
     # -- evaluation during training ----------------------------------------------------------
     def evaluate_best(self, state: RunState) -> float:
-        """The best member against tuned Adam on the ``quick`` held-out suite (method.md
-        section 7), appended to ``eval.jsonl`` with the training time; returns its seconds.
+        """The run's answer (:meth:`member_candidate`: the elite, or PBT's best member without
+        validation) against tuned Adam on the ``quick`` held-out suite (method.md section 7),
+        appended to ``eval.jsonl`` with the training time; returns its seconds.
 
         Tuned Adam is cached on disk (:func:`selfopt.evaluate.default_cache_dir`), so only a
         run's first evaluation pays for it."""
         cfg, started = self.cfg, time.monotonic()
-        result = evaluate(self.member_candidate(state, name=f"member {state.best}"),
+        source = self.member_source(state)
+        result = evaluate(self.member_candidate(state, name=f"member {source['member']}"),
                           suite("quick"), cfg.eval_steps, cfg.eval_seeds,
                           cache_dir=default_cache_dir())
         seconds = time.monotonic() - started
         row = {"step": state.step, "elapsed": round(state.elapsed, 3),
-               "eval_seconds": round(seconds, 3), "member": state.best,
-               "id": state.member_ids[state.best], **result.summary(),
+               "eval_seconds": round(seconds, 3), "member": source["member"],
+               "id": source["member_id"], **result.summary(),
                "normalized": {t.label: t.normalized for t in result.tasks},
                "adam_normalized": {t.label: t.adam_normalized for t in result.tasks}}
         self.append("eval.jsonl", [row])
@@ -517,11 +600,17 @@ class Trainer:
 
     def member_candidate(self, state: RunState, member: int | None = None,
                          name: str | None = None) -> Candidate:
-        """Member ``member`` (default: PBT's best) of ``state`` as an optimizer under evaluation.
+        """Member ``member`` of ``state`` as an optimizer under evaluation; by default the run's
+        answer: the elite (best held-in validation so far), or PBT's best member in a run
+        without validation.
 
         Raises:
           ValueError: ``member`` is not a position of the population.
         """
+        if member is None and state.elite is not None:
+            return lopt_candidate(self.comps.lopt, state.elite["theta"], name or (
+                f"{self.comps.outer.label} elite (id {state.elite_id}, validated at step "
+                f"{state.elite_step})"))
         member = state.best if member is None else member
         if not 0 <= member < self.cfg.population:
             raise ValueError(f"member {member} is not in the population (positions 0 to "
@@ -530,6 +619,16 @@ class Trainer:
         return lopt_candidate(self.comps.lopt, theta, name or (
             f"{self.comps.outer.label} member {member} (id {state.member_ids[member]}, "
             f"step {state.step})"))
+
+    @staticmethod
+    def member_source(state: RunState, member: int | None = None) -> dict[str, Any]:
+        """Which weights :meth:`member_candidate` takes for ``member``, for the record:
+        ``{"member": "elite" or a position, "member_id": lineage id, ...}``."""
+        if member is None and state.elite is not None:
+            return {"member": "elite", "member_id": state.elite_id,
+                    "elite_step": state.elite_step}
+        member = state.best if member is None else member
+        return {"member": member, "member_id": state.member_ids[member]}
 
     def last_eval_step(self) -> int | None:
         rows = read_jsonl(self.run_dir / "eval.jsonl")
@@ -585,6 +684,9 @@ class Trainer:
         state.step += n
         if state.step // cfg.pbt_interval > (state.step - n) // cfg.pbt_interval:
             self.pbt_round(state, task)
+        if (cfg.validate_interval
+                and state.step // cfg.validate_interval > (state.step - n) // cfg.validate_interval):
+            self.validate(state)
         metrics["replaced"] = replaced
         metrics["replacements"] = dict(self.replacement_counts())
         return metrics
@@ -621,10 +723,12 @@ class Trainer:
         return kinds
 
     def held_in_meta_loss(self, thetas, num_steps: int | None = None,
-                          key: jax.Array | None = None, seed: int = HELD_IN_SEED) -> np.ndarray:
+                          key: jax.Array | None = None, seed: int = HELD_IN_SEED,
+                          loss: str = "mean") -> np.ndarray:
         """``(K,)`` meta-loss of each member on held-in problems: the default task of every
         training family (instance seed ``seed``), two problems each (drawn by ``key``),
-        ``num_steps`` steps, unperturbed weights; the mean over families.
+        ``num_steps`` steps, unperturbed weights, the ``loss`` of ``score_members``; the mean
+        over families.
 
         The defaults (``summary_steps``, the fixed key of ``HELD_IN_SEED``) are the summary's
         start/end comparison: the same problems at both ends, so they compare like with like.
@@ -633,7 +737,7 @@ class Trainer:
         cfg = self.cfg
         key = jax.random.key(seed) if key is None else key
         per_family = [score(self.comps.lopt, thetas, self.task({"family": family, "seed": seed}),
-                            key, num_steps or cfg.summary_steps)
+                            key, num_steps or cfg.summary_steps, loss=loss)
                       for family in cfg.families]
         return np.mean(np.stack([np.asarray(x) for x in per_family]), axis=0)
 
@@ -651,6 +755,10 @@ class Trainer:
                 "best_position": state.best,
                 "best_id": state.member_ids[state.best],
                 "best_score": _finite_or_none(state.scores[state.best]),
+                # the elite's held-in meta-loss is on the problems of held_in_start/held_in_end
+                "elite": ({"id": state.elite_id, "step": state.elite_step,
+                           "held_in": _finite_or_none(state.elite_score)}
+                          if state.elite is not None else None),
                 "checkpoint": str(path), "interrupted": interrupted,
                 "last_eval": ({k: evals[-1][k] for k in EVAL_SUMMARY_FIELDS}
                               if evals else None),

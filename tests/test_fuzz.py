@@ -254,7 +254,7 @@ def tiny_valid_configs(draw):
         "normalization": draw(st.sampled_from(["ratio", "log"])),
         "min_inner_length": 2, "max_inner_length": draw(st.integers(2, 10)),
         "num_slots": draw(st.integers(1, 2)), "task_steps": draw(st.integers(1, 3)),
-        "pbt_interval": 1, "score_steps": draw(st.integers(1, 3)), "summary_steps": 2,
+        "pbt_interval": 1, "score_steps": draw(st.integers(1, 3)), "summary_steps": 2, "validate_steps": 2,
         "exploit_fraction": draw(st.sampled_from([0.0, 0.25, 0.5])),
         "resample_probability": draw(st.floats(0, 1)), "explore_sigma": draw(st.booleans()),
         "step_mult_prior": [draw(st.floats(1e-3, hi)), hi],

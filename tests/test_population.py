@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from selfopt.lopt import MLPLOpt
 from selfopt.population import PBT, AdamControl, Hyperparams, SelfTraining, replace_failed
@@ -133,3 +134,50 @@ def test_trust_region_bounds_the_step_rms_and_keeps_its_direction():
                                    atol=1e-6)
     small, unbounded = scale_and_add(thetas, updates, jnp.zeros(2), max_update=10.0)
     np.testing.assert_array_equal(unbounded, np.ones(2))
+
+
+def test_a_proposal_trust_region_lets_the_step_multiplier_set_the_step_length():
+    thetas = stack(LOPT.init(jax.random.key(0)), LOPT.init(jax.random.key(1)))
+    updates = grads_for(thetas, 2)  # RMS about 0.3 per member, far above the bound
+    log_mult = jnp.log(jnp.asarray([0.5, 4.0]))
+    flat = lambda tree, i: np.concatenate([np.ravel(x[i]) for x in jax.tree.leaves(tree)])
+    rms = lambda new, i: np.sqrt(np.mean(flat(jax.tree.map(jnp.subtract, new, thetas), i) ** 2))
+    new, _ = scale_and_add(thetas, updates, log_mult, 0.01, trust_region="proposal")
+    np.testing.assert_allclose([rms(new, 0), rms(new, 1)], [0.005, 0.04], rtol=1e-4)
+    # bounding the step instead, both steps have the bound's length whatever the multiplier
+    new, _ = scale_and_add(thetas, updates, log_mult, 0.01, trust_region="step")
+    np.testing.assert_allclose([rms(new, 0), rms(new, 1)], [0.01, 0.01], rtol=1e-4)
+    with pytest.raises(ValueError, match="trust_region"):
+        scale_and_add(thetas, updates, log_mult, 0.01, trust_region="both")
+
+
+@pytest.mark.parametrize("loss", ["mean", "final"])
+def test_scores_average_the_normalised_loss_over_all_or_the_last_tenth_of_the_steps(loss):
+    from selfopt.population import score_members
+    from selfopt.tasks import make_task
+    task = make_task({"family": "quadratic", "seed": 3, "dim": 8})
+    thetas = stack(LOPT.init(jax.random.key(0)), LOPT.init(jax.random.key(1)))
+    key = jax.random.key(7)
+    scores = score_members(LOPT, thetas, task, key, num_steps=20, num_problems=2, loss=loss)
+    # by hand: the same two problems (keys, inits and batches), one optimizer step at a time
+    expected = []
+    for i in range(2):
+        theta, per_problem = member(thetas, i), []
+        for problem_key in jax.random.split(key, 2):
+            init_key, data_key, _ = jax.random.split(problem_key, 3)
+            params = task.init(init_key)
+            opt = LOPT.optimizer(theta)
+            state = opt.init(params)
+            init_loss = task.loss(params, task.sample_batch(jax.random.fold_in(data_key, 0)))
+            losses = []
+            for t in range(20):
+                batch = task.sample_batch(jax.random.fold_in(data_key, t))
+                value, grads = jax.value_and_grad(task.loss)(params, batch)
+                losses.append(float(np.clip(task.normalize(value, init_loss), 0, 10)))
+                updates, state = opt.update(grads, state, params)
+                params = jax.tree.map(jnp.add, params, updates)
+            per_problem.append(np.mean(losses if loss == "mean" else losses[-2:]))
+        expected.append(np.mean(per_problem))
+    np.testing.assert_allclose(scores, expected, rtol=1e-4)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        score_members(LOPT, thetas, task, key, num_steps=20, loss="last")

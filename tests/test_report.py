@@ -13,7 +13,7 @@ from selfopt.train import Trainer
 
 TINY = {"population": 4, "num_pairs": 1, "truncation_length": 5, "min_inner_length": 10,
         "max_inner_length": 30, "families": ["quadratic", "test_function"], "num_slots": 1,
-        "task_steps": 3, "pbt_interval": 2, "score_steps": 5, "summary_steps": 5,
+        "task_steps": 3, "pbt_interval": 2, "score_steps": 5, "summary_steps": 5, "validate_steps": 5,
         "hidden": [8], "checkpoint_seconds": 1000.0, "max_steps": 8,
         # evaluate every step's worth of time: several rows in eval.jsonl
         "eval_minutes": 1e-4, "eval_steps": 10, "eval_seeds": 1}
@@ -51,8 +51,10 @@ def test_eval_writes_a_table_per_task(tiny_run, capsys):
     assert evaluation["summary"]["tasks"] == len(evaluation["tasks"]) == 9
     assert {"normalized", "adam_normalized", "valid", "adam_valid", "speedup", "wins",
             "adam_learning_rate"} <= set(evaluation["tasks"][0])
-    assert evaluation["member"] == json.loads((run_dir / "summary.json").read_text())[
-        "best_position"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # the run's answer is its elite, the best held-in validation
+    assert evaluation["member"] == "elite"
+    assert evaluation["member_id"] == summary["elite"]["id"]
 
 
 def test_eval_is_reproducible(tiny_run, tmp_path, capsys):
@@ -73,7 +75,7 @@ def test_plots_and_report_hold_every_figure_and_table(tiny_run, capsys):
     page = (run_dir / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == len(FIGURES)
     for heading in ("Summary", "Figures", "Evaluation against per-task tuned Adam",
-                    "Evaluations during training (quick held-out suite)", "Lineage of the best member",
+                    "Evaluations during training (quick held-out suite)", "Lineage of the elite",
                     "Configuration"):
         assert f">{heading}</h2>" in page, heading
     assert "http://" not in page and "https://" not in page  # nothing from the network

@@ -11,7 +11,7 @@ import pytest
 
 from selfopt.evaluate import train_losses
 from selfopt.tasks import (FAMILIES, HELDOUT_FAMILIES, HELDOUT_SEED_START, TEST_FUNCTIONS,
-                           TaskDistribution, make_task)
+                           TRAIN_GRIDS, TaskDistribution, make_task)
 
 #: family -> Adam learning rate for the training check.
 LEARNING_RATES = {"quadratic": 0.05, "test_function": 0.05, "logistic": 0.01, "mlp": 0.01,
@@ -118,12 +118,37 @@ def test_heldout_is_disjoint_from_training_samples():
         make_task(json.loads(json.dumps(config)))  # JSON round trip builds
 
 
-def test_training_distribution_has_few_shapes():
-    distribution = TaskDistribution()
+def shapes_of(distribution, draws=2000):
     configs = {json.dumps({**distribution.sample(seed), "seed": 0}, sort_keys=True)
-               for seed in range(2000)}
-    shapes = {make_task(json.loads(config)).shape_key for config in configs}
-    assert len(shapes) <= 58
+               for seed in range(draws)}
+    return {make_task(json.loads(config)).shape_key for config in configs}
+
+
+def test_training_distribution_has_few_shapes():
+    assert len(shapes_of(TaskDistribution())) <= 58
+
+
+def test_the_compact_grid_keeps_the_variety_but_has_13_shapes_for_the_default_families():
+    from selfopt.config import DEFAULT_FAMILIES
+    compact = TaskDistribution(DEFAULT_FAMILIES, grid="compact")
+    full = TaskDistribution(DEFAULT_FAMILIES, grid="full")
+    assert len(shapes_of(compact)) == 13 < len(shapes_of(full))
+    samples = [compact.sample(seed) for seed in range(500)]
+    # every compact draw is one the full grid can make, and none is a held-out configuration
+    for config in samples:
+        for field, value in config.items():
+            if field in TRAIN_GRIDS[config["family"]]:
+                grid_values = [list(v) if isinstance(v, tuple) else v
+                               for v in TRAIN_GRIDS[config["family"]][field]]
+                assert value in grid_values, (field, value)
+    heldout = {json.dumps(c, sort_keys=True) for c in compact.heldout()}
+    assert not heldout & {json.dumps(c, sort_keys=True) for c in samples}
+    # what varies without a new shape still varies
+    assert len({c["log_condition"] for c in samples if c["family"] == "quadratic"}) == 4
+    assert len({c["function"] for c in samples if c["family"] == "test_function"}) == 5
+    assert len({c["activation"] for c in samples if c["family"] == "mlp"}) == 2
+    with pytest.raises(ValueError, match="grid must be one of"):
+        TaskDistribution(grid="tiny")
 
 
 def test_restricted_distribution_and_keys():

@@ -15,8 +15,8 @@ from selfopt.train import Trainer
 
 TINY = {"population": 4, "num_pairs": 1, "truncation_length": 5, "min_inner_length": 10,
         "max_inner_length": 30, "families": ["quadratic"], "num_slots": 1, "task_steps": 3,
-        "pbt_interval": 2, "score_steps": 5, "summary_steps": 5, "hidden": [8], "checkpoint_seconds": 1000.0,
-        "eval_minutes": 0}
+        "pbt_interval": 2, "score_steps": 5, "summary_steps": 5, "validate_steps": 5,
+        "hidden": [8], "checkpoint_seconds": 1000.0, "eval_minutes": 0}
 
 
 def tiny(**changes):
@@ -202,7 +202,7 @@ def test_held_in_pbt_score_ranks_members_on_every_family(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "held_in_meta_loss", spy)
     trainer.run()
-    pbt_calls = [(a, out) for a, out in calls if len(a) == 3]  # (score_steps, key, PBT seed)
+    pbt_calls = [(a, out) for a, out in calls if len(a) == 4]  # (steps, key, PBT seed, loss)
     assert len(pbt_calls) == 1 and pbt_calls[0][0][0] == 5
     scores = trainer.load_latest().scores
     copied = {e["position"] for e in map(json.loads, (tmp_path / "run" / "lineage.jsonl")

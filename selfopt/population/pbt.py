@@ -135,8 +135,13 @@ def replace_failed(healthy: np.ndarray, scores: np.ndarray,
     return sources, copies
 
 
+#: What a score averages: the normalised loss over every step (``mean``) or over the last 10%
+#: of the steps (``final``, as evaluation's final loss).
+SCORE_LOSSES = ("mean", "final")
+
+
 def score_members(lopt: LearnedOptimizer, thetas: Theta, task: Task, key: jax.Array,
-                  num_steps: int, num_problems: int = 2) -> jax.Array:
+                  num_steps: int, num_problems: int = 2, loss: str = "mean") -> jax.Array:
     """Fair, low-noise scores: every member trains the same problems with unperturbed weights.
 
     Args:
@@ -146,17 +151,25 @@ def score_members(lopt: LearnedOptimizer, thetas: Theta, task: Task, key: jax.Ar
       key: draws the ``num_problems`` problems (initial parameters and batches), shared by all.
       num_steps: inner steps per problem.
       num_problems: problems averaged per member.
+      loss: ``mean`` (normalised training loss averaged over all steps: rewards fast progress)
+        or ``final`` (averaged over the last 10% of the steps, at least one: rewards where
+        training ends, as evaluation does, so an optimizer that is fast at first and then
+        unstable scores badly).
 
     Returns:
-      ``(K,)`` mean normalised training loss over the steps (lower is better; capped and
-      NaN-proof as the meta-loss is).
+      ``(K,)`` scores, lower is better; capped and NaN-proof as the meta-loss is.
     """
+    if loss not in SCORE_LOSSES:
+        raise ValueError(f"loss must be one of {SCORE_LOSSES}, got {loss!r}")
     keys = jax.random.split(key, num_problems)
+    tail = max(1, num_steps // 10) if loss == "final" else num_steps
 
     def one_member(theta):
         def one_problem(k):
             state = inner_problem.new_inner_state(lopt, theta, task, k, ConstantLength(num_steps))
-            return inner_problem.unroll(lopt, theta, task, state, num_steps)[1]
+            if tail < num_steps:
+                state, _ = inner_problem.unroll(lopt, theta, task, state, num_steps - tail)
+            return inner_problem.unroll(lopt, theta, task, state, tail)[1]
         return jnp.mean(jax.vmap(one_problem)(keys))
 
     return jax.vmap(one_member)(thetas)

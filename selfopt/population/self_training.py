@@ -40,8 +40,13 @@ def member_rms(tree: Theta) -> jax.Array:
     return jnp.sqrt(total / sum(x[0].size for x in leaves))
 
 
+#: What the trust region bounds: the ``step`` itself, or the optimizer's ``proposal`` before
+#: the step multiplier scales it.
+TRUST_REGIONS = ("step", "proposal")
+
+
 def scale_and_add(thetas: Theta, updates: Theta, log_step_mult: jax.Array,
-                  max_update: float) -> Theta:
+                  max_update: float, trust_region: str = "step") -> Theta:
     """``theta_i + s_i * exp(log_step_mult_i) * update_i`` for every member (leading axis).
 
     ``s_i <= 1`` shrinks member i's whole step so that its root mean square over all weights is
@@ -50,12 +55,20 @@ def scale_and_add(thetas: Theta, updates: Theta, log_step_mult: jax.Array,
     large steps on its own weights; without a bound that positive feedback ran away within a
     minute of a laptop run (docs/population.md).
 
+    With ``trust_region="proposal"`` the bound applies to ``update_i`` before the multiplier,
+    so the step's RMS is at most ``max_update * exp(log_step_mult_i)``: the multiplier (which
+    PBT tunes) sets the step length even when the bound is active, as it is on nearly every
+    step of a laptop run; with ``"step"`` it no longer matters then.
+
     Returns:
       The new weights and ``(K,)`` the fraction ``s_i`` applied (1: the bound was not reached).
     """
+    if trust_region not in TRUST_REGIONS:
+        raise ValueError(f"trust_region must be one of {TRUST_REGIONS}, got {trust_region!r}")
     mult = jnp.exp(log_step_mult)
     steps = jax.tree.map(lambda u: mult.reshape((-1,) + (1,) * (u.ndim - 1)) * u, updates)
-    shrink = jnp.minimum(1.0, max_update / jnp.maximum(member_rms(steps), 1e-30))
+    bounded = member_rms(steps if trust_region == "step" else updates)
+    shrink = jnp.minimum(1.0, max_update / jnp.maximum(bounded, 1e-30))
     new = jax.tree.map(lambda t, u: t + shrink.reshape((-1,) + (1,) * (u.ndim - 1)) * u,
                        thetas, steps)
     return new, shrink
@@ -70,12 +83,14 @@ class SelfTraining:
       policy: whose weights update member i: ``self``, ``best`` or ``random``.
       clip: elementwise clip of the ES estimate before it is used.
       max_update: bound on the RMS of a member's step (see :func:`scale_and_add`).
+      trust_region: what ``max_update`` bounds (see :func:`scale_and_add`).
     """
 
     lopt: LearnedOptimizer
     policy: str = "self"
     clip: float = 0.1
     max_update: float = 0.01
+    trust_region: str = "step"
 
     label = "self-training"
 
@@ -118,7 +133,8 @@ class SelfTraining:
             return self.lopt.optimizer(theta_j).update(grad_i, state_i, theta_i)
 
         updates, outer_state = jax.vmap(one)(thetas, outer_state, grads, donors)
-        new, shrink = scale_and_add(thetas, updates, log_step_mult, self.max_update)
+        new, shrink = scale_and_add(thetas, updates, log_step_mult, self.max_update,
+                                   self.trust_region)
         return new, outer_state, shrink
 
 
@@ -133,11 +149,13 @@ class AdamControl:
       learning_rate: Adam's base learning rate.
       clip: elementwise clip of the ES estimate before it is used.
       max_update: bound on the RMS of a member's step, as for self-training.
+      trust_region: what ``max_update`` bounds, as for self-training.
     """
 
     learning_rate: float = 1e-3
     clip: float = 0.1
     max_update: float = 0.01
+    trust_region: str = "step"
 
     label = "adam-control"
 
@@ -151,7 +169,8 @@ class AdamControl:
         adam = optax.adam(self.learning_rate)
         grads = clip_estimate(grads, self.clip)
         updates, outer_state = jax.vmap(adam.update)(grads, outer_state, thetas)
-        new, shrink = scale_and_add(thetas, updates, log_step_mult, self.max_update)
+        new, shrink = scale_and_add(thetas, updates, log_step_mult, self.max_update,
+                                   self.trust_region)
         return new, outer_state, shrink
 
 

@@ -1,0 +1,93 @@
+"""The elite: the best held-in validation of a run, kept, restored into a drifting population,
+checkpointed, and evaluated as the run's answer."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selfopt import checkpoint as ckpt
+from selfopt.train import Trainer, member_slice
+from test_train import log_rows, tiny
+
+
+def validation_rows(run_dir):
+    return log_rows(run_dir, "validation.jsonl")
+
+
+def test_the_elite_is_the_best_validation_so_far_and_its_weights_are_kept(tmp_path):
+    trainer = Trainer(tiny(max_steps=12, validate_interval=3, restore_elite=False),
+                      tmp_path / "run")
+    trainer.run()
+    rows = validation_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 3, 6, 9, 12]
+    best_so_far = np.minimum.accumulate([min(r["scores"]) for r in rows])
+    np.testing.assert_allclose([r["elite_score"] for r in rows], best_so_far)
+    state = trainer.load_latest()
+    assert state.elite_score == rows[-1]["elite_score"] and state.elite_id == rows[-1]["elite_id"]
+    # the stored weights are the elite's: revalidated alone, they score what they scored then
+    one = jax.tree.map(lambda x: jnp.stack([x, x]), state.elite["theta"])
+    cfg = trainer.cfg
+    again = Trainer(tiny(population=2), tmp_path / "other").held_in_meta_loss(
+        one, cfg.validate_steps, loss=cfg.score_loss)
+    np.testing.assert_allclose(again, state.elite_score, rtol=1e-5)
+
+
+def test_a_population_worse_than_the_elite_gets_it_back(tmp_path):
+    trainer = Trainer(tiny(max_steps=1, validate_interval=1), tmp_path / "run")
+    trainer.run()
+    state = trainer.load_latest()
+    # every member forgets everything (zero weights take no steps): the next validation finds
+    # none as good as the elite
+    state.thetas = jax.tree.map(jnp.zeros_like, state.thetas)
+    scores = trainer.held_in_meta_loss(state.thetas, trainer.cfg.validate_steps)
+    assert scores.min() > state.elite_score
+    trainer.validate(state)
+    worst = int(np.argmax(scores))
+    assert validation_rows(tmp_path / "run")[-1]["restored"] == worst
+    for a, b in zip(jax.tree.leaves(member_slice(state.thetas, worst)),
+                    jax.tree.leaves(state.elite["theta"])):
+        np.testing.assert_array_equal(a, b)
+    event = log_rows(tmp_path / "run", "lineage.jsonl")[-1]
+    assert event["kind"] == "restore_elite" and event["parent_id"] == state.elite_id
+    assert trainer.replacement_counts()["restore_elite"] == 1
+
+
+def test_without_restoring_the_population_is_left_alone(tmp_path):
+    trainer = Trainer(tiny(max_steps=1, validate_interval=1, restore_elite=False),
+                      tmp_path / "run")
+    trainer.run()
+    state = trainer.load_latest()
+    state.thetas = jax.tree.map(jnp.zeros_like, state.thetas)
+    before = jax.tree.map(np.asarray, state.thetas)
+    trainer.validate(state)
+    assert validation_rows(tmp_path / "run")[-1]["restored"] is None
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.thetas)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_elite_survives_a_checkpoint_exactly_and_is_what_evaluation_takes(tmp_path):
+    trainer = Trainer(tiny(max_steps=4, validate_interval=2), tmp_path / "run")
+    trainer.run()
+    state = trainer.load_latest()
+    path = trainer.save(state)
+    loaded = trainer.load(path)
+    for a, b in zip(jax.tree.leaves(state.elite), jax.tree.leaves(loaded.elite)):
+        assert np.shape(a) == np.shape(b)  # scalars (the step count) stay scalars
+        np.testing.assert_array_equal(a, b)
+    candidate = trainer.member_candidate(loaded)
+    assert "elite" in candidate.name
+    assert trainer.member_source(loaded) == {"member": "elite", "member_id": loaded.elite_id,
+                                             "elite_step": loaded.elite_step}
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["elite"] == {"id": state.elite_id, "step": state.elite_step,
+                                "held_in": state.elite_score}
+
+
+def test_a_run_without_validation_has_no_elite_and_answers_with_its_best_member(tmp_path):
+    trainer = Trainer(tiny(max_steps=2, validate_interval=0), tmp_path / "run")
+    trainer.run()
+    state = trainer.load_latest()
+    assert state.elite is None and state.elite_id == -1
+    assert ckpt.read_metadata(trainer.checkpoints()[-1])["run"]["elite_id"] == -1
+    assert trainer.member_source(state)["member"] == state.best

@@ -5,14 +5,14 @@
 
 Runs ``selfopt train`` (the default configuration plus ``--set`` overrides; random
 initialisation, no hand-designed optimizer in the loop) for ``--minutes`` of training, with the
-best member evaluated against Adam tuned per task over 14 learning rates on the quick held-out
-suite every ``--eval-minutes`` (``eval.jsonl``; evaluation time is not training time). Prints
-JSON: the training seconds until the best member first *beats tuned Adam* (a lower mean
-normalised loss and a win on the majority of tasks; ``null`` if it never did), the best margin
+run's elite (its best held-in validation so far) evaluated against Adam tuned per task over 14
+learning rates on the quick held-out suite every ``--eval-minutes`` (``eval.jsonl``;
+evaluation time is not training time). Prints JSON: the training seconds until the elite first
+*beats tuned Adam* (a lower mean normalised loss and a win on the majority of tasks; ``null`` if it never did), the best margin
 reached (mean normalised loss of the learned optimizer / of tuned Adam; below 1 is better than
 Adam) and the margin at 10, 30 and 60 minutes where the run got there. ``--control`` runs the
 Adam-meta-trained control with the same budget afterwards and reports it the same way;
-``--heldout`` also evaluates each final best member on the whole held-out suite (12 tasks).
+``--heldout`` also evaluates each run's final elite on the whole held-out suite (12 tasks).
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--eval-minutes", type=float, default=1.0)
     parser.add_argument("--control", action="store_true", help="also run the Adam control")
     parser.add_argument("--heldout", action="store_true",
-                        help="evaluate the final best members on all 12 held-out tasks")
+                        help="evaluate the final elites on all 12 held-out tasks")
     parser.add_argument("--set", type=_assignment, action="append", default=[],
                         metavar="FIELD=VALUE")
     parser.add_argument("--out", type=Path,

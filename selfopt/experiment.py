@@ -4,7 +4,7 @@
    (``outer_optimizer="self"``), ``minutes`` of training;
 2. ``control/``: the same architecture, population, tasks and budget, meta-trained by Adam
    (``outer_optimizer="adam"``, the conventional control);
-3. the best member of each, and Adam tuned per task over 14 learning rates, on the whole
+3. the elite of each (its best held-in validation), and Adam tuned per task over 14 learning rates, on the whole
    held-out suite (same seeds, initialisations and batches);
 4. ``report.html`` (both runs side by side, self-contained) and ``results.json``.
 
@@ -67,7 +67,7 @@ def heldout_over_time_figure(runs: list[tuple[str, Path]]):
     ax.set_yscale("log")
     ax.set_xlabel("training time (minutes)")
     ax.set_ylabel("mean normalised held-out loss (quick suite)")
-    ax.set_title("best member during training")
+    ax.set_title("the elite during training")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
@@ -112,7 +112,7 @@ def self_vs_adam(out: Path, minutes: float, seed: int = 0, num_steps: int = 300,
              f"learned optimizers, {minutes:g} training minutes each (seed {seed}) on this "
              "machine. <b>Self-training</b>: the members' own learned optimizers update their "
              "weights; no hand-designed optimizer is in the loop. <b>Control</b>: the same, "
-             "meta-trained by Adam. Each best member is then evaluated on the held-out suite "
+             "meta-trained by Adam. Each run's elite is then evaluated on the held-out suite "
              f"({len(first.tasks)} tasks, {num_steps} steps, {first.num_seeds} seeds) against "
              "Adam with its learning rate tuned per task over 14 values.</p>")
     body = (overview + "<h3>Held-out loss per task (normalised, lower is better)</h3>" + per_task

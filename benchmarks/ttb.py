@@ -8,9 +8,9 @@ initialisation, no hand-designed optimizer in the loop) for ``--minutes`` of tra
 run's elite (its best held-in validation so far) evaluated against Adam tuned per task over 14
 learning rates on the quick held-out suite every ``--eval-minutes`` (``eval.jsonl``;
 evaluation time is not training time). Prints JSON: the training seconds until the elite first
-*beats tuned Adam* (a lower mean normalised loss and a win on the majority of tasks; ``null`` if it never did), the best margin
-reached (mean normalised loss of the learned optimizer / of tuned Adam; below 1 is better than
-Adam) and the margin at 10, 30 and 60 minutes where the run got there. ``--control`` runs the
+*beats tuned Adam* (a lower mean normalised loss and a win on the majority of tasks; ``null``
+if it never did), the best margin reached (mean normalised loss of the learned optimizer / of
+tuned Adam; below 1 is better than Adam) and the margin at 10, 30 and 60 minutes where the run got there. ``--control`` runs the
 Adam-meta-trained control with the same budget afterwards and reports it the same way;
 ``--heldout`` also evaluates each run's final elite on the whole held-out suite (12 tasks).
 """

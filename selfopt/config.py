@@ -47,7 +47,9 @@ class TrainConfig:
     # "step": max_update bounds the step; "proposal": it bounds the optimizer's proposal before
     # the PBT-tuned step multiplier scales it (so the multiplier sets the step length)
     trust_region: str = "step"
-    diverged_meta_loss: float = 5.0  # a member at or above this meta-loss is replaced at once
+    # a member at or above this meta-loss (ratio scale: with log normalization, the geometric
+    # mean of the loss ratios) is replaced at once
+    diverged_meta_loss: float = 5.0
     adam_learning_rate: float = 1e-3
     # the learned-optimizer architecture
     hidden: tuple[int, ...] = (32, 32)
@@ -57,7 +59,7 @@ class TrainConfig:
     truncation_length: int = 20
     min_inner_length: int = 100
     max_inner_length: int = 1000
-    normalization: str = "ratio"
+    normalization: str = "log"
     loss_cap: float = 10.0
     # tasks: slots of inner problems in flight, each on one task for task_steps outer steps
     families: tuple[str, ...] = DEFAULT_FAMILIES
@@ -81,7 +83,7 @@ class TrainConfig:
     score_steps: int = 50
     # what PBT scores and validation average: "mean" (normalised loss over every step) or
     # "final" (over the last 10% of the steps, as evaluation's final loss)
-    score_loss: str = "mean"
+    score_loss: str = "final"
     # what PBT ranks members by: "task", the step's task (fresh problems); "held_in", every
     # training family's default task (mean; comparable from round to round)
     pbt_score: str = "task"
@@ -90,7 +92,7 @@ class TrainConfig:
     # the fixed held-in problems (each training family's default task, training seeds); the
     # best weights seen so far are the run's *elite*, which evaluation and export use
     validate_interval: int = 50
-    validate_steps: int = 100  # inner steps of each validation problem
+    validate_steps: int = 300  # inner steps of each validation problem (as evaluation)
     # when no member validates as well as the elite, the elite replaces the worst member
     restore_elite: bool = True
     # evaluation during training: the best member against tuned Adam on the "quick" held-out

@@ -113,7 +113,7 @@ def run_sections(data: RunData, heading_level: int = 2) -> str:
              "not reached" if ttb is None else ttb / 60),
             ("best member (position, lineage id)",
              f"{summary['best_position']}, {summary['best_id']}"),
-            ("elite (lineage id, validated at step, held-in meta-loss)",
+            ("elite (lineage id, chosen at step, held-in meta-loss)",
              f"{summary['elite']['id']}, {summary['elite']['step']}, "
              f"{_fmt(summary['elite']['held_in'])}" if summary.get("elite") else "none"),
             ("stopped early", summary["interrupted"]),

@@ -658,6 +658,10 @@ class Trainer:
         else:
             *new, metrics = outer_steps(*args, cfg.seed, state.step, n)
             history = {k: np.asarray(v) for k, v in metrics.items()}
+        if cfg.normalization == "log":
+            # logged, shown and checked on the ratio scale (1 = no progress): the geometric mean
+            # of the truncation's loss ratios, exp of the mean log that ES minimises
+            history["meta_loss"] = np.exp(history["meta_loss"])
         state.thetas, state.outer_state, state.slot_inner[slot] = new
         metrics = {k: v[-1] for k, v in history.items()}
         if state.start_meta_loss is None:
@@ -755,9 +759,12 @@ class Trainer:
                 "best_position": state.best,
                 "best_id": state.member_ids[state.best],
                 "best_score": _finite_or_none(state.scores[state.best]),
-                # the elite's held-in meta-loss is on the problems of held_in_start/held_in_end
+                # held_in: on the problems and measure of held_in_start/held_in_end;
+                # validation: the score that chose it (validate_steps, score_loss)
                 "elite": ({"id": state.elite_id, "step": state.elite_step,
-                           "held_in": _finite_or_none(state.elite_score)}
+                           "held_in": float(self.held_in_meta_loss(
+                               jax.tree.map(lambda x: x[None], state.elite["theta"]))[0]),
+                           "validation": _finite_or_none(state.elite_score)}
                           if state.elite is not None else None),
                 "checkpoint": str(path), "interrupted": interrupted,
                 "last_eval": ({k: evals[-1][k] for k in EVAL_SUMMARY_FIELDS}

@@ -15,6 +15,14 @@ def validation_rows(run_dir):
     return log_rows(run_dir, "validation.jsonl")
 
 
+def wreck(thetas):
+    """Members that step every weight by -1 each step (a last-layer direction bias of 1000):
+    they diverge on any task, far worse than any trained or random optimizer."""
+    thetas = jax.tree.map(jnp.array, thetas)
+    thetas["layers"][-1]["b"] = thetas["layers"][-1]["b"].at[:, 0].set(1000.0)
+    return thetas
+
+
 def test_the_elite_is_the_best_validation_so_far_and_its_weights_are_kept(tmp_path):
     trainer = Trainer(tiny(max_steps=12, validate_interval=3, restore_elite=False),
                       tmp_path / "run")
@@ -37,10 +45,10 @@ def test_a_population_worse_than_the_elite_gets_it_back(tmp_path):
     trainer = Trainer(tiny(max_steps=1, validate_interval=1), tmp_path / "run")
     trainer.run()
     state = trainer.load_latest()
-    # every member forgets everything (zero weights take no steps): the next validation finds
-    # none as good as the elite
-    state.thetas = jax.tree.map(jnp.zeros_like, state.thetas)
-    scores = trainer.held_in_meta_loss(state.thetas, trainer.cfg.validate_steps)
+    # every member drifts into divergence: the next validation finds none as good as the elite
+    state.thetas = wreck(state.thetas)
+    scores = trainer.held_in_meta_loss(state.thetas, trainer.cfg.validate_steps,
+                                       loss=trainer.cfg.score_loss)
     assert scores.min() > state.elite_score
     trainer.validate(state)
     worst = int(np.argmax(scores))
@@ -58,7 +66,7 @@ def test_without_restoring_the_population_is_left_alone(tmp_path):
                       tmp_path / "run")
     trainer.run()
     state = trainer.load_latest()
-    state.thetas = jax.tree.map(jnp.zeros_like, state.thetas)
+    state.thetas = wreck(state.thetas)
     before = jax.tree.map(np.asarray, state.thetas)
     trainer.validate(state)
     assert validation_rows(tmp_path / "run")[-1]["restored"] is None
@@ -80,8 +88,13 @@ def test_the_elite_survives_a_checkpoint_exactly_and_is_what_evaluation_takes(tm
     assert trainer.member_source(loaded) == {"member": "elite", "member_id": loaded.elite_id,
                                              "elite_step": loaded.elite_step}
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["elite"] == {"id": state.elite_id, "step": state.elite_step,
-                                "held_in": state.elite_score}
+    assert summary["elite"]["validation"] == state.elite_score
+    assert {k: summary["elite"][k] for k in ("id", "step")} == {"id": state.elite_id,
+                                                               "step": state.elite_step}
+    # on the summary's own problems and measure, next to the population's start and end
+    one = jax.tree.map(lambda x: x[None], state.elite["theta"])
+    np.testing.assert_allclose(summary["elite"]["held_in"], trainer.held_in_meta_loss(one)[0],
+                               rtol=1e-6)
 
 
 def test_a_run_without_validation_has_no_elite_and_answers_with_its_best_member(tmp_path):

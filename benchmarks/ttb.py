@@ -13,6 +13,10 @@ if it never did), the best margin reached (mean normalised loss of the learned o
 tuned Adam; below 1 is better than Adam) and the margin at 10, 30 and 60 minutes where the run got there. ``--control`` runs the
 Adam-meta-trained control with the same budget afterwards and reports it the same way;
 ``--heldout`` also evaluates each run's final elite on the whole held-out suite (12 tasks).
+
+Like ``selfopt train``, it uses the compilation cache in ``$SELFOPT_CACHE/jax``; the JSON says
+how many compiled programs were there at the start. Point ``SELFOPT_CACHE`` at an empty folder
+(with a copy of ``adam/`` to skip re-tuning Adam) to measure a first run on a new machine.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import jax
 
+from selfopt.cache import enable_compilation_cache
 from selfopt.cli import _assignment
 from selfopt.config import make_config
 from selfopt.evaluate import default_cache_dir, evaluate, suite
@@ -82,11 +87,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path,
                         default=Path("runs") / f"ttb-{time.strftime('%Y%m%d-%H%M%S')}")
     args = parser.parse_args()
+    cache = enable_compilation_cache()
     overrides = {**dict(args.set), "minutes": args.minutes, "eval_minutes": args.eval_minutes}
     report = {"benchmark": "time_to_beat_adam", "overrides": dict(args.set),
               "minutes": args.minutes, "machine": {
                   "platform": platform.platform(), "cpus": os.cpu_count(),
-                  "devices": [str(d) for d in jax.devices()]}}
+                  "devices": [str(d) for d in jax.devices()]},
+              "compilation_cache": {"dir": str(cache) if cache else None,
+                                    "programs_at_start": len(list(cache.iterdir())) if cache
+                                    else 0}}
     report["self"] = run_arm(args.out / "self", overrides, args.heldout)
     if args.control:
         report["control"] = run_arm(args.out / "control", {**overrides, "outer_optimizer": "adam"},

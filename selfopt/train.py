@@ -615,7 +615,7 @@ class Trainer:
         if not 0 <= member < self.cfg.population:
             raise ValueError(f"member {member} is not in the population (positions 0 to "
                              f"{self.cfg.population - 1})")
-        theta = jax.tree.map(lambda x: x[member], state.thetas)
+        theta = member_slice(state.thetas, member)
         return lopt_candidate(self.comps.lopt, theta, name or (
             f"{self.comps.outer.label} member {member} (id {state.member_ids[member]}, "
             f"step {state.step})"))

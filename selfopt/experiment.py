@@ -4,8 +4,8 @@
    (``outer_optimizer="self"``), ``minutes`` of training;
 2. ``control/``: the same architecture, population, tasks and budget, meta-trained by Adam
    (``outer_optimizer="adam"``, the conventional control);
-3. the elite of each (its best held-in validation), and Adam tuned per task over 14 learning rates, on the whole
-   held-out suite (same seeds, initialisations and batches);
+3. the elite of each (its best held-in validation), and Adam tuned per task over 14 learning
+   rates, on the whole held-out suite (same seeds, initialisations and batches);
 4. ``report.html`` (both runs side by side, self-contained) and ``results.json``.
 
 Both runs log evaluations on the quick held-out suite during training (``eval.jsonl``), so the

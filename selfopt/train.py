@@ -194,6 +194,11 @@ def select(tree: Any, sources: np.ndarray) -> Any:
     return jax.tree.map(lambda x: x[index], tree)
 
 
+def crossed(step: int, n: int, interval: int) -> bool:
+    """Whether the last ``n`` steps, ending at ``step``, passed a multiple of ``interval``."""
+    return step // interval > (step - n) // interval
+
+
 def member_slice(tree: Any, member: int) -> Any:
     """One member's part of a population pytree (leading axis removed)."""
     return jax.tree.map(lambda x: x[member], tree)
@@ -686,10 +691,9 @@ class Trainer:
             "replaced": replaced.get(i) if j == n - 1 else None,
         } for j in range(n) for i in range(cfg.population)])
         state.step += n
-        if state.step // cfg.pbt_interval > (state.step - n) // cfg.pbt_interval:
+        if crossed(state.step, n, cfg.pbt_interval):
             self.pbt_round(state, task)
-        if (cfg.validate_interval
-                and state.step // cfg.validate_interval > (state.step - n) // cfg.validate_interval):
+        if cfg.validate_interval and crossed(state.step, n, cfg.validate_interval):
             self.validate(state)
         metrics["replaced"] = replaced
         metrics["replacements"] = dict(self.replacement_counts())

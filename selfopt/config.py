@@ -87,7 +87,7 @@ class TrainConfig:
     # what PBT ranks members by: "task", the step's task (fresh problems); "held_in", every
     # training family's default task (mean; comparable from round to round)
     pbt_score: str = "task"
-    summary_steps: int = 100  # inner steps of the held-in problems (summary and validation)
+    summary_steps: int = 100  # inner steps of the summary's held-in start/end comparison
     # held-in validation: every validate_interval outer steps (0: never), every member trains
     # the fixed held-in problems (each training family's default task, training seeds); the
     # best weights seen so far are the run's *elite*, which evaluation and export use

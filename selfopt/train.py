@@ -37,6 +37,7 @@ import numpy as np
 from selfopt import checkpoint as ckpt
 from selfopt.config import ConfigError, TrainConfig, make_config
 from selfopt.estimators import PES, LogUniformLength, TruncatedES
+from selfopt.estimators.inner_problem import ratio_scale
 from selfopt.evaluate import Candidate, default_cache_dir, evaluate, lopt_candidate, suite
 from selfopt.lopt import MLPLOpt
 from selfopt.population import PBT, AdamControl, Hyperparams, SelfTraining, score_members
@@ -437,30 +438,32 @@ class Trainer:
         state.outer_state = select(state.outer_state, sources)
         hparams = new_hparams if new_hparams is not None else select(old_hparams, sources)
         state.hparams = Hyperparams(*map(jnp.asarray, hparams))
-        events = []
         parent_ids, parent_gens = list(state.member_ids), list(state.generation)
-        for child, parent in copies:
-            state.member_ids[child] = state.next_id
-            state.generation[child] = parent_gens[parent] + 1
-            state.next_id += 1
-            events.append({
-                "step": state.step, "kind": kinds[child], "position": child,
-                "child_id": state.member_ids[child], "replaced_id": parent_ids[child],
-                "parent_id": parent_ids[parent], "parent_position": parent,
-                "generation": state.generation[child],
-                "parent_score": _finite_or_none(state.scores[parent]),
-                "replaced_score": _finite_or_none(state.scores[child]),
-                "before": {k: float(np.exp(v[parent])) for k, v in
-                           zip(("step_mult", "sigma"), old_hparams)},
-                "after": {k: float(np.exp(v[child])) for k, v in
-                          zip(("step_mult", "sigma"), hparams)},
-            })
+        events = [self.new_lineage(state, child, kinds[child], parent_ids[parent], parent,
+                                   parent_gens[parent], state.scores[parent],
+                                   _hparams_at(old_hparams, parent), _hparams_at(hparams, child))
+                  for child, parent in copies]
         for child, parent in copies:
             state.scores[child] = state.scores[parent]
-        counts = self.replacement_counts()
-        for child, _ in copies:
-            counts[kinds[child]] = counts.get(kinds[child], 0) + 1
         self.append("lineage.jsonl", events)
+
+    def new_lineage(self, state: RunState, child: int, kind: str, parent_id: int,
+                    parent_position: int | None, parent_generation: int, parent_score: float,
+                    before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+        """Gives position ``child`` a new lineage id as a copy of ``parent_id``, counts the
+        replacement by ``kind`` and returns the ``lineage.jsonl`` event (not yet written)."""
+        event = {"step": state.step, "kind": kind, "position": child,
+                 "child_id": state.next_id, "replaced_id": state.member_ids[child],
+                 "parent_id": parent_id, "parent_position": parent_position,
+                 "generation": parent_generation + 1,
+                 "parent_score": _finite_or_none(parent_score),
+                 "replaced_score": _finite_or_none(state.scores[child]),
+                 "before": before, "after": after}
+        state.member_ids[child], state.generation[child] = state.next_id, parent_generation + 1
+        state.next_id += 1
+        counts = self.replacement_counts()
+        counts[kind] = counts.get(kind, 0) + 1
+        return event
 
     def pbt_round(self, state: RunState, task) -> None:
         cfg, comps = self.cfg, self.comps
@@ -482,9 +485,8 @@ class Trainer:
 
         Every member trains the fixed held-in problems (:meth:`held_in_meta_loss` on the
         summary's problems, training families and seeds only) for ``validate_steps`` steps,
-        scored by ``score_loss``. A member that
-        validates better than the elite becomes the elite (its weights and outer state are
-        copied). If none does and ``restore_elite`` is on, the elite replaces the member that
+        scored by ``score_loss``. A member that validates better than the elite becomes the
+        elite (its weights and outer state are copied). If none does and ``restore_elite`` is on, the elite replaces the member that
         validated worst (lineage kind ``restore_elite``; it keeps that position's PBT
         hyperparameters), so that a population that drifted away from its best point is pulled
         back. Logged to ``validation.jsonl``.
@@ -499,25 +501,14 @@ class Trainer:
             state.elite_id, state.elite_generation = state.member_ids[best], state.generation[best]
         elif self.cfg.restore_elite and state.elite is not None:
             restored = int(np.argmax(scores))
-            hparams = {k: float(np.exp(np.asarray(v)[restored]))
-                       for k, v in zip(("step_mult", "sigma"), state.hparams)}
             state.thetas = put_member(state.thetas, restored, state.elite["theta"])
             state.outer_state = put_member(state.outer_state, restored,
                                            state.elite["outer_state"])
-            self.append("lineage.jsonl", [{
-                "step": state.step, "kind": "restore_elite", "position": restored,
-                "child_id": state.next_id, "replaced_id": state.member_ids[restored],
-                "parent_id": state.elite_id, "parent_position": None,
-                "generation": state.elite_generation + 1,
-                "parent_score": _finite_or_none(state.elite_score),
-                "replaced_score": _finite_or_none(state.scores[restored]),
-                # the position keeps its PBT hyperparameters
-                "before": hparams, "after": hparams}])
-            state.member_ids[restored] = state.next_id
-            state.generation[restored] = state.elite_generation + 1
-            state.next_id += 1
-            counts = self.replacement_counts()
-            counts["restore_elite"] = counts.get("restore_elite", 0) + 1
+            hparams = _hparams_at(jax.tree.map(np.asarray, state.hparams), restored)
+            # the position keeps its PBT hyperparameters
+            self.append("lineage.jsonl", [self.new_lineage(
+                state, restored, "restore_elite", state.elite_id, None, state.elite_generation,
+                state.elite_score, hparams, hparams)])
         self.append("validation.jsonl", [{
             "step": state.step, "elapsed": round(state.elapsed, 3),
             "scores": [_finite_or_none(x) for x in scores], "best": best,
@@ -612,18 +603,18 @@ class Trainer:
         Raises:
           ValueError: ``member`` is not a position of the population.
         """
-        if member is None and state.elite is not None:
-            return lopt_candidate(self.comps.lopt, state.elite["theta"], name or (
-                f"{self.comps.outer.label} elite (id {state.elite_id}, validated at step "
-                f"{state.elite_step})"))
-        member = state.best if member is None else member
-        if not 0 <= member < self.cfg.population:
+        if member is not None and not 0 <= member < self.cfg.population:
             raise ValueError(f"member {member} is not in the population (positions 0 to "
                              f"{self.cfg.population - 1})")
-        theta = member_slice(state.thetas, member)
-        return lopt_candidate(self.comps.lopt, theta, name or (
-            f"{self.comps.outer.label} member {member} (id {state.member_ids[member]}, "
-            f"step {state.step})"))
+        source = self.member_source(state, member)
+        if source["member"] == "elite":
+            theta, default_name = state.elite["theta"], (
+                f"elite (id {state.elite_id}, validated at step {state.elite_step})")
+        else:
+            theta, default_name = member_slice(state.thetas, source["member"]), (
+                f"member {source['member']} (id {source['member_id']}, step {state.step})")
+        return lopt_candidate(self.comps.lopt, theta,
+                              name or f"{self.comps.outer.label} {default_name}")
 
     @staticmethod
     def member_source(state: RunState, member: int | None = None) -> dict[str, Any]:
@@ -663,10 +654,8 @@ class Trainer:
         else:
             *new, metrics = outer_steps(*args, cfg.seed, state.step, n)
             history = {k: np.asarray(v) for k, v in metrics.items()}
-        if cfg.normalization == "log":
-            # logged, shown and checked on the ratio scale (1 = no progress): the geometric mean
-            # of the truncation's loss ratios, exp of the mean log that ES minimises
-            history["meta_loss"] = np.exp(history["meta_loss"])
+        # logged, shown and checked on the ratio scale (1 = no progress)
+        history["meta_loss"] = ratio_scale(history["meta_loss"], cfg.normalization)
         state.thetas, state.outer_state, state.slot_inner[slot] = new
         metrics = {k: v[-1] for k, v in history.items()}
         if state.start_meta_loss is None:
@@ -766,8 +755,7 @@ class Trainer:
                 # held_in: on the problems and measure of held_in_start/held_in_end;
                 # validation: the score that chose it (validate_steps, score_loss)
                 "elite": ({"id": state.elite_id, "step": state.elite_step,
-                           "held_in": float(self.held_in_meta_loss(
-                               jax.tree.map(lambda x: x[None], state.elite["theta"]))[0]),
+                           "held_in": self.elite_held_in(state),
                            "validation": _finite_or_none(state.elite_score)}
                           if state.elite is not None else None),
                 "checkpoint": str(path), "interrupted": interrupted,
@@ -777,6 +765,13 @@ class Trainer:
         ckpt.atomic_write_bytes(self.run_dir / "summary.json",
                                 (json.dumps(summary, indent=2) + "\n").encode())
         return summary
+
+    def elite_held_in(self, state: RunState) -> float:
+        """The elite's :meth:`held_in_meta_loss` (the summary's measure). The elite is repeated
+        to the population's size, so the program compiled for the population is reused."""
+        population = jax.tree.map(
+            lambda x: jnp.broadcast_to(x, (self.cfg.population, *x.shape)), state.elite["theta"])
+        return float(self.held_in_meta_loss(population)[0])
 
     def recent_meta_loss(self, step: int, window: int = 10) -> float | None:
         """Median over members and the last ``window`` steps of the logged meta-loss."""
@@ -875,6 +870,12 @@ def _logged_step(line: bytes) -> float:
         return json.loads(line)["step"] if line.endswith(b"\n") else math.inf
     except (ValueError, KeyError, TypeError):
         return math.inf
+
+
+def _hparams_at(hparams: Hyperparams, member: int) -> dict[str, float]:
+    """One member's PBT hyperparameters as a lineage event records them."""
+    return {"step_mult": float(np.exp(hparams.log_step_mult[member])),
+            "sigma": float(np.exp(hparams.log_sigma[member]))}
 
 
 def _finite_or_none(value: float) -> float | None:

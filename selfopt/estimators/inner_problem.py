@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from selfopt.estimators.truncation import LengthSchedule
@@ -98,6 +99,16 @@ def normalized_loss(task: Task, loss: jax.Array, init_loss: jax.Array, normaliza
         return jnp.log(jnp.maximum(ratio, 1e-6))
     if normalization == "ratio":
         return ratio
+    raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
+
+
+def ratio_scale(meta_loss, normalization: str):
+    """A meta-loss on the ratio scale (1 = no progress), whatever the normalisation: as it is
+    for ``ratio``; for ``log``, ``exp`` of the mean log, the geometric mean of the ratios."""
+    if normalization == "log":
+        return np.exp(meta_loss)
+    if normalization == "ratio":
+        return meta_loss
     raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
 
 

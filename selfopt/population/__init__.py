@@ -8,5 +8,5 @@ from selfopt.population.pbt import (
 )
 from selfopt.population.self_training import POLICIES, AdamControl, OuterOptimizer, SelfTraining
 
-__all__ = ["PBT", "POLICIES", "SCORE_LOSSES", "AdamControl", "Hyperparams", "OuterOptimizer", "SelfTraining",
-           "replace_failed", "score_members"]
+__all__ = ["PBT", "POLICIES", "SCORE_LOSSES", "AdamControl", "Hyperparams", "OuterOptimizer",
+           "SelfTraining", "replace_failed", "score_members"]

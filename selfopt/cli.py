@@ -183,7 +183,7 @@ def train(args: argparse.Namespace) -> int:
         config_file = run_dir / "config.json"
         if not config_file.is_file():
             raise ConfigError(f"{run_dir} is not a selfopt run directory (no config.json)")
-        cfg = make_config(overrides, config_file)
+        cfg = make_config(overrides, config_file, stored=True)
     else:
         cfg = make_config(overrides, args.config)
         label = "adam-control" if cfg.outer_optimizer == "adam" else "self"

@@ -53,6 +53,8 @@ class TrainConfig:
     adam_learning_rate: float = 1e-3
     # the learned-optimizer architecture
     hidden: tuple[int, ...] = (32, 32)
+    # also feed the Adam-like momenta m/sqrt(v) without per-tensor normalisation (MLPLOpt)
+    raw_adam_features: bool = True
     # meta-gradient estimator
     estimator: str = "es"
     num_pairs: int = 4
@@ -109,6 +111,9 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+#: Fields added after runs were already stored, with the value a stored configuration that lacks
+#: one had in effect (where that differs from today's default): an old run resumes unchanged.
+STORED_DEFAULTS: dict[str, Any] = {"raw_adam_features": False}
 
 
 def _is_int(v) -> bool:
@@ -188,7 +193,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           ("estimator", ESTIMATORS), ("normalization", NORMALIZATIONS)):
         value = getattr(c, name)
         _check(name, value in choices, f"one of {list(choices)}", value)
-    for name in ("explore_sigma", "stratify_slots", "restore_elite"):
+    for name in ("explore_sigma", "stratify_slots", "restore_elite", "raw_adam_features"):
         _check(name, isinstance(getattr(c, name), bool), "true or false", getattr(c, name))
     _check("hidden", isinstance(c.hidden, tuple) and 1 <= len(c.hidden) <= 4
            and all(_is_int(w) and 1 <= w <= 1024 for w in c.hidden),
@@ -213,13 +218,18 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-def make_config(overrides: dict[str, Any] | None = None, file: Path | None = None) -> TrainConfig:
+def make_config(overrides: dict[str, Any] | None = None, file: Path | None = None, *,
+                stored: bool = False) -> TrainConfig:
     """Defaults, then ``file`` (JSON object), then ``overrides``; validated.
+
+    With ``stored``, the configuration is an existing run's (its ``config.json`` as ``file``, or
+    a checkpoint's metadata as ``overrides``): the fields it lacks take their
+    :data:`STORED_DEFAULTS` value, so a run from before a field existed is rebuilt as it was.
 
     Raises:
       ConfigError: an unknown field, an unreadable file, or an invalid value.
     """
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(STORED_DEFAULTS) if stored else {}
     if file is not None:
         try:
             loaded = json.loads(Path(file).read_text())

@@ -67,7 +67,7 @@ class Components(NamedTuple):
 
 def build(cfg: TrainConfig) -> Components:
     """The algorithms a configuration describes."""
-    lopt = MLPLOpt(hidden=cfg.hidden)
+    lopt = MLPLOpt(hidden=cfg.hidden, raw_adam_features=cfg.raw_adam_features)
     estimator_cls = PES if cfg.estimator == "pes" else TruncatedES
     estimator = estimator_cls(
         lopt, num_pairs=cfg.num_pairs, truncation_length=cfg.truncation_length,
@@ -794,7 +794,7 @@ def open_checkpoint(target: Path) -> tuple[Trainer, RunState, Path]:
     if target.is_dir():
         if not (target / "config.json").is_file():
             raise ckpt.CheckpointError(f"{target} is not a selfopt run directory (no config.json)")
-        trainer = Trainer(make_config({}, target / "config.json"), target)
+        trainer = Trainer(make_config({}, target / "config.json", stored=True), target)
         paths = trainer.checkpoints()
         if not paths:
             raise ckpt.CheckpointError(f"{target} has no checkpoint yet")
@@ -803,7 +803,7 @@ def open_checkpoint(target: Path) -> tuple[Trainer, RunState, Path]:
         raise ckpt.CheckpointError(f"no run directory or checkpoint file at {target}")
     try:
         config = ckpt.read_metadata(target)["config"]
-        cfg = make_config(config)
+        cfg = make_config(config, stored=True)
     except (KeyError, TypeError, ConfigError) as err:
         raise ckpt.CheckpointError(f"{target} is not a selfopt training checkpoint ({err})") from None
     trainer = Trainer(cfg, target.parent.parent)

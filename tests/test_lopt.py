@@ -79,9 +79,37 @@ def test_features_are_normalised_clipped_and_sized():
     n = 50
     g = jnp.linspace(-1e-3, 1e-3, n).at[0].set(1.0)  # one huge outlier gets clipped
     feats = lopt.features(g, g * 100, jnp.stack([g] * 5, axis=1), g**2, jnp.asarray(7))
-    assert feats.shape == (n, lopt.num_features) == (n, 22)
+    assert feats.shape == (n, lopt.num_features) == (n, 27)
+    assert MLPLOpt(raw_adam_features=False).num_features == 22
     assert float(jnp.max(jnp.abs(feats))) <= 5.0
     np.testing.assert_allclose(feats[:, -6:], np.broadcast_to(np.tanh(7 / np.array(lopt.timescales)), (n, 6)), rtol=1e-6)
+
+
+def test_raw_adam_features_keep_the_tensor_wide_ratio_that_normalisation_erases():
+    # A tensor whose gradient has cancelled out (momenta small against sqrt(v)) and one whose
+    # gradient is consistent: the normalised Adam-like features (RMS 1 over the tensor) cannot
+    # tell them apart; the raw ones are m / sqrt(v), computed here by hand.
+    lopt = MLPLOpt()
+    n, k = 40, len(lopt.decays)
+    signs = jnp.where(jnp.arange(n) % 2 == 0, 1.0, -1.0)
+    v = jnp.full(n, 4.0)
+    step = jnp.asarray(3)
+    cols = slice(lopt.num_features - len(lopt.timescales) - k, -len(lopt.timescales))
+    norm = slice(3 + k, 3 + 2 * k)  # the normalised Adam-like block: after g, p, momenta, rms
+    out = {}
+    for name, scale in (("cancelled", 0.02), ("consistent", 1.9)):
+        m = jnp.stack([signs * scale] * k, axis=1)
+        out[name] = lopt.features(signs * scale, signs, m, v, step)
+        np.testing.assert_allclose(out[name][:, cols], np.asarray(m) / np.sqrt(4.0 + 1e-8),
+                                   rtol=1e-5)
+    np.testing.assert_allclose(out["cancelled"][:, norm], out["consistent"][:, norm], rtol=1e-4)
+    assert not np.allclose(out["cancelled"][:, cols], out["consistent"][:, cols])
+    # both kinds are invariant to the gradient's scale: g, m and sqrt(v) scaled by 1000
+    m = jnp.stack([signs * 0.5] * k, axis=1)
+    a = lopt.features(signs * 0.5, signs, m, v, step)
+    b = lopt.features(signs * 500.0, signs, m * 1000, v * 1e6, step)
+    np.testing.assert_allclose(a[:, cols], b[:, cols], rtol=1e-5)
+    np.testing.assert_allclose(a[:, norm], b[:, norm], rtol=1e-5)
 
 
 def test_update_equals_the_mlp_on_all_features():

@@ -11,7 +11,8 @@ from safetensors.numpy import load_file
 
 from selfopt.cli import main
 from selfopt.config import make_config
-from selfopt.train import Trainer
+from selfopt.lopt import MLPLOpt
+from selfopt.train import Trainer, open_checkpoint
 
 TINY = {"population": 4, "num_pairs": 1, "truncation_length": 5, "min_inner_length": 10,
         "max_inner_length": 30, "families": ["quadratic"], "num_slots": 1, "task_steps": 3,
@@ -41,6 +42,24 @@ def test_stop_and_resume_equals_uninterrupted_bitwise(tmp_path):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     for name in ("metrics.jsonl", "lineage.jsonl"):
         assert log_rows(tmp_path / "whole", name) == log_rows(tmp_path / "split", name)
+
+
+def test_a_run_stored_before_raw_adam_features_resumes_and_opens_as_it_was(tmp_path):
+    # A run from before the field existed has no "raw_adam_features" in its config.json: it
+    # was built without those features, and must still resume and open (not be rebuilt with
+    # today's default, whose weights have another shape).
+    run_dir = tmp_path / "old"
+    Trainer(tiny(max_steps=2, raw_adam_features=False), run_dir).run()
+    stored = json.loads((run_dir / "config.json").read_text())
+    del stored["raw_adam_features"]
+    (run_dir / "config.json").write_text(json.dumps(stored))
+    assert main(["train", "--resume", str(run_dir), "--set", "max_steps=4", "--quiet"]) == 0
+    trainer, state, path = open_checkpoint(run_dir)
+    assert not trainer.cfg.raw_adam_features and state.step == 4
+    assert trainer.comps.lopt.num_features == MLPLOpt(raw_adam_features=False).num_features
+    assert load_file(path)["['thetas']['layers'][0]['w']"].shape == (4, 22, 8)
+    # a fresh configuration takes today's default
+    assert make_config({}).raw_adam_features and MLPLOpt().raw_adam_features
 
 
 def test_ctrl_c_stops_after_the_step_and_writes_a_checkpoint(tmp_path):

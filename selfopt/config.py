@@ -22,6 +22,7 @@ from selfopt.tasks.distribution import GRIDS, HELDOUT_FAMILIES, TRAIN_FAMILIES
 ESTIMATORS = ("es", "pes")
 OUTER_OPTIMIZERS = ("self", "adam")
 PBT_SCORES = ("task", "held_in")
+VALIDATE_PROBLEMS = ("defaults", "grid")
 #: The default training families: the fast ones, so a laptop run shows the phenomenon.
 DEFAULT_FAMILIES = ("quadratic", "test_function", "logistic", "mlp")
 
@@ -36,7 +37,7 @@ class TrainConfig:
 
     # population and budget
     population: int = 8
-    minutes: float = 12.0
+    minutes: float = 10.0
     max_steps: int = 0  # outer steps; 0 = until the time budget is spent
     seed: int = 0
     # who trains the members: "self" (learned optimizers of the population) or "adam" (control)
@@ -95,6 +96,9 @@ class TrainConfig:
     # best weights seen so far are the run's *elite*, which evaluation and export use
     validate_interval: int = 50
     validate_steps: int = 300  # inner steps of each validation problem (as evaluation)
+    # "defaults": each training family's default task, two problems; "grid": two configurations
+    # of each family from the task grid, one problem each (same cost, more variety)
+    validate_problems: str = "defaults"
     # when no member validates as well as the elite, the elite replaces the worst member
     restore_elite: bool = True
     # evaluation during training: the best member against tuned Adam on the "quick" held-out
@@ -190,6 +194,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name, choices in (("outer_optimizer", OUTER_OPTIMIZERS), ("policy", POLICIES),
                           ("pbt_score", PBT_SCORES), ("trust_region", TRUST_REGIONS),
                           ("score_loss", SCORE_LOSSES), ("task_grid", tuple(GRIDS)),
+                          ("validate_problems", VALIDATE_PROBLEMS),
                           ("estimator", ESTIMATORS), ("normalization", NORMALIZATIONS)):
         value = getattr(c, name)
         _check(name, value in choices, f"one of {list(choices)}", value)

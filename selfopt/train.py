@@ -491,8 +491,9 @@ class Trainer:
         hyperparameters), so that a population that drifted away from its best point is pulled
         back. Logged to ``validation.jsonl``.
         """
-        scores = np.nan_to_num(self.held_in_meta_loss(state.thetas, self.cfg.validate_steps,
-                                                      loss=self.cfg.score_loss), nan=np.inf)
+        scores = np.nan_to_num(self.held_in_meta_loss(
+            state.thetas, self.cfg.validate_steps, loss=self.cfg.score_loss,
+            problems=self.cfg.validate_problems), nan=np.inf)
         best, restored = int(np.argmin(scores)), None
         if scores[best] < state.elite_score:
             state.elite = member_slice({"theta": state.thetas, "outer_state": state.outer_state},
@@ -721,11 +722,15 @@ class Trainer:
 
     def held_in_meta_loss(self, thetas, num_steps: int | None = None,
                           key: jax.Array | None = None, seed: int = HELD_IN_SEED,
-                          loss: str = "mean") -> np.ndarray:
-        """``(K,)`` meta-loss of each member on held-in problems: the default task of every
-        training family (instance seed ``seed``), two problems each (drawn by ``key``),
-        ``num_steps`` steps, unperturbed weights, the ``loss`` of ``score_members``; the mean
-        over families.
+                          loss: str = "mean", problems: str = "defaults") -> np.ndarray:
+        """``(K,)`` meta-loss of each member on held-in problems, ``num_steps`` steps each,
+        unperturbed weights, the ``loss`` of ``score_members``; the mean over families.
+
+        ``problems``: ``defaults``, the default task of every training family (instance seed
+        ``seed``), two problems each (drawn by ``key``); or ``grid``, two configurations of
+        every training family drawn from the run's task grid (by ``seed``; differing in more
+        than their seed where the grid allows), one problem each: the same cost, more of the
+        variety the population trains on.
 
         The defaults (``summary_steps``, the fixed key of ``HELD_IN_SEED``) are the summary's
         start/end comparison: the same problems at both ends, so they compare like with like.
@@ -733,10 +738,16 @@ class Trainer:
         round. None of these is a held-out task."""
         cfg = self.cfg
         key = jax.random.key(seed) if key is None else key
-        per_family = [score(self.comps.lopt, thetas, self.task({"family": family, "seed": seed}),
-                            key, num_steps or cfg.summary_steps, loss=loss)
-                      for family in cfg.families]
-        return np.mean(np.stack([np.asarray(x) for x in per_family]), axis=0)
+        if problems == "grid":
+            configs = [c for family in cfg.families
+                       for c in self.comps.distribution.distinct_configs(family, 2, seed)]
+        else:
+            configs = [{"family": family, "seed": seed} for family in cfg.families]
+        per_config = [score(self.comps.lopt, thetas, self.task(config), key,
+                            num_steps or cfg.summary_steps, loss=loss,
+                            num_problems=1 if problems == "grid" else 2)
+                      for config in configs]
+        return np.mean(np.stack([np.asarray(x) for x in per_config]), axis=0)
 
     def summary(self, state: RunState, path: Path, interrupted: bool) -> dict[str, Any]:
         """Meta-loss at start and end, the best member, and the checkpoint written."""

@@ -104,3 +104,29 @@ def test_a_run_without_validation_has_no_elite_and_answers_with_its_best_member(
     assert state.elite is None and state.elite_id == -1
     assert ckpt.read_metadata(trainer.checkpoints()[-1])["run"]["elite_id"] == -1
     assert trainer.member_source(state)["member"] == state.best
+
+
+def test_grid_validation_scores_distinct_grid_configurations_of_every_family(tmp_path):
+    from selfopt.population import score_members
+    from selfopt.tasks import make_task
+    from selfopt.tasks.distribution import COMPACT_GRIDS, HELDOUT_SEED_START
+
+    cfg = tiny(families=["quadratic", "test_function"], validate_problems="grid")
+    trainer = Trainer(cfg, tmp_path / "run")
+    distribution = trainer.comps.distribution
+    configs = [c for f in cfg.families for c in distribution.distinct_configs(f, 2, 7)]
+    assert [c["family"] for c in configs] == ["quadratic"] * 2 + ["test_function"] * 2
+    for first, second in (configs[:2], configs[2:]):
+        assert {**first, "seed": 0} != {**second, "seed": 0}  # not the same task twice
+    for c in configs:
+        assert c["seed"] < HELDOUT_SEED_START
+        assert all(c[field] in values or tuple(c[field]) in values
+                   for field, values in COMPACT_GRIDS[c["family"]].items())
+    # the validation score is the mean of score_members on those configurations, one problem each
+    thetas = trainer.initial_thetas()
+    got = trainer.held_in_meta_loss(thetas, 6, seed=7, loss="final", problems="grid")
+    key = jax.random.key(7)
+    expected = np.mean([score_members(trainer.comps.lopt, thetas, make_task(c), key, 6,
+                                      num_problems=1, loss="final") for c in configs], axis=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert not np.allclose(got, trainer.held_in_meta_loss(thetas, 6, seed=7, loss="final"))

@@ -194,11 +194,26 @@ class TaskDistribution:
           A full configuration (see :func:`full_config`) for :func:`make_task`.
         """
         rng = _numpy_rng(key_or_seed)
-        family = self.families[rng.integers(len(self.families))]
+        return self.sample_family(self.families[rng.integers(len(self.families))], rng)
+
+    def sample_family(self, family: str, rng: np.random.Generator) -> dict[str, Any]:
+        """Draws one configuration of ``family`` (each grid field uniformly, a training seed)."""
         fields = {name: values[rng.integers(len(values))]
                   for name, values in GRIDS[self.grid][family].items()}
         return full_config({"family": family, "seed": int(rng.integers(HELDOUT_SEED_START)),
                             **fields})
+
+    def distinct_configs(self, family: str, count: int, seed: int) -> list[dict[str, Any]]:
+        """``count`` configurations of ``family`` drawn by ``seed`` that differ in more than
+        their seed where the grid allows (up to 20 draws per configuration)."""
+        rng, configs = np.random.default_rng(seed), []
+        for _ in range(count):
+            for _ in range(20):
+                config = self.sample_family(family, rng)
+                if all({**c, "seed": 0} != {**config, "seed": 0} for c in configs):
+                    break
+            configs.append(config)
+        return configs
 
     def heldout(self) -> list[dict[str, Any]]:
         """The fixed evaluation configurations (:data:`HELDOUT_CONFIGS`), as full configs.

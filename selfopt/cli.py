@@ -1,12 +1,12 @@
 """The ``selfopt`` command.
 
-    selfopt train [--config FILE] [--population 8] [--minutes 12] [--seed 0] [--out runs/NAME]
+    selfopt train [--config FILE] [--population 8] [--minutes 10] [--seed 0] [--out runs/NAME]
                   [--outer-optimizer self|adam] [--set FIELD=VALUE ...] [--resume RUN]
     selfopt eval RUN_OR_CHECKPOINT|optax:NAME[:LR] [--member N] [--tasks heldout|quick]
                  [--steps 300] [--seeds 3] [--seed 0] [--out FILE]
     selfopt plot RUN [--out DIR]
     selfopt report RUN [--out FILE]
-    selfopt experiment self-vs-adam [--minutes 12] [--out DIR] [--seed 0]
+    selfopt experiment self-vs-adam [--minutes 10] [--out DIR] [--seed 0]
     selfopt demo [--task mlp] [--steps 300] [--seed 0] [--adam-lr 1e-3]
 
 Bad input ends with one line on stderr (``selfopt: error: ...``), exit status 2, and nothing
@@ -136,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the same wall time each, both evaluated with tuned Adam on the held-out "
                     "tasks; writes one comparison report.")
     experiment.add_argument("name", choices=("self-vs-adam",))
-    experiment.add_argument("--minutes", type=_positive_float, default=12.0,
-                            help="training minutes of each run (default 12)")
+    experiment.add_argument("--minutes", type=_positive_float, default=10.0,
+                            help="training minutes of each run (default 10)")
     experiment.add_argument("--out", type=Path, help="folder (default runs/self-vs-adam-<time>)")
     experiment.add_argument("--seed", type=_non_negative_int, default=0)
     experiment.add_argument("--steps", type=_positive_int, default=300,

@@ -56,6 +56,8 @@ class TrainConfig:
     hidden: tuple[int, ...] = (32, 32)
     # also feed the Adam-like momenta m/sqrt(v) without per-tensor normalisation (MLPLOpt)
     raw_adam_features: bool = True
+    # c_m of the step -d * exp(c_m * m) * c_s: how strongly the magnitude output m scales a step
+    exp_mult: float = 0.001
     # meta-gradient estimator
     estimator: str = "es"
     num_pairs: int = 4
@@ -181,7 +183,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
            "a number of minutes in [0, 43200] (0: no evaluation during training)",
            c.eval_minutes)
     for name, lo, hi in (("clip", 0, 1e6), ("max_update", 0, 1e6), ("diverged_meta_loss", 0, 1e6),
-                         ("adam_learning_rate", 0, 10), ("loss_cap", 1, 1e6)):
+                         ("adam_learning_rate", 0, 10), ("loss_cap", 1, 1e6), ("exp_mult", 0, 10)):
         value = getattr(c, name)
         _check(name, _is_number(value) and lo < value <= hi, f"a number in ({lo:g}, {hi:g}]",
                value)

@@ -62,6 +62,13 @@ def test_a_run_stored_before_raw_adam_features_resumes_and_opens_as_it_was(tmp_p
     assert make_config({}).raw_adam_features and MLPLOpt().raw_adam_features
 
 
+def test_the_learned_optimizer_fields_of_the_config_build_it():
+    from selfopt.train import build
+    lopt = build(tiny(hidden=[8, 4], raw_adam_features=False, exp_mult=0.1)).lopt
+    assert (lopt.hidden, lopt.raw_adam_features, lopt.exp_mult) == ((8, 4), False, 0.1)
+    assert build(tiny()).lopt == MLPLOpt(hidden=(8,))  # the defaults are MLPLOpt's
+
+
 def test_ctrl_c_stops_after_the_step_and_writes_a_checkpoint(tmp_path):
     def interrupt(info):
         if info["state"].step == 2:

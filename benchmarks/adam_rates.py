@@ -1,0 +1,55 @@
+"""Adam at one learning rate for every task, against Adam tuned per task: how much of the bar is
+the per-task tuning.
+
+    python benchmarks/adam_rates.py [--tasks quick|heldout] [--steps 300] [--seeds 3]
+
+For each of Adam's 14 learning rates, the mean normalised loss over the suite when every task
+uses that rate, and its margin over per-task tuned Adam (the bar of ``benchmarks/ttb.py``). A
+learned optimizer is one set of weights for all tasks, so the best single rate is the
+hand-designed optimizer it resembles most; below that margin it adapts to the task better than
+Adam with one rate does. Reads and fills the tuned-Adam cache of ``selfopt eval``
+(``$SELFOPT_CACHE/adam``), so after a ``selfopt eval`` of the same suite it takes seconds.
+Prints JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from selfopt.evaluate import (ADAM_LEARNING_RATES, _normalized, default_cache_dir, suite,
+                              task_label, tune_adam)
+from selfopt.tasks import make_task
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", choices=("quick", "heldout"), default="quick")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+
+    per_task = {}  # label -> {rate: normalised loss}, and the tuned rate
+    tuned_rate = {}
+    for config in suite(args.tasks):
+        adam = tune_adam(config, args.steps, args.seeds, cache_dir=default_cache_dir())
+        task, init = make_task(config), float(adam.train_losses[:, 0].mean())
+        label = task_label(config)
+        per_task[label] = {lr: _normalized(task, final, init)
+                           for lr, final in adam.final_by_rate.items()}
+        tuned_rate[label] = adam.learning_rate
+    tuned = float(np.mean([rows[tuned_rate[label]] for label, rows in per_task.items()]))
+    by_rate = []
+    for lr in ADAM_LEARNING_RATES:
+        mean = float(np.mean([rows[lr] for rows in per_task.values()]))
+        by_rate.append({"learning_rate": lr, "mean_normalized": mean, "margin": mean / tuned})
+    best = min(by_rate, key=lambda row: row["mean_normalized"])
+    print(json.dumps({"benchmark": "adam_single_rate", "tasks": args.tasks, "steps": args.steps,
+                      "seeds": args.seeds, "tuned_mean_normalized": tuned,
+                      "tuned_rate_by_task": tuned_rate, "best_single_rate": best,
+                      "by_rate": by_rate}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

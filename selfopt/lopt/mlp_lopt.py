@@ -60,7 +60,7 @@ class MLPLOpt:
       timescales: step-count embedding timescales, in steps.
       step_mult: ``c_s``, the scale of a step.
       exp_mult: ``c_m``, how strongly the magnitude output scales the step.
-      feature_clip: normalised features are clipped to ``[-feature_clip, feature_clip]``.
+      feature_clip: features 1-4 and 6 are clipped to ``[-feature_clip, feature_clip]``.
       raw_adam_features: also read the Adam-like momenta ``m_k / sqrt(v)`` without the
         per-tensor normalisation (feature 6 of the module docstring).
     """

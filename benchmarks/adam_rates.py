@@ -18,7 +18,7 @@ import json
 
 import numpy as np
 
-from selfopt.evaluate import (ADAM_LEARNING_RATES, _normalized, default_cache_dir, suite,
+from selfopt.evaluate import (ADAM_LEARNING_RATES, default_cache_dir, normalized_final, suite,
                               task_label, tune_adam)
 from selfopt.tasks import make_task
 
@@ -30,13 +30,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
 
-    per_task = {}  # label -> {rate: normalised loss}, and the tuned rate
-    tuned_rate = {}
+    per_task = {}  # label -> {rate: normalised final loss}
+    tuned_rate = {}  # label -> the rate tuned Adam chose
     for config in suite(args.tasks):
         adam = tune_adam(config, args.steps, args.seeds, cache_dir=default_cache_dir())
         task, init = make_task(config), float(adam.train_losses[:, 0].mean())
         label = task_label(config)
-        per_task[label] = {lr: _normalized(task, final, init)
+        per_task[label] = {lr: normalized_final(task, final, init)
                            for lr, final in adam.final_by_rate.items()}
         tuned_rate[label] = adam.learning_rate
     tuned = float(np.mean([rows[tuned_rate[label]] for label, rows in per_task.items()]))

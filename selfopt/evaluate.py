@@ -391,7 +391,9 @@ def _json_number(value: Any) -> Any:
     return value
 
 
-def _normalized(task: Task, final: float, init: float) -> float:
+def normalized_final(task: Task, final: float, init: float) -> float:
+    """A final loss normalised by the task (:meth:`Task.normalize`), capped at
+    :data:`NORMALIZED_CAP` (also for a diverged, non-finite one): what the suite averages."""
     value = float(task.normalize(final, init))
     return min(value, NORMALIZED_CAP) if math.isfinite(value) else NORMALIZED_CAP
 
@@ -424,9 +426,9 @@ def compare_on_task(candidate: Candidate, config: Mapping[str, Any], num_steps: 
         label=task_label(config), config=config, init_loss=init, final=final,
         mean=float(np.mean(losses)) if np.isfinite(losses).all() else math.inf,
         valid=float(valid.mean()) if np.isfinite(valid).all() else math.inf,
-        normalized=_normalized(task, final, init), adam_final=adam_final,
+        normalized=normalized_final(task, final, init), adam_final=adam_final,
         adam_mean=float(np.mean(adam.train_losses)), adam_valid=float(adam.valid_losses.mean()),
-        adam_normalized=_normalized(task, adam_final, init),
+        adam_normalized=normalized_final(task, adam_final, init),
         adam_learning_rate=adam.learning_rate,
         speedup=speedup_over(adam.train_losses.mean(axis=0), mean_curve)
         if np.isfinite(mean_curve).all() else 0.0)

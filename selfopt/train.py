@@ -485,12 +485,12 @@ class Trainer:
         """Held-in validation of every member; keeps the best weights seen as the elite.
 
         Every member trains the fixed held-in problems (:meth:`held_in_meta_loss` on the
-        summary's problems, training families and seeds only) for ``validate_steps`` steps,
+        ``validate_problems``: training families and seeds only) for ``validate_steps`` steps,
         scored by ``score_loss``. A member that validates better than the elite becomes the
-        elite (its weights and outer state are copied). If none does and ``restore_elite`` is on, the elite replaces the member that
-        validated worst (lineage kind ``restore_elite``; it keeps that position's PBT
-        hyperparameters), so that a population that drifted away from its best point is pulled
-        back. Logged to ``validation.jsonl``.
+        elite (its weights and outer state are copied). If none does and ``restore_elite`` is
+        on, the elite replaces the member that validated worst (lineage kind ``restore_elite``;
+        it keeps that position's PBT hyperparameters), so that a population that drifted away
+        from its best point is pulled back. Logged to ``validation.jsonl``.
         """
         scores = np.nan_to_num(self.held_in_meta_loss(
             state.thetas, self.cfg.validate_steps, loss=self.cfg.score_loss,
@@ -742,11 +742,12 @@ class Trainer:
         if problems == "grid":
             configs = [c for family in cfg.families
                        for c in self.comps.distribution.distinct_configs(family, 2, seed)]
+            num_problems = 1
         else:
             configs = [{"family": family, "seed": seed} for family in cfg.families]
+            num_problems = 2
         per_config = [score(self.comps.lopt, thetas, self.task(config), key,
-                            num_steps or cfg.summary_steps, loss=loss,
-                            num_problems=1 if problems == "grid" else 2)
+                            num_steps or cfg.summary_steps, loss=loss, num_problems=num_problems)
                       for config in configs]
         return np.mean(np.stack([np.asarray(x) for x in per_config]), axis=0)
 

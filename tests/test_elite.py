@@ -7,6 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfopt import checkpoint as ckpt
+from selfopt.population import score_members
+from selfopt.tasks import make_task
+from selfopt.tasks.distribution import COMPACT_GRIDS, HELDOUT_SEED_START
 from selfopt.train import Trainer, member_slice
 from test_train import log_rows, tiny
 
@@ -107,10 +110,6 @@ def test_a_run_without_validation_has_no_elite_and_answers_with_its_best_member(
 
 
 def test_grid_validation_scores_distinct_grid_configurations_of_every_family(tmp_path):
-    from selfopt.population import score_members
-    from selfopt.tasks import make_task
-    from selfopt.tasks.distribution import COMPACT_GRIDS, HELDOUT_SEED_START
-
     cfg = tiny(families=["quadratic", "test_function"], validate_problems="grid")
     trainer = Trainer(cfg, tmp_path / "run")
     distribution = trainer.comps.distribution

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 from selfopt.cli import main
 from selfopt.config import make_config
 from selfopt.lopt import MLPLOpt
-from selfopt.train import Trainer, open_checkpoint
+from selfopt.train import Trainer, build, open_checkpoint
 
 TINY = {"population": 4, "num_pairs": 1, "truncation_length": 5, "min_inner_length": 10,
         "max_inner_length": 30, "families": ["quadratic"], "num_slots": 1, "task_steps": 3,
@@ -63,7 +63,6 @@ def test_a_run_stored_before_raw_adam_features_resumes_and_opens_as_it_was(tmp_p
 
 
 def test_the_learned_optimizer_fields_of_the_config_build_it():
-    from selfopt.train import build
     lopt = build(tiny(hidden=[8, 4], raw_adam_features=False, exp_mult=0.1)).lopt
     assert (lopt.hidden, lopt.raw_adam_features, lopt.exp_mult) == ((8, 4), False, 0.1)
     assert build(tiny()).lopt == MLPLOpt(hidden=(8,))  # the defaults are MLPLOpt's

@@ -56,6 +56,8 @@ class TrainConfig:
     hidden: tuple[int, ...] = (32, 32)
     # also feed the Adam-like momenta m/sqrt(v) without per-tensor normalisation (MLPLOpt)
     raw_adam_features: bool = True
+    # also feed log-magnitudes of the gradient, parameter and RMS (MLPLOpt; off: scale-free)
+    magnitude_features: bool = True
     # c_m of the step -d * exp(c_m * m) * c_s: how strongly the magnitude output m scales a step
     exp_mult: float = 0.001
     # meta-gradient estimator
@@ -200,7 +202,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           ("estimator", ESTIMATORS), ("normalization", NORMALIZATIONS)):
         value = getattr(c, name)
         _check(name, value in choices, f"one of {list(choices)}", value)
-    for name in ("explore_sigma", "stratify_slots", "restore_elite", "raw_adam_features"):
+    for name in ("explore_sigma", "stratify_slots", "restore_elite", "raw_adam_features",
+                 "magnitude_features"):
         _check(name, isinstance(getattr(c, name), bool), "true or false", getattr(c, name))
     _check("hidden", isinstance(c.hidden, tuple) and 1 <= len(c.hidden) <= 4
            and all(_is_int(w) and 1 <= w <= 1024 for w in c.hidden),

@@ -68,7 +68,7 @@ class Components(NamedTuple):
 def build(cfg: TrainConfig) -> Components:
     """The algorithms a configuration describes."""
     lopt = MLPLOpt(hidden=cfg.hidden, raw_adam_features=cfg.raw_adam_features,
-                  exp_mult=cfg.exp_mult)
+                  magnitude_features=cfg.magnitude_features, exp_mult=cfg.exp_mult)
     estimator_cls = PES if cfg.estimator == "pes" else TruncatedES
     estimator = estimator_cls(
         lopt, num_pairs=cfg.num_pairs, truncation_length=cfg.truncation_length,

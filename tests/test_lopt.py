@@ -112,6 +112,24 @@ def test_raw_adam_features_keep_the_tensor_wide_ratio_that_normalisation_erases(
     np.testing.assert_allclose(a[:, norm], b[:, norm], rtol=1e-5)
 
 
+def test_without_magnitude_features_the_step_ignores_the_gradient_scale():
+    # The log-magnitudes are the only features that see absolute scale: without them, a
+    # gradient 1000x larger gives the same features and so the same step; with them it does not.
+    # (Scales well above the normalisation's epsilon: the 0.9999 momentum starts at 1e-4 g.)
+    theta_on, theta_off = (MLPLOpt(magnitude_features=flag).init(jax.random.key(5))
+                           for flag in (True, False))
+    steps = {}
+    for flag, theta in ((True, theta_on), (False, theta_off)):
+        opt = MLPLOpt(magnitude_features=flag).optimizer(theta)
+        grads = grads_like(PARAMS)
+        for scale in (1e3, 1e6):
+            scaled = jax.tree.map(lambda g: g * scale, grads)
+            steps[flag, scale] = opt.update(scaled, opt.init(PARAMS), PARAMS)[0]["dense"]
+    assert MLPLOpt(magnitude_features=False).num_features == MLPLOpt().num_features - 3
+    np.testing.assert_allclose(steps[False, 1e3], steps[False, 1e6], rtol=1e-4, atol=1e-9)
+    assert not np.allclose(steps[True, 1e3], steps[True, 1e6], rtol=1e-3)
+
+
 def test_update_equals_the_mlp_on_all_features():
     # The update folds the time features into the first layer's bias; the reference is the
     # plain MLP on the full feature matrix of the module docstring.

@@ -63,8 +63,10 @@ def test_a_run_stored_before_raw_adam_features_resumes_and_opens_as_it_was(tmp_p
 
 
 def test_the_learned_optimizer_fields_of_the_config_build_it():
-    lopt = build(tiny(hidden=[8, 4], raw_adam_features=False, exp_mult=0.1)).lopt
-    assert (lopt.hidden, lopt.raw_adam_features, lopt.exp_mult) == ((8, 4), False, 0.1)
+    lopt = build(tiny(hidden=[8, 4], raw_adam_features=False, magnitude_features=False,
+                      exp_mult=0.1)).lopt
+    assert (lopt.hidden, lopt.raw_adam_features, lopt.magnitude_features, lopt.exp_mult) == (
+        (8, 4), False, False, 0.1)
     assert build(tiny()).lopt == MLPLOpt(hidden=(8,))  # the defaults are MLPLOpt's
 
 

@@ -7,7 +7,8 @@ step is ``-d * exp(exp_mult * m) * step_mult``. The MLP is shared by all paramet
 tensors, so one set of weights ``theta`` (2,018 floats at the defaults) optimises any model.
 
 Features of one parameter tensor, in order (``F = 2 + 2 * len(decays) + 1 + 3 + len(timescales)``
-``+ len(decays)`` with ``raw_adam_features``, 27 at the defaults):
+``+ len(decays)`` with ``raw_adam_features``, less 3 without ``magnitude_features``; 27 at the
+defaults):
 
 1. gradient ``g`` and parameter ``p``;
 2. momenta ``m_k <- b_k m_k + (1 - b_k) g`` at each decay ``b_k``;
@@ -15,9 +16,10 @@ Features of one parameter tensor, in order (``F = 2 + 2 * len(decays) + 1 + 3 + 
 4. Adam-like normalised momenta ``m_k / sqrt(v + eps)``;
    -- features 1-4 are each divided by their root mean square over the tensor, then clipped to
    ``[-feature_clip, feature_clip]`` (the 2020 paper calls this crucial for stability);
-5. log-magnitudes ``log(|x| + 1e-12) / 5`` of ``g``, ``p`` and ``sqrt(v)``, clipped to
-   ``[-5, 5]`` **(ours)**: the normalised features above are scale free, these keep the absolute
-   scale (``|x|`` from about 1e-11 to 7e10 is represented);
+5. with ``magnitude_features`` (default on): log-magnitudes ``log(|x| + 1e-12) / 5`` of ``g``,
+   ``p`` and ``sqrt(v)``, clipped to ``[-5, 5]`` **(ours)**: the normalised features above are
+   scale free, these keep the absolute scale (``|x|`` from about 1e-11 to 7e10 is represented);
+   without them the step does not depend on the gradient's scale (beyond the epsilons);
 6. with ``raw_adam_features`` **(ours)**: the Adam-like momenta ``m_k / sqrt(v + eps)`` again,
    clipped to ``[-feature_clip, feature_clip]`` but *not* divided by their RMS over the tensor.
    They are scale free already; the per-tensor normalisation of feature 4 keeps their RMS at 1
@@ -63,6 +65,8 @@ class MLPLOpt:
       feature_clip: features 1-4 and 6 are clipped to ``[-feature_clip, feature_clip]``.
       raw_adam_features: also read the Adam-like momenta ``m_k / sqrt(v)`` without the
         per-tensor normalisation (feature 6 of the module docstring).
+      magnitude_features: read the log-magnitudes of feature 5 (off: the LO sees only
+        scale-free features and the step count).
     """
 
     hidden: tuple[int, ...] = (32, 32)
@@ -73,6 +77,7 @@ class MLPLOpt:
     exp_mult: float = 1e-3
     feature_clip: float = 5.0
     raw_adam_features: bool = True
+    magnitude_features: bool = True
 
     def __post_init__(self):
         if not self.hidden or any(not isinstance(w, int) or w < 1 for w in self.hidden):
@@ -80,8 +85,8 @@ class MLPLOpt:
 
     @property
     def num_features(self) -> int:
-        return (2 + 2 * len(self.decays) + 1 + 3 + len(self.timescales)
-                + (len(self.decays) if self.raw_adam_features else 0))
+        return (2 + 2 * len(self.decays) + 1 + (3 if self.magnitude_features else 0)
+                + len(self.timescales) + (len(self.decays) if self.raw_adam_features else 0))
 
     def init(self, key: jax.Array) -> Theta:
         """Random LO weights: fan-in scaled normal weights and zero biases.
@@ -112,8 +117,10 @@ class MLPLOpt:
         scaled = jnp.concatenate([g[:, None], p[:, None], m, rms[:, None], adam], axis=1)
         scaled = scaled * jax.lax.rsqrt(jnp.mean(jnp.square(scaled), axis=0) + _EPS)
         scaled = jnp.clip(scaled, -self.feature_clip, self.feature_clip)
-        logs = jnp.clip(jnp.log(jnp.abs(jnp.stack([g, p, rms], axis=1)) + 1e-12) / 5.0, -5.0, 5.0)
-        parts = [scaled, logs]
+        parts = [scaled]
+        if self.magnitude_features:
+            parts.append(jnp.clip(jnp.log(jnp.abs(jnp.stack([g, p, rms], axis=1)) + 1e-12) / 5.0,
+                                  -5.0, 5.0))
         if self.raw_adam_features:
             parts.append(jnp.clip(adam, -self.feature_clip, self.feature_clip))
         return jnp.concatenate(parts, axis=1)

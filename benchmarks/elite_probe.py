@@ -1,0 +1,110 @@
+"""Probes of a trained run's elite: why training stops improving it.
+
+    python benchmarks/elite_probe.py heldin RUN [--tasks 12]
+    python benchmarks/elite_probe.py continue RUN [--steps 200] [--every 50] [--set k=v ...]
+
+``heldin``: the elite against Adam tuned per task (14 rates, as ``selfopt eval``) on ``--tasks``
+configurations drawn from the run's *own training distribution* (training seeds), instead of
+the held-out suite. Comparing the two separates what the learned optimizer cannot do at all
+from what it does not carry over to new tasks.
+
+``continue``: every member starts from the elite (weights and outer state), then trains
+``--steps`` more outer steps with the run's configuration changed by ``--set`` (for example
+``max_update=0.0003``, ``num_pairs=32``, ``estimator='"pes"'``, ``families='["mlp"]'``), with
+no validation or evaluation in between. Every ``--every`` steps all members are scored on
+*fresh* held-in problems (instance seeds and draws that validation never used, so the elite,
+which validation selected, has no head start there), with the validation's horizon and loss.
+If the meta-gradient pointed towards better validation, some member would improve on the
+elite's starting score.
+
+Both print JSON; the run directory is only read (``continue`` trains in a temporary folder).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selfopt.cli import _assignment
+from selfopt.config import make_config
+from selfopt.evaluate import default_cache_dir, evaluate, lopt_candidate
+from selfopt.tasks.distribution import TaskDistribution
+from selfopt.train import Trainer, open_checkpoint
+
+#: Instance seeds and draws of the fresh held-in problems (validation uses others).
+FRESH_SEEDS = (777, 778)
+
+
+def heldin(run: Path, num_tasks: int) -> dict:
+    trainer, state, _ = open_checkpoint(run)
+    cfg = trainer.cfg
+    distribution = TaskDistribution(cfg.families, cfg.task_grid)
+    configs = [distribution.sample(500_000 + i) for i in range(num_tasks)]
+    result = evaluate(lopt_candidate(trainer.comps.lopt, state.elite["theta"], "elite"),
+                      configs, cfg.eval_steps, cfg.eval_seeds, cache_dir=default_cache_dir())
+    return {**result.summary(), "elite_id": state.elite_id,
+            "tasks_by_label": [{"task": t.label, "elite": t.normalized, "adam": t.adam_normalized,
+                                "ratio": t.normalized / t.adam_normalized if t.adam_normalized
+                                else None} for t in result.tasks]}
+
+
+def fresh_validation(trainer: Trainer, thetas) -> np.ndarray:
+    cfg = trainer.cfg
+    return np.mean([trainer.held_in_meta_loss(thetas, cfg.validate_steps,
+                                              jax.random.key(seed), seed=seed,
+                                              loss=cfg.score_loss)
+                    for seed in FRESH_SEEDS], axis=0)
+
+
+def continue_from_elite(run: Path, steps: int, every: int, changes: dict) -> dict:
+    original, state, _ = open_checkpoint(run)
+    cfg = make_config({**original.cfg.to_json(), **changes, "validate_interval": 0,
+                       "eval_minutes": 0})
+    trainer = Trainer(cfg, Path(tempfile.mkdtemp(prefix="elite-probe-")))
+    copies = lambda x: jnp.broadcast_to(x, (cfg.population, *x.shape))
+    state.thetas = jax.tree.map(copies, state.elite["theta"])
+    state.outer_state = jax.tree.map(copies, state.elite["outer_state"])
+    slots = [trainer.fresh_slot(s, state.step, state.thetas) for s in range(cfg.num_slots)]
+    state.slot_configs, state.slot_inner = [c for c, _ in slots], [x for _, x in slots]
+    # scored by the original run's trainer: the same problems whatever the changes
+    start = float(fresh_validation(original, state.thetas)[0])
+    curve, started = [], time.monotonic()
+    for i in range(1, steps + 1):
+        trainer.one_step(state)
+        if i % every == 0 or i == steps:
+            scores = fresh_validation(original, state.thetas)
+            curve.append({"step": i, "seconds": round(time.monotonic() - started, 1),
+                          "best": float(scores.min()), "median": float(np.median(scores))})
+            print(json.dumps(curve[-1]), flush=True)
+    return {"run": str(run), "elite_id": state.elite_id, "changes": changes, "start": start,
+            "best": min(c["best"] for c in curve), "end_median": curve[-1]["median"],
+            "improved": min(c["best"] for c in curve) < start, "curve": curve}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="probe", required=True)
+    p = sub.add_parser("heldin", help="the elite against tuned Adam on training-distribution tasks")
+    p.add_argument("run", type=Path)
+    p.add_argument("--tasks", type=int, default=12)
+    p = sub.add_parser("continue", help="train on from the elite; score on fresh problems")
+    p.add_argument("run", type=Path)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--every", type=int, default=50)
+    p.add_argument("--set", type=_assignment, action="append", default=[])
+    args = parser.parse_args()
+    if args.probe == "heldin":
+        print(json.dumps(heldin(args.run, args.tasks), indent=1))
+    else:
+        print(json.dumps(continue_from_elite(args.run, args.steps, args.every, dict(args.set)),
+                         indent=1))
+
+
+if __name__ == "__main__":
+    main()

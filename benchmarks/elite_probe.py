@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selfopt.cli import _assignment
+from selfopt.cli import parse_assignment
 from selfopt.config import make_config
 from selfopt.evaluate import default_cache_dir, evaluate, lopt_candidate
 from selfopt.tasks.distribution import TaskDistribution
@@ -97,7 +97,7 @@ def main() -> None:
     p.add_argument("run", type=Path)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--every", type=int, default=50)
-    p.add_argument("--set", type=_assignment, action="append", default=[])
+    p.add_argument("--set", type=parse_assignment, action="append", default=[])
     args = parser.parse_args()
     if args.probe == "heldin":
         print(json.dumps(heldin(args.run, args.tasks), indent=1))

@@ -31,7 +31,7 @@ from pathlib import Path
 import jax
 
 from selfopt.cache import enable_compilation_cache
-from selfopt.cli import _assignment
+from selfopt.cli import parse_assignment
 from selfopt.config import make_config
 from selfopt.evaluate import default_cache_dir, evaluate, suite
 from selfopt.train import Trainer, open_checkpoint, read_jsonl, time_to_beat_adam
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--control", action="store_true", help="also run the Adam control")
     parser.add_argument("--heldout", action="store_true",
                         help="evaluate the final elites on all 12 held-out tasks")
-    parser.add_argument("--set", type=_assignment, action="append", default=[],
+    parser.add_argument("--set", type=parse_assignment, action="append", default=[],
                         metavar="FIELD=VALUE")
     parser.add_argument("--out", type=Path,
                         default=Path("runs") / f"ttb-{time.strftime('%Y%m%d-%H%M%S')}")

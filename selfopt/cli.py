@@ -59,7 +59,8 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _assignment(text: str) -> tuple[str, object]:
+def parse_assignment(text: str) -> tuple[str, object]:
+    """``FIELD=VALUE`` of a ``--set`` flag: the value as JSON, or as a bare word if it is not."""
     name, sep, value = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "adam: the Adam-trained control")
     train.add_argument("--policy", help="whose LO updates a member: self, best or random")
     train.add_argument("--estimator", help="es or pes")
-    train.add_argument("--set", type=_assignment, action="append", default=[],
+    train.add_argument("--set", type=parse_assignment, action="append", default=[],
                        metavar="FIELD=VALUE", help="any config field, value as JSON")
     train.add_argument("--quiet", action="store_true", help="no live view")
 
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--seed", type=_non_negative_int, default=0)
     experiment.add_argument("--steps", type=_positive_int, default=300,
                             help="inner steps of the final evaluation (default 300)")
-    experiment.add_argument("--set", type=_assignment, action="append", default=[],
+    experiment.add_argument("--set", type=parse_assignment, action="append", default=[],
                             metavar="FIELD=VALUE", help="config field of both runs")
 
     demo = commands.add_parser(

@@ -14,6 +14,7 @@ import numbers
 from pathlib import Path
 from typing import Any
 
+from selfopt.estimators.es import META_LOSSES
 from selfopt.estimators.inner_problem import NORMALIZATIONS
 from selfopt.population.pbt import SCORE_LOSSES
 from selfopt.population.self_training import POLICIES, TRUST_REGIONS
@@ -68,6 +69,8 @@ class TrainConfig:
     max_inner_length: int = 1000
     normalization: str = "log"
     loss_cap: float = 10.0
+    # a truncation's meta-loss: "mean" over its steps, or "final" (its last 10%)
+    meta_loss: str = "mean"
     # tasks: slots of inner problems in flight, each on one task for task_steps outer steps
     families: tuple[str, ...] = DEFAULT_FAMILIES
     # "compact": few task shapes, so compilation does not eat a laptop run; "full": the full grids
@@ -199,7 +202,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           ("pbt_score", PBT_SCORES), ("trust_region", TRUST_REGIONS),
                           ("score_loss", SCORE_LOSSES), ("task_grid", tuple(GRIDS)),
                           ("validate_problems", VALIDATE_PROBLEMS),
-                          ("estimator", ESTIMATORS), ("normalization", NORMALIZATIONS)):
+                          ("estimator", ESTIMATORS), ("normalization", NORMALIZATIONS),
+                          ("meta_loss", META_LOSSES)):
         value = getattr(c, name)
         _check(name, value in choices, f"one of {list(choices)}", value)
     for name in ("explore_sigma", "stratify_slots", "restore_elite", "raw_adam_features",

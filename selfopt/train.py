@@ -73,7 +73,7 @@ def build(cfg: TrainConfig) -> Components:
     estimator = estimator_cls(
         lopt, num_pairs=cfg.num_pairs, truncation_length=cfg.truncation_length,
         schedule=LogUniformLength(cfg.min_inner_length, cfg.max_inner_length),
-        normalization=cfg.normalization, loss_cap=cfg.loss_cap)
+        normalization=cfg.normalization, loss_cap=cfg.loss_cap, meta_loss=cfg.meta_loss)
     outer = (SelfTraining(lopt, cfg.policy, cfg.clip, cfg.max_update, cfg.trust_region)
              if cfg.outer_optimizer == "self"
              else AdamControl(cfg.adam_learning_rate, cfg.clip, cfg.max_update, cfg.trust_region))

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from selfopt.estimators import PES, ConstantLength, TruncatedES, unroll
 from selfopt.estimators.inner_problem import new_inner_state
@@ -72,6 +73,27 @@ def test_es_matches_jax_grad_for_learned_step_size():
     estimate, _ = jax.jit(es.estimate)(QUAD, theta, 1e-3, state, jax.random.key(3))
     exact = exact_truncation_grad(es, theta, length=100)
     np.testing.assert_allclose(estimate.grad["log_lr"], exact["log_lr"], rtol=0.05)
+
+
+def test_final_meta_loss_es_matches_jax_grad_of_the_last_steps():
+    # meta_loss="final" averages the truncation's last 10% (here its last 2 of 20 steps): the
+    # estimate follows jax.grad of exactly that, which differs from the mean over all steps.
+    lopt = LearnedSGD(init_log_lr=float(np.log(0.1)))
+    theta = lopt.init(None)
+    es = TruncatedES(lopt, num_pairs=8192, truncation_length=20, meta_loss="final")
+    state = shared_problem_state(es, theta, es.num_pairs, length=100)
+    estimate, _ = jax.jit(es.estimate)(QUAD, theta, 1e-3, state, jax.random.key(3))
+
+    def last_steps_loss(th, tail):
+        state = new_inner_state(lopt, th, QUAD, jax.random.key(0), ConstantLength(100))
+        state, _ = unroll(lopt, th, QUAD, state, 20 - tail)
+        return unroll(lopt, th, QUAD, state, tail)[1]
+
+    final, mean = (float(jax.grad(last_steps_loss)(theta, tail)["log_lr"]) for tail in (2, 20))
+    np.testing.assert_allclose(estimate.grad["log_lr"], final, rtol=0.05)
+    assert abs(final - mean) > 0.2 * abs(final)
+    with pytest.raises(ValueError, match="meta_loss"):
+        TruncatedES(lopt, meta_loss="last")
 
 
 def run_whole_problem(estimator, theta, num_pairs, num_truncations, sigma=1e-3):

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from selfopt.cli import main
-from selfopt.config import make_config
+from selfopt.config import ConfigError, make_config
 from selfopt.lopt import MLPLOpt
 from selfopt.train import Trainer, build, open_checkpoint
 
@@ -68,6 +68,13 @@ def test_the_learned_optimizer_fields_of_the_config_build_it():
     assert (lopt.hidden, lopt.raw_adam_features, lopt.magnitude_features, lopt.exp_mult) == (
         (8, 4), False, False, 0.1)
     assert build(tiny()).lopt == MLPLOpt(hidden=(8,))  # the defaults are MLPLOpt's
+
+
+def test_the_meta_loss_field_reaches_the_estimator_and_is_checked():
+    assert build(tiny(meta_loss="final")).estimator.meta_loss == "final"
+    assert build(tiny()).estimator.meta_loss == "mean"
+    with pytest.raises(ConfigError, match="meta_loss"):
+        make_config({"meta_loss": "last"})
 
 
 def test_ctrl_c_stops_after_the_step_and_writes_a_checkpoint(tmp_path):

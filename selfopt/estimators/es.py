@@ -33,6 +33,10 @@ from selfopt.lopt.base import LearnedOptimizer, Theta
 from selfopt.tasks.base import Task
 
 
+#: What a truncation's meta-loss averages (:attr:`TruncatedES.meta_loss`).
+META_LOSSES = ("mean", "final")
+
+
 class EstimateSums(NamedTuple):
     """Sums over a shard of antithetic pairs; divide by ``count`` for the estimate."""
 
@@ -77,6 +81,9 @@ class TruncatedES:
       schedule: distribution of inner-problem lengths.
       normalization: ``"ratio"`` or ``"log"`` (see ``inner_problem.normalized_loss``).
       loss_cap: largest normalised loss; a diverged step counts as this.
+      meta_loss: ``"mean"``, the normalised loss averaged over the truncation's steps, or
+        ``"final"``, over its last 10% (at least one step) **(ours)**: with a truncation as
+        long as the inner problem, that is the final loss evaluation measures.
     """
 
     lopt: LearnedOptimizer
@@ -85,6 +92,7 @@ class TruncatedES:
     schedule: LengthSchedule = LogUniformLength(100, 1000)
     normalization: str = "ratio"
     loss_cap: float = 10.0
+    meta_loss: str = "mean"
 
     def __post_init__(self):
         if self.num_pairs < 1 or self.truncation_length < 1:
@@ -93,6 +101,8 @@ class TruncatedES:
         if self.normalization not in inner_problem.NORMALIZATIONS:
             raise ValueError(f"unknown normalization {self.normalization!r}; choose one of "
                              f"{inner_problem.NORMALIZATIONS}")
+        if self.meta_loss not in META_LOSSES:
+            raise ValueError(f"unknown meta_loss {self.meta_loss!r}; choose one of {META_LOSSES}")
 
     def init_state(self, task: Task, theta: Theta, key: jax.Array) -> inner_problem.InnerState:
         """``num_pairs`` staggered inner problems (leading axis = pair)."""
@@ -113,9 +123,10 @@ class TruncatedES:
         join = lambda a, b: jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
         signs = jnp.concatenate([jnp.ones(num), -jnp.ones(num)])
         thetas = jax.vmap(lambda e, s: perturb(theta, e, s * sigma))(join(eps, eps), signs)
+        tail = max(1, self.truncation_length // 10) if self.meta_loss == "final" else None
         end, losses = jax.vmap(lambda t, s: inner_problem.unroll(
-            self.lopt, t, task, s, self.truncation_length, self.normalization, self.loss_cap)
-        )(thetas, join(pos, neg))
+            self.lopt, t, task, s, self.truncation_length, self.normalization, self.loss_cap,
+            tail))(thetas, join(pos, neg))
         first, second = (jax.tree.map(lambda x: x[:num], end), jax.tree.map(lambda x: x[num:], end))
         return (losses[:num], losses[num:]), (first, second)
 

@@ -113,7 +113,8 @@ def ratio_scale(meta_loss, normalization: str):
 
 
 def unroll(lopt: LearnedOptimizer, theta: Theta, task: Task, state: InnerState, num_steps: int,
-           normalization: str = "ratio", loss_cap: float = 10.0) -> tuple[InnerState, jax.Array]:
+           normalization: str = "ratio", loss_cap: float = 10.0, tail: int | None = None
+           ) -> tuple[InnerState, jax.Array]:
     """Trains the inner problem ``num_steps`` steps with the LO of weights ``theta``.
 
     Args:
@@ -122,10 +123,11 @@ def unroll(lopt: LearnedOptimizer, theta: Theta, task: Task, state: InnerState, 
       state: the inner problem to continue.
       num_steps: truncation length (static).
       normalization, loss_cap: see :func:`normalized_loss`.
+      tail: average only the last ``tail`` steps' losses (static; ``None``: every step).
 
     Returns:
-      The advanced state and the meta-loss of the truncation: the mean over its steps of the
-      normalised training loss before each update.
+      The advanced state and the meta-loss of the truncation: the mean over its steps (or its
+      last ``tail`` steps) of the normalised training loss before each update.
     """
     opt = lopt.optimizer(theta)
 
@@ -142,4 +144,4 @@ def unroll(lopt: LearnedOptimizer, theta: Theta, task: Task, state: InnerState, 
         return s, normalized_loss(task, loss, s.init_loss, normalization, loss_cap)
 
     state, losses = jax.lax.scan(step, state, None, length=num_steps)
-    return state, jnp.mean(losses)
+    return state, jnp.mean(losses if tail is None else losses[num_steps - tail:])

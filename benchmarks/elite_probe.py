@@ -2,6 +2,7 @@
 
     python benchmarks/elite_probe.py heldin RUN [--tasks 12]
     python benchmarks/elite_probe.py continue RUN [--steps 200] [--every 50] [--set k=v ...]
+    python benchmarks/elite_probe.py population RUN
 
 ``heldin``: the elite against Adam tuned per task (14 rates, as ``selfopt eval``) on ``--tasks``
 configurations drawn from the run's *own training distribution* (training seeds), instead of
@@ -9,7 +10,8 @@ the held-out suite. Comparing the two separates what the learned optimizer canno
 from what it does not carry over to new tasks.
 
 ``continue``: every member starts from the elite (weights and outer state), then trains
-``--steps`` more outer steps with the run's configuration changed by ``--set`` (for example
+``--steps`` more outer steps (PBT rounds included: whatever they copy descends from the elite)
+with the run's configuration changed by ``--set`` (for example
 ``max_update=0.0003``, ``num_pairs=32``, ``estimator='"pes"'``, ``families='["mlp"]'``), with
 no validation or evaluation in between. Every ``--every`` steps all members are scored on
 *fresh* held-in problems (instance seeds and draws that validation never used, so the elite,
@@ -17,7 +19,11 @@ which validation selected, has no head start there), with the validation's horiz
 If the meta-gradient pointed towards better validation, some member would improve on the
 elite's starting score.
 
-Both print JSON; the run directory is only read (``continue`` trains in a temporary folder).
+``population``: how far the last checkpoint's members are from the elite (RMS distance per
+weight, against the elite's own RMS), and the quick-suite margin of the elite, of the mean of
+all members' weights and of the mean of the best half on validation (a weight average).
+
+All print JSON; the run directory is only read (``continue`` trains in a temporary folder).
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ import numpy as np
 
 from selfopt.cli import parse_assignment
 from selfopt.config import make_config
-from selfopt.evaluate import default_cache_dir, evaluate, lopt_candidate
+from selfopt.evaluate import default_cache_dir, evaluate, lopt_candidate, suite
 from selfopt.tasks.distribution import TaskDistribution
 from selfopt.train import Trainer, open_checkpoint
 
@@ -87,6 +93,32 @@ def continue_from_elite(run: Path, steps: int, every: int, changes: dict) -> dic
             "improved": min(c["best"] for c in curve) < start, "curve": curve}
 
 
+def population(run: Path) -> dict:
+    trainer, state, _ = open_checkpoint(run)
+    cfg = trainer.cfg
+    elite = state.elite["theta"]
+    flat = lambda tree: jnp.concatenate([jnp.reshape(x, (x.shape[0], -1))
+                                         for x in jax.tree.leaves(tree)], axis=1)
+    members = flat(state.thetas)
+    elite_flat = flat(jax.tree.map(lambda x: x[None], elite))
+    scores = trainer.held_in_meta_loss(state.thetas, cfg.validate_steps, loss=cfg.score_loss,
+                                       problems=cfg.validate_problems)
+    best_half = np.argsort(scores)[:max(1, cfg.population // 2)]
+    candidates = {"elite": elite,
+                  "mean of all members": jax.tree.map(lambda x: x.mean(0), state.thetas),
+                  "mean of the best half": jax.tree.map(lambda x: x[best_half].mean(0),
+                                                        state.thetas)}
+    margins = {name: evaluate(lopt_candidate(trainer.comps.lopt, theta, name), suite("quick"),
+                              cfg.eval_steps, cfg.eval_seeds,
+                              cache_dir=default_cache_dir()).summary()["margin"]
+               for name, theta in candidates.items()}
+    return {"run": str(run), "step": state.step, "elite_id": state.elite_id,
+            "elite_rms": float(jnp.sqrt(jnp.mean(elite_flat ** 2))),
+            "distance_to_elite_rms": [float(d) for d in
+                                      jnp.sqrt(jnp.mean((members - elite_flat) ** 2, axis=1))],
+            "validation": [float(x) for x in scores], "quick_margin": margins}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="probe", required=True)
@@ -98,9 +130,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--set", type=parse_assignment, action="append", default=[])
+    p = sub.add_parser("population", help="members' distance to the elite; weight averages")
+    p.add_argument("run", type=Path)
     args = parser.parse_args()
     if args.probe == "heldin":
         print(json.dumps(heldin(args.run, args.tasks), indent=1))
+    elif args.probe == "population":
+        print(json.dumps(population(args.run), indent=1))
     else:
         print(json.dumps(continue_from_elite(args.run, args.steps, args.every, dict(args.set)),
                          indent=1))

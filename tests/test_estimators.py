@@ -84,9 +84,10 @@ def test_final_meta_loss_es_matches_jax_grad_of_the_last_steps():
     state = shared_problem_state(es, theta, es.num_pairs, length=100)
     estimate, _ = jax.jit(es.estimate)(QUAD, theta, 1e-3, state, jax.random.key(3))
 
-    def last_steps_loss(th, tail):
+    def last_steps_loss(th, tail):  # the mean over the last `tail` steps, by two plain unrolls
         state = new_inner_state(lopt, th, QUAD, jax.random.key(0), ConstantLength(100))
-        state, _ = unroll(lopt, th, QUAD, state, 20 - tail)
+        if tail < 20:
+            state, _ = unroll(lopt, th, QUAD, state, 20 - tail)
         return unroll(lopt, th, QUAD, state, tail)[1]
 
     final, mean = (float(jax.grad(last_steps_loss)(theta, tail)["log_lr"]) for tail in (2, 20))

@@ -34,14 +34,13 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from selfopt.cli import parse_assignment
 from selfopt.config import make_config
 from selfopt.evaluate import default_cache_dir, evaluate, lopt_candidate, suite
-from selfopt.tasks.distribution import TaskDistribution
-from selfopt.train import Trainer, open_checkpoint
+from selfopt.population.self_training import member_rms
+from selfopt.train import Trainer, open_checkpoint, repeat_member
 
 #: Instance seeds and draws of the fresh held-in problems (validation uses others).
 FRESH_SEEDS = (777, 778)
@@ -50,8 +49,7 @@ FRESH_SEEDS = (777, 778)
 def heldin(run: Path, num_tasks: int) -> dict:
     trainer, state, _ = open_checkpoint(run)
     cfg = trainer.cfg
-    distribution = TaskDistribution(cfg.families, cfg.task_grid)
-    configs = [distribution.sample(500_000 + i) for i in range(num_tasks)]
+    configs = [trainer.comps.distribution.sample(500_000 + i) for i in range(num_tasks)]
     result = evaluate(lopt_candidate(trainer.comps.lopt, state.elite["theta"], "elite"),
                       configs, cfg.eval_steps, cfg.eval_seeds, cache_dir=default_cache_dir())
     return {**result.summary(), "elite_id": state.elite_id,
@@ -73,9 +71,8 @@ def continue_from_elite(run: Path, steps: int, every: int, changes: dict) -> dic
     cfg = make_config({**original.cfg.to_json(), **changes, "validate_interval": 0,
                        "eval_minutes": 0})
     trainer = Trainer(cfg, Path(tempfile.mkdtemp(prefix="elite-probe-")))
-    copies = lambda x: jnp.broadcast_to(x, (cfg.population, *x.shape))
-    state.thetas = jax.tree.map(copies, state.elite["theta"])
-    state.outer_state = jax.tree.map(copies, state.elite["outer_state"])
+    state.thetas = repeat_member(state.elite["theta"], cfg.population)
+    state.outer_state = repeat_member(state.elite["outer_state"], cfg.population)
     slots = [trainer.fresh_slot(s, state.step, state.thetas) for s in range(cfg.num_slots)]
     state.slot_configs, state.slot_inner = [c for c, _ in slots], [x for _, x in slots]
     # scored by the original run's trainer: the same problems whatever the changes
@@ -97,12 +94,8 @@ def population(run: Path) -> dict:
     trainer, state, _ = open_checkpoint(run)
     cfg = trainer.cfg
     elite = state.elite["theta"]
-    flat = lambda tree: jnp.concatenate([jnp.reshape(x, (x.shape[0], -1))
-                                         for x in jax.tree.leaves(tree)], axis=1)
-    members = flat(state.thetas)
-    elite_flat = flat(jax.tree.map(lambda x: x[None], elite))
-    scores = trainer.held_in_meta_loss(state.thetas, cfg.validate_steps, loss=cfg.score_loss,
-                                       problems=cfg.validate_problems)
+    distance = member_rms(jax.tree.map(lambda x, e: x - e, state.thetas, elite))
+    scores = trainer.validation_scores(state.thetas)
     best_half = np.argsort(scores)[:max(1, cfg.population // 2)]
     candidates = {"elite": elite,
                   "mean of all members": jax.tree.map(lambda x: x.mean(0), state.thetas),
@@ -113,9 +106,8 @@ def population(run: Path) -> dict:
                               cache_dir=default_cache_dir()).summary()["margin"]
                for name, theta in candidates.items()}
     return {"run": str(run), "step": state.step, "elite_id": state.elite_id,
-            "elite_rms": float(jnp.sqrt(jnp.mean(elite_flat ** 2))),
-            "distance_to_elite_rms": [float(d) for d in
-                                      jnp.sqrt(jnp.mean((members - elite_flat) ** 2, axis=1))],
+            "elite_rms": float(member_rms(repeat_member(elite, 1))[0]),
+            "distance_to_elite_rms": [float(d) for d in distance],
             "validation": [float(x) for x in scores], "quick_margin": margins}
 
 

@@ -14,9 +14,7 @@ import numbers
 from pathlib import Path
 from typing import Any
 
-from selfopt.estimators.es import META_LOSSES
-from selfopt.estimators.inner_problem import NORMALIZATIONS
-from selfopt.population.pbt import SCORE_LOSSES
+from selfopt.estimators.inner_problem import LOSS_AVERAGES, NORMALIZATIONS
 from selfopt.population.self_training import POLICIES, TRUST_REGIONS
 from selfopt.tasks.distribution import GRIDS, HELDOUT_FAMILIES, TRAIN_FAMILIES
 
@@ -200,10 +198,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check(name, _is_number(value) and lo <= value <= hi, f"a number in [{lo}, {hi}]", value)
     for name, choices in (("outer_optimizer", OUTER_OPTIMIZERS), ("policy", POLICIES),
                           ("pbt_score", PBT_SCORES), ("trust_region", TRUST_REGIONS),
-                          ("score_loss", SCORE_LOSSES), ("task_grid", tuple(GRIDS)),
+                          ("score_loss", LOSS_AVERAGES), ("task_grid", tuple(GRIDS)),
                           ("validate_problems", VALIDATE_PROBLEMS),
                           ("estimator", ESTIMATORS), ("normalization", NORMALIZATIONS),
-                          ("meta_loss", META_LOSSES)):
+                          ("meta_loss", LOSS_AVERAGES)):
         value = getattr(c, name)
         _check(name, value in choices, f"one of {list(choices)}", value)
     for name in ("explore_sigma", "stratify_slots", "restore_elite", "raw_adam_features",

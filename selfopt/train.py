@@ -206,6 +206,11 @@ def member_slice(tree: Any, member: int) -> Any:
     return jax.tree.map(lambda x: x[member], tree)
 
 
+def repeat_member(value: Any, num: int) -> Any:
+    """A population pytree of ``num`` copies of one member's pytree ``value``."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num, *jnp.shape(x))), value)
+
+
 def put_member(tree: Any, member: int, value: Any) -> Any:
     """``tree`` with member position ``member`` set to ``value`` (one member's pytree)."""
     return jax.tree.map(lambda x, v: x.at[member].set(v), tree, value)
@@ -492,9 +497,7 @@ class Trainer:
         it keeps that position's PBT hyperparameters), so that a population that drifted away
         from its best point is pulled back. Logged to ``validation.jsonl``.
         """
-        scores = np.nan_to_num(self.held_in_meta_loss(
-            state.thetas, self.cfg.validate_steps, loss=self.cfg.score_loss,
-            problems=self.cfg.validate_problems), nan=np.inf)
+        scores = np.nan_to_num(self.validation_scores(state.thetas), nan=np.inf)
         best, restored = int(np.argmin(scores)), None
         if scores[best] < state.elite_score:
             state.elite = member_slice({"theta": state.thetas, "outer_state": state.outer_state},
@@ -516,6 +519,14 @@ class Trainer:
             "scores": [_finite_or_none(x) for x in scores], "best": best,
             "elite_score": _finite_or_none(state.elite_score), "elite_id": state.elite_id,
             "elite_step": state.elite_step, "restored": restored}])
+
+    def validation_scores(self, thetas) -> np.ndarray:
+        """``(K,)`` held-in validation scores of members ``thetas`` (what :meth:`validate`
+        ranks): :meth:`held_in_meta_loss` on the ``validate_problems``, ``validate_steps``
+        steps each, scored by ``score_loss``."""
+        cfg = self.cfg
+        return self.held_in_meta_loss(thetas, cfg.validate_steps, loss=cfg.score_loss,
+                                      problems=cfg.validate_problems)
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
@@ -782,8 +793,7 @@ class Trainer:
     def elite_held_in(self, state: RunState) -> float:
         """The elite's :meth:`held_in_meta_loss` (the summary's measure). The elite is repeated
         to the population's size, so the program compiled for the population is reused."""
-        population = jax.tree.map(
-            lambda x: jnp.broadcast_to(x, (self.cfg.population, *x.shape)), state.elite["theta"])
+        population = repeat_member(state.elite["theta"], self.cfg.population)
         return float(self.held_in_meta_loss(population)[0])
 
     def recent_meta_loss(self, step: int, window: int = 10) -> float | None:

@@ -33,10 +33,6 @@ from selfopt.lopt.base import LearnedOptimizer, Theta
 from selfopt.tasks.base import Task
 
 
-#: What a truncation's meta-loss averages (:attr:`TruncatedES.meta_loss`).
-META_LOSSES = ("mean", "final")
-
-
 class EstimateSums(NamedTuple):
     """Sums over a shard of antithetic pairs; divide by ``count`` for the estimate."""
 
@@ -82,8 +78,8 @@ class TruncatedES:
       normalization: ``"ratio"`` or ``"log"`` (see ``inner_problem.normalized_loss``).
       loss_cap: largest normalised loss; a diverged step counts as this.
       meta_loss: ``"mean"``, the normalised loss averaged over the truncation's steps, or
-        ``"final"``, over its last 10% (at least one step) **(ours)**: with a truncation as
-        long as the inner problem, that is the final loss evaluation measures.
+        ``"final"``, over its last 10% (``inner_problem.LOSS_AVERAGES``) **(ours)**: with a
+        truncation as long as the inner problem, that is the final loss evaluation measures.
     """
 
     lopt: LearnedOptimizer
@@ -101,8 +97,9 @@ class TruncatedES:
         if self.normalization not in inner_problem.NORMALIZATIONS:
             raise ValueError(f"unknown normalization {self.normalization!r}; choose one of "
                              f"{inner_problem.NORMALIZATIONS}")
-        if self.meta_loss not in META_LOSSES:
-            raise ValueError(f"unknown meta_loss {self.meta_loss!r}; choose one of {META_LOSSES}")
+        if self.meta_loss not in inner_problem.LOSS_AVERAGES:
+            raise ValueError(f"unknown meta_loss {self.meta_loss!r}; choose one of "
+                             f"{inner_problem.LOSS_AVERAGES}")
 
     def init_state(self, task: Task, theta: Theta, key: jax.Array) -> inner_problem.InnerState:
         """``num_pairs`` staggered inner problems (leading axis = pair)."""
@@ -123,7 +120,7 @@ class TruncatedES:
         join = lambda a, b: jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
         signs = jnp.concatenate([jnp.ones(num), -jnp.ones(num)])
         thetas = jax.vmap(lambda e, s: perturb(theta, e, s * sigma))(join(eps, eps), signs)
-        tail = max(1, self.truncation_length // 10) if self.meta_loss == "final" else None
+        tail = inner_problem.tail_steps(self.truncation_length, self.meta_loss)
         end, losses = jax.vmap(lambda t, s: inner_problem.unroll(
             self.lopt, t, task, s, self.truncation_length, self.normalization, self.loss_cap,
             tail))(thetas, join(pos, neg))

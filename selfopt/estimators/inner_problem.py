@@ -23,6 +23,16 @@ from selfopt.lopt.base import LearnedOptimizer, Theta
 from selfopt.tasks.base import Task
 
 NORMALIZATIONS = ("ratio", "log")
+#: What a meta-loss or a score averages over an unroll's normalised losses: every step
+#: (``mean``) or the last 10% of the steps, at least one (``final``, as evaluation's final loss).
+LOSS_AVERAGES = ("mean", "final")
+
+
+def tail_steps(num_steps: int, average: str) -> int | None:
+    """The ``tail`` of :func:`unroll` that gives ``average`` over ``num_steps`` steps."""
+    if average not in LOSS_AVERAGES:
+        raise ValueError(f"unknown loss average {average!r}; choose one of {LOSS_AVERAGES}")
+    return max(1, num_steps // 10) if average == "final" else None
 
 
 class InnerState(NamedTuple):

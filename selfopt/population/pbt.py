@@ -135,11 +135,6 @@ def replace_failed(healthy: np.ndarray, scores: np.ndarray,
     return sources, copies
 
 
-#: What a score averages: the normalised loss over every step (``mean``) or over the last 10%
-#: of the steps (``final``, as evaluation's final loss).
-SCORE_LOSSES = ("mean", "final")
-
-
 def score_members(lopt: LearnedOptimizer, thetas: Theta, task: Task, key: jax.Array,
                   num_steps: int, num_problems: int = 2, loss: str = "mean") -> jax.Array:
     """Fair, low-noise scores: every member trains the same problems with unperturbed weights.
@@ -159,17 +154,15 @@ def score_members(lopt: LearnedOptimizer, thetas: Theta, task: Task, key: jax.Ar
     Returns:
       ``(K,)`` scores, lower is better; capped and NaN-proof as the meta-loss is.
     """
-    if loss not in SCORE_LOSSES:
-        raise ValueError(f"loss must be one of {SCORE_LOSSES}, got {loss!r}")
+    if loss not in inner_problem.LOSS_AVERAGES:
+        raise ValueError(f"loss must be one of {inner_problem.LOSS_AVERAGES}, got {loss!r}")
     keys = jax.random.split(key, num_problems)
-    tail = max(1, num_steps // 10) if loss == "final" else num_steps
+    tail = inner_problem.tail_steps(num_steps, loss)
 
     def one_member(theta):
         def one_problem(k):
             state = inner_problem.new_inner_state(lopt, theta, task, k, ConstantLength(num_steps))
-            if tail < num_steps:
-                state, _ = inner_problem.unroll(lopt, theta, task, state, num_steps - tail)
-            return inner_problem.unroll(lopt, theta, task, state, tail)[1]
+            return inner_problem.unroll(lopt, theta, task, state, num_steps, tail=tail)[1]
         return jnp.mean(jax.vmap(one_problem)(keys))
 
     return jax.vmap(one_member)(thetas)

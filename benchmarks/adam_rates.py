@@ -7,7 +7,9 @@ For each of Adam's 14 learning rates, the mean normalised loss over the suite wh
 uses that rate, and its margin over per-task tuned Adam (the bar of ``benchmarks/ttb.py``). A
 learned optimizer is one set of weights for all tasks, so the best single rate is the
 hand-designed optimizer it resembles most; below that margin it adapts to the task better than
-Adam with one rate does. Reads and fills the tuned-Adam cache of ``selfopt eval``
+Adam with one rate does. It also reports Adam tuned per task with a linear decay of the rate
+to 0 (not the baseline: what a schedule alone is worth, which constant-rate Adam lacks and a
+learned optimizer that reads the fraction of training done can learn). Reads and fills the tuned-Adam cache of ``selfopt eval``
 (``$SELFOPT_CACHE/adam``), so after a ``selfopt eval`` of the same suite it takes seconds.
 Prints JSON.
 """
@@ -45,10 +47,26 @@ def main() -> None:
         mean = float(np.mean([rows[lr] for rows in per_task.values()]))
         by_rate.append({"learning_rate": lr, "mean_normalized": mean, "margin": mean / tuned})
     best = min(by_rate, key=lambda row: row["mean_normalized"])
+    decayed = {}  # label -> (normalised loss, rate) of Adam tuned with a linear decay
+    for config in suite(args.tasks):
+        adam = tune_adam(config, args.steps, args.seeds, cache_dir=default_cache_dir(),
+                         linear_decay=True)
+        task, label = make_task(config), task_label(config)
+        init = float(adam.train_losses[:, 0].mean())  # same seeds: same initial losses
+        decayed[label] = (normalized_final(task, adam.final_by_rate[adam.learning_rate], init),
+                          adam.learning_rate)
+    decayed_mean = float(np.mean([value for value, _ in decayed.values()]))
+    linear_decay = {
+        "mean_normalized": decayed_mean, "margin": decayed_mean / tuned,
+        "wins": sum(value < per_task[label][tuned_rate[label]]
+                    for label, (value, _) in decayed.items()),
+        "by_task": {label: {"normalized": value, "constant_rate": per_task[label][
+            tuned_rate[label]], "learning_rate": rate} for label, (value, rate) in decayed.items()},
+    }
     print(json.dumps({"benchmark": "adam_single_rate", "tasks": args.tasks, "steps": args.steps,
                       "seeds": args.seeds, "tuned_mean_normalized": tuned,
                       "tuned_rate_by_task": tuned_rate, "best_single_rate": best,
-                      "by_rate": by_rate}, indent=1))
+                      "by_rate": by_rate, "tuned_with_linear_decay": linear_decay}, indent=1))
 
 
 if __name__ == "__main__":

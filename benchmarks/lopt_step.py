@@ -59,7 +59,7 @@ def main() -> None:
     for name, widths in SIZES.items():
         params = mlp_params(widths, jax.random.key(1))
         grads = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
-        lo = time_update(lopt.optimizer(theta), params, grads, args.repeats)
+        lo = time_update(lopt.optimizer(theta, num_steps=1000), params, grads, args.repeats)
         adam = time_update(optax.adam(1e-3), params, grads, args.repeats)
         rows.append({
             "model": name,

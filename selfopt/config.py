@@ -57,6 +57,11 @@ class TrainConfig:
     raw_adam_features: bool = True
     # also feed log-magnitudes of the gradient, parameter and RMS (MLPLOpt; off: scale-free)
     magnitude_features: bool = True
+    # also feed the fraction of training done, so the LO can learn a schedule (MLPLOpt)
+    horizon_features: bool = False
+    # with horizon_features: the outer steps self-training's LOs are told their own training
+    # takes (nominal: self-training is open-ended)
+    outer_horizon: int = 10_000
     # c_m of the step -d * exp(c_m * m) * c_s: how strongly the magnitude output m scales a step
     exp_mult: float = 0.001
     # meta-gradient estimator
@@ -170,7 +175,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                          ("pbt_interval", 1, 1_000_000), ("score_steps", 1, 1_000_000),
                          ("summary_steps", 1, 1_000_000), ("keep_checkpoints", 1, 1000),
                          ("validate_interval", 0, 1_000_000), ("validate_steps", 1, 1_000_000),
-                         ("eval_steps", 10, 1_000_000), ("eval_seeds", 1, 1000)):
+                         ("eval_steps", 10, 1_000_000), ("eval_seeds", 1, 1000),
+                         ("outer_horizon", 1, 10**9)):
         value = getattr(c, name)
         _check(name, _is_int(value) and lo <= value <= hi, f"an integer in [{lo}, {hi}]",
                value)
@@ -205,7 +211,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = getattr(c, name)
         _check(name, value in choices, f"one of {list(choices)}", value)
     for name in ("explore_sigma", "stratify_slots", "restore_elite", "raw_adam_features",
-                 "magnitude_features"):
+                 "magnitude_features", "horizon_features"):
         _check(name, isinstance(getattr(c, name), bool), "true or false", getattr(c, name))
     _check("hidden", isinstance(c.hidden, tuple) and 1 <= len(c.hidden) <= 4
            and all(_is_int(w) and 1 <= w <= 1024 for w in c.hidden),

@@ -31,7 +31,7 @@ def run_demo(family: str = "mlp", steps: int = 300, seed: int = 0,
     task = make_task({"family": family, "seed": seed})
     lopt = MLPLOpt()
     key = jax.random.key(seed)
-    random_lo = as_optax(lopt, lopt.init(jax.random.fold_in(key, 1)))
+    random_lo = as_optax(lopt, lopt.init(jax.random.fold_in(key, 1)), num_steps=steps)
     return [
         Curve("random learned optimizer", train_losses(task, random_lo, key, steps)),
         Curve(f"Adam (lr={adam_lr:g})", train_losses(task, optax.adam(adam_lr), key, steps)),

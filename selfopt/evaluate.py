@@ -83,11 +83,18 @@ _run_jit = jax.jit(_run, static_argnames=("optimizer", "num_steps"))
 _SCALE_BY_ADAM = optax.scale_by_adam()
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps",))
-def _adam_grid(task: Task, keys: jax.Array, learning_rates: jax.Array, num_steps: int):
-    """Every (learning rate, seed) run of Adam in one compiled call: ``(rates, seeds, ...)``."""
-    over_keys = jax.vmap(lambda k, lr: _run(task, _SCALE_BY_ADAM, k, num_steps, -lr),
-                         in_axes=(0, None))
+@functools.partial(jax.jit, static_argnames=("num_steps", "linear_decay"))
+def _adam_grid(task: Task, keys: jax.Array, learning_rates: jax.Array, num_steps: int,
+               linear_decay: bool = False):
+    """Every (learning rate, seed) run of Adam in one compiled call: ``(rates, seeds, ...)``.
+
+    With ``linear_decay`` the rate decays linearly from its value to 0 over the run (not the
+    baseline: ``benchmarks/adam_rates.py`` measures what a schedule alone is worth)."""
+    adam = _SCALE_BY_ADAM
+    if linear_decay:
+        adam = optax.chain(adam, optax.scale_by_schedule(optax.linear_schedule(1.0, 0.0,
+                                                                               num_steps)))
+    over_keys = jax.vmap(lambda k, lr: _run(task, adam, k, num_steps, -lr), in_axes=(0, None))
     return jax.vmap(over_keys, in_axes=(None, 0))(keys, learning_rates)
 
 
@@ -167,16 +174,19 @@ class TunedAdam(NamedTuple):
 
 
 def _cache_path(cache_dir: Path, config: dict, num_steps: int, num_seeds: int, seed: int,
-                learning_rates: tuple[float, ...]) -> Path:
-    spec = json.dumps({"version": _CACHE_VERSION, "config": config, "num_steps": num_steps,
-                       "num_seeds": num_seeds, "seed": seed,
-                       "learning_rates": list(learning_rates)}, sort_keys=True)
+                learning_rates: tuple[float, ...], linear_decay: bool = False) -> Path:
+    spec = {"version": _CACHE_VERSION, "config": config, "num_steps": num_steps,
+            "num_seeds": num_seeds, "seed": seed, "learning_rates": list(learning_rates)}
+    if linear_decay:  # only then: the baseline's existing cache files keep their names
+        spec["linear_decay"] = True
+    spec = json.dumps(spec, sort_keys=True)
     return Path(cache_dir) / f"adam-{hashlib.sha256(spec.encode()).hexdigest()[:24]}.json"
 
 
 def tune_adam(config: Mapping[str, Any], num_steps: int, num_seeds: int = 3,
               learning_rates: tuple[float, ...] = ADAM_LEARNING_RATES,
-              cache_dir: Path | None = None, seed: int = 0) -> TunedAdam:
+              cache_dir: Path | None = None, seed: int = 0,
+              linear_decay: bool = False) -> TunedAdam:
     """Adam with its learning rate tuned on this task: the rate with the lowest mean final
     training loss over ``num_seeds`` seeds (each rate sees the same seeds).
 
@@ -188,13 +198,15 @@ def tune_adam(config: Mapping[str, Any], num_steps: int, num_seeds: int = 3,
       cache_dir: if given, results are read from and written to a JSON file there, keyed by
         everything else (written atomically).
       seed: the evaluation seed (:func:`seed_keys`).
+      linear_decay: decay the rate linearly to 0 over the run. Not the baseline (a constant
+        rate, as in the literature); what a schedule alone is worth.
 
     Returns:
       The tuned baseline.
     """
     config = full_config(config)
-    path = (_cache_path(cache_dir, config, num_steps, num_seeds, seed, learning_rates)
-            if cache_dir else None)
+    path = (_cache_path(cache_dir, config, num_steps, num_seeds, seed, learning_rates,
+                        linear_decay) if cache_dir else None)
     if path is not None and path.is_file():
         cached = json.loads(path.read_text())
         return TunedAdam(cached["learning_rate"], np.asarray(cached["train_losses"], np.float32),
@@ -202,7 +214,8 @@ def tune_adam(config: Mapping[str, Any], num_steps: int, num_seeds: int = 3,
                          {float(k): float("inf") if v is None else v
                           for k, v in cached["final_by_rate"].items()})
     keys = jnp.stack(seed_keys(config, num_seeds, seed))
-    losses, valid = _adam_grid(make_task(config), keys, jnp.asarray(learning_rates), num_steps)
+    losses, valid = _adam_grid(make_task(config), keys, jnp.asarray(learning_rates), num_steps,
+                               linear_decay)
     losses, valid = np.asarray(losses), np.asarray(valid)
     finals = np.mean(final_loss(losses), axis=1)  # (rates,), inf where a seed diverged
     best = int(np.argmin(finals))
@@ -230,7 +243,7 @@ def _optax_seeds(task: Task, optimizer: optax.GradientTransformation, keys: jax.
 @functools.partial(jax.jit, static_argnames=("lopt", "num_steps"))
 def _lopt_seeds(lopt: LearnedOptimizer, theta: Any, task: Task, keys: jax.Array, num_steps: int):
     # theta is traced: evaluating another member or checkpoint reuses the compiled code.
-    return jax.vmap(lambda k: _run(task, lopt.optimizer(theta), k, num_steps))(keys)
+    return jax.vmap(lambda k: _run(task, lopt.optimizer(theta, num_steps), k, num_steps))(keys)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,13 +68,15 @@ class Components(NamedTuple):
 def build(cfg: TrainConfig) -> Components:
     """The algorithms a configuration describes."""
     lopt = MLPLOpt(hidden=cfg.hidden, raw_adam_features=cfg.raw_adam_features,
-                  magnitude_features=cfg.magnitude_features, exp_mult=cfg.exp_mult)
+                  magnitude_features=cfg.magnitude_features,
+                  horizon_features=cfg.horizon_features, exp_mult=cfg.exp_mult)
     estimator_cls = PES if cfg.estimator == "pes" else TruncatedES
     estimator = estimator_cls(
         lopt, num_pairs=cfg.num_pairs, truncation_length=cfg.truncation_length,
         schedule=LogUniformLength(cfg.min_inner_length, cfg.max_inner_length),
         normalization=cfg.normalization, loss_cap=cfg.loss_cap, meta_loss=cfg.meta_loss)
-    outer = (SelfTraining(lopt, cfg.policy, cfg.clip, cfg.max_update, cfg.trust_region)
+    outer = (SelfTraining(lopt, cfg.policy, cfg.clip, cfg.max_update, cfg.trust_region,
+                          cfg.outer_horizon)
              if cfg.outer_optimizer == "self"
              else AdamControl(cfg.adam_learning_rate, cfg.clip, cfg.max_update, cfg.trust_region))
     pbt = PBT(interval=cfg.pbt_interval, exploit_fraction=cfg.exploit_fraction,

@@ -45,6 +45,22 @@ def test_tuned_adam_is_cached_and_reproducible(tmp_path, monkeypatch):
     np.testing.assert_array_equal(second.valid_losses, first.valid_losses)
 
 
+def test_linear_decay_adam_is_optax_adam_with_a_linear_schedule_and_cached_apart(tmp_path):
+    rates = (1e-2, 1e-1)
+    decayed = tune_adam(QUAD, num_steps=40, num_seeds=2, learning_rates=rates,
+                        cache_dir=tmp_path, linear_decay=True)
+    task = make_task(QUAD)
+    for lr in rates:
+        runs = [run_training(task, optax.adam(optax.linear_schedule(lr, 0.0, 40)), k, 40)
+                for k in seed_keys(QUAD, 2)]
+        np.testing.assert_allclose(decayed.final_by_rate[lr],
+                                   np.mean([final_loss(r.train_losses) for r in runs]), rtol=1e-4)
+    constant = tune_adam(QUAD, num_steps=40, num_seeds=2, learning_rates=rates,
+                         cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("adam-*.json"))) == 2  # one file each, neither overwritten
+    assert decayed.final_by_rate != constant.final_by_rate
+
+
 def test_steps_to_reach_and_speedup_on_known_curves():
     adam = np.linspace(1.0, 0.0, 101)[:100]  # loss 1 - t/100
     assert steps_to_reach(adam, 0.5) == pytest.approx(55.0)  # trailing mean of 10 steps

@@ -147,6 +147,57 @@ def test_update_equals_the_mlp_on_all_features():
     np.testing.assert_allclose(jnp.ravel(updates["dense"]), expected, rtol=1e-5, atol=1e-10)
 
 
+def test_horizon_features_are_the_fraction_done_and_fold_into_the_update():
+    # The fraction t / T and its cube follow the step-count embedding; the update (which folds
+    # the time features into the first layer's bias) equals the MLP on all features.
+    lopt = MLPLOpt(horizon_features=True)
+    assert lopt.num_features == MLPLOpt().num_features + 2
+    theta = lopt.init(jax.random.key(4))
+    opt = lopt.optimizer(theta, num_steps=8)
+    grads = grads_like(PARAMS)
+    state = opt.init(PARAMS)
+    assert float(state.horizon) == 8.0
+    for _ in range(2):
+        updates, state = opt.update(grads, state, PARAMS)
+    time = lopt.time_features(state.step, state.horizon)
+    np.testing.assert_allclose(time[-2:], [0.25, 0.25 ** 3], rtol=1e-6)
+    np.testing.assert_allclose(lopt.time_features(jnp.asarray(20), jnp.asarray(8.0))[-2:], [1, 1])
+    g = jnp.ravel(grads["dense"])
+    feats = lopt.features(g, jnp.ravel(PARAMS["dense"]), state.momenta["dense"].reshape(-1, 5),
+                          jnp.ravel(state.rms["dense"]), state.step, state.horizon)
+    d, m = lopt.apply_mlp(theta, feats)
+    expected = -d * jnp.exp(lopt.exp_mult * m) * lopt.step_mult
+    np.testing.assert_allclose(jnp.ravel(updates["dense"]), expected, rtol=1e-5, atol=1e-10)
+
+
+def test_the_horizon_changes_the_step_only_for_an_lo_that_reads_it():
+    steps = {}
+    for flag in (True, False):
+        lopt = MLPLOpt(horizon_features=flag)
+        theta = lopt.init(jax.random.key(6))
+        for horizon in (10, 1000):
+            opt = lopt.optimizer(theta, num_steps=horizon)
+            steps[flag, horizon] = opt.update(grads_like(PARAMS), opt.init(PARAMS), PARAMS)[0]
+    assert not np.allclose(steps[True, 10]["dense"], steps[True, 1000]["dense"], rtol=1e-4)
+    np.testing.assert_array_equal(steps[False, 10]["dense"], steps[False, 1000]["dense"])
+    # without the features the state is what it always was (no horizon leaf): old checkpoints fit
+    plain = MLPLOpt().optimizer(MLPLOpt().init(jax.random.key(0)), num_steps=5).init(PARAMS)
+    assert plain.horizon is None and len(jax.tree.leaves(plain)) == 2 * len(PARAMS) + 1
+
+
+def test_a_horizon_lo_needs_a_valid_num_steps():
+    lopt = MLPLOpt(horizon_features=True)
+    theta = lopt.init(jax.random.key(0))
+    with pytest.raises(ValueError, match="pass num_steps"):
+        as_optax(lopt, theta).init(PARAMS)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="num_steps must be a positive int"):
+            lopt.optimizer(theta, num_steps=bad)
+    # a traced horizon (an inner problem's sampled length) is fine under jit
+    init = jax.jit(lambda n: lopt.optimizer(theta, num_steps=n).init(PARAMS))
+    assert float(init(jnp.asarray(300)).horizon) == 300.0
+
+
 def test_random_lo_is_an_optax_optimizer_in_jit_and_chain():
     lopt = MLPLOpt()
     opt = optax.chain(optax.clip_by_global_norm(1.0), as_optax(lopt, lopt.init(jax.random.key(3))))

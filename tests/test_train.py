@@ -63,11 +63,28 @@ def test_a_run_stored_before_raw_adam_features_resumes_and_opens_as_it_was(tmp_p
 
 
 def test_the_learned_optimizer_fields_of_the_config_build_it():
-    lopt = build(tiny(hidden=[8, 4], raw_adam_features=False, magnitude_features=False,
-                      exp_mult=0.1)).lopt
-    assert (lopt.hidden, lopt.raw_adam_features, lopt.magnitude_features, lopt.exp_mult) == (
-        (8, 4), False, False, 0.1)
+    comps = build(tiny(hidden=[8, 4], raw_adam_features=False, magnitude_features=False,
+                       horizon_features=True, outer_horizon=500, exp_mult=0.1))
+    lopt = comps.lopt
+    assert (lopt.hidden, lopt.raw_adam_features, lopt.magnitude_features, lopt.horizon_features,
+            lopt.exp_mult) == ((8, 4), False, False, True, 0.1)
+    assert comps.outer.horizon == 500
     assert build(tiny()).lopt == MLPLOpt(hidden=(8,))  # the defaults are MLPLOpt's
+    with pytest.raises(ConfigError, match="outer_horizon"):
+        make_config({"outer_horizon": 0})
+
+
+def test_a_horizon_run_tells_each_inner_problem_its_length_and_resumes(tmp_path):
+    # Each inner problem's optimizer state holds its own sampled length as the horizon; the
+    # members' own outer state holds outer_horizon. The extra state survives a checkpoint.
+    run_dir = tmp_path / "horizon"
+    Trainer(tiny(max_steps=2, horizon_features=True, outer_horizon=77), run_dir).run()
+    assert main(["train", "--resume", str(run_dir), "--set", "max_steps=3", "--quiet"]) == 0
+    trainer, state, _ = open_checkpoint(run_dir)
+    assert state.step == 3
+    np.testing.assert_array_equal(state.outer_state.horizon, 77.0)
+    for inner in state.slot_inner:
+        np.testing.assert_array_equal(inner.opt_state.horizon, inner.length.astype(np.float32))
 
 
 def test_the_meta_loss_field_reaches_the_estimator_and_is_checked():

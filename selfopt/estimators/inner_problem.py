@@ -53,11 +53,13 @@ def new_inner_state(lopt: LearnedOptimizer, theta: Theta, task: Task, key: jax.A
     init_key, data_key, length_key = jax.random.split(key, 3)
     params = task.init(init_key)
     init_loss = task.loss(params, task.sample_batch(jax.random.fold_in(data_key, 0)))
+    length = schedule.sample(length_key)
     return InnerState(
         params=params,
-        opt_state=lopt.optimizer(theta).init(params),
+        # the problem's length is its horizon (for an LO that reads the fraction done)
+        opt_state=lopt.optimizer(theta, num_steps=length).init(params),
         step=jnp.zeros([], jnp.int32),
-        length=schedule.sample(length_key),
+        length=length,
         init_loss=jnp.asarray(init_loss, jnp.float32),
         data_key=data_key,
         diverged=jnp.zeros([], bool),

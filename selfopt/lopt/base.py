@@ -5,8 +5,10 @@ functions, in the shape optax gives to hand-designed optimizers:
 
 * ``init(key) -> theta``: fresh LO weights, one pytree of float arrays (a few thousand numbers,
   so that a population of thetas and their perturbations can be ``vmap``-ed);
-* ``optimizer(theta) -> optax.GradientTransformationExtraArgs``: the optimizer those weights
-  define, with ``init(params) -> state`` and ``update(grads, state, params, loss=...)``.
+* ``optimizer(theta, num_steps=None) -> optax.GradientTransformationExtraArgs``: the optimizer
+  those weights define, with ``init(params) -> state`` and ``update(grads, state, params,
+  loss=...)``. ``num_steps`` is the number of updates the run will take; an architecture that
+  reads it (to learn a schedule) requires it, the others ignore it.
 
 Nothing here knows about populations or meta-gradients; the LO is just an optimizer family
 indexed by ``theta``.
@@ -27,7 +29,8 @@ class LearnedOptimizer(Protocol):
 
     def init(self, key: jax.Array) -> Theta: ...
 
-    def optimizer(self, theta: Theta) -> optax.GradientTransformationExtraArgs: ...
+    def optimizer(self, theta: Theta, num_steps: int | jax.Array | None = None
+                  ) -> optax.GradientTransformationExtraArgs: ...
 
 
 def check_theta(lopt: LearnedOptimizer, theta: Theta) -> None:
@@ -65,11 +68,14 @@ def check_float_params(tree: Any, what: str = "params") -> None:
             )
 
 
-def as_optax(lopt: LearnedOptimizer, theta: Theta) -> optax.GradientTransformationExtraArgs:
+def as_optax(lopt: LearnedOptimizer, theta: Theta, num_steps: int | None = None
+             ) -> optax.GradientTransformationExtraArgs:
     """The optax optimizer that ``lopt`` with weights ``theta`` defines, after checking theta.
 
-    Use it like any optax optimizer: ``opt = as_optax(lopt, theta); state = opt.init(params);
-    updates, state = opt.update(grads, state, params, loss=loss)``.
+    Use it like any optax optimizer: ``opt = as_optax(lopt, theta, num_steps=1000); state =
+    opt.init(params); updates, state = opt.update(grads, state, params, loss=loss)``.
+    ``num_steps`` (the number of updates the run will take) is required by a learned optimizer
+    that reads the fraction of training done (``MLPLOpt(horizon_features=True)``).
     """
     check_theta(lopt, theta)
-    return lopt.optimizer(theta)
+    return lopt.optimizer(theta, num_steps)

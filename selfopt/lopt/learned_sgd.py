@@ -30,8 +30,10 @@ class LearnedSGD:
         del key
         return {"log_lr": jnp.asarray(self.init_log_lr, jnp.float32)}
 
-    def optimizer(self, theta: Theta) -> optax.GradientTransformationExtraArgs:
-        """Plain SGD with learning rate ``exp(theta["log_lr"])``."""
+    def optimizer(self, theta: Theta, num_steps: int | jax.Array | None = None
+                  ) -> optax.GradientTransformationExtraArgs:
+        """Plain SGD with learning rate ``exp(theta["log_lr"])`` (``num_steps`` is ignored)."""
+        del num_steps
 
         def init_fn(params):
             check_float_params(params)

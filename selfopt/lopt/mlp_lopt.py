@@ -7,8 +7,8 @@ step is ``-d * exp(exp_mult * m) * step_mult``. The MLP is shared by all paramet
 tensors, so one set of weights ``theta`` (2,018 floats at the defaults) optimises any model.
 
 Features of one parameter tensor, in order (``F = 2 + 2 * len(decays) + 1 + 3 + len(timescales)``
-``+ len(decays)`` with ``raw_adam_features``, less 3 without ``magnitude_features``; 27 at the
-defaults):
+``+ len(decays)`` with ``raw_adam_features``, less 3 without ``magnitude_features``, plus 2 with
+``horizon_features``; 27 at the defaults):
 
 1. gradient ``g`` and parameter ``p``;
 2. momenta ``m_k <- b_k m_k + (1 - b_k) g`` at each decay ``b_k``;
@@ -27,11 +27,17 @@ defaults):
    noise and oscillation (near 0), the signal Adam's own steps shrink with. Measured in
    ``docs/results.md``: the best held-out margin of a 6-minute run fell from 1.51 to 1.21
    (seed 0) and from 1.83 to 1.33 (seed 1);
-7. the step count embedded as ``tanh(t / s)`` at timescales ``s`` from 1 to 1e5 steps.
+7. the step count embedded as ``tanh(t / s)`` at timescales ``s`` from 1 to 1e5 steps;
+8. with ``horizon_features`` **(ours, as VeLO, Metz et al. 2022)**: the fraction of training done,
+   ``f = t / T`` clipped to [0, 1], and ``f ** 3``, where ``T`` is the number of updates the run
+   will take, given as ``optimizer(theta, num_steps=T)``. Knowing how much of its budget is
+   left lets the optimizer learn a schedule (large steps early, small ones at the end), which
+   Adam with one constant learning rate does not have.
 """
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -49,6 +55,8 @@ class MLPLOptState(NamedTuple):
     momenta: Any  # pytree like params; each leaf (*param.shape, len(decays))
     rms: Any  # pytree like params: running mean of the squared gradient
     step: jax.Array  # int32 scalar: number of updates applied so far
+    # float32 scalar: the updates the run will take (with horizon_features; else None, no leaf)
+    horizon: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +75,8 @@ class MLPLOpt:
         per-tensor normalisation (feature 6 of the module docstring).
       magnitude_features: read the log-magnitudes of feature 5 (off: the LO sees only
         scale-free features and the step count).
+      horizon_features: read the fraction of training done (feature 8); the optimizer then
+        needs ``num_steps``, the run's number of updates.
     """
 
     hidden: tuple[int, ...] = (32, 32)
@@ -78,6 +88,7 @@ class MLPLOpt:
     feature_clip: float = 5.0
     raw_adam_features: bool = True
     magnitude_features: bool = True
+    horizon_features: bool = False
 
     def __post_init__(self):
         if not self.hidden or any(not isinstance(w, int) or w < 1 for w in self.hidden):
@@ -86,7 +97,8 @@ class MLPLOpt:
     @property
     def num_features(self) -> int:
         return (2 + 2 * len(self.decays) + 1 + (3 if self.magnitude_features else 0)
-                + len(self.timescales) + (len(self.decays) if self.raw_adam_features else 0))
+                + len(self.timescales) + (len(self.decays) if self.raw_adam_features else 0)
+                + (2 if self.horizon_features else 0))
 
     def init(self, key: jax.Array) -> Theta:
         """Random LO weights: fan-in scaled normal weights and zero biases.
@@ -125,52 +137,85 @@ class MLPLOpt:
             parts.append(jnp.clip(adam, -self.feature_clip, self.feature_clip))
         return jnp.concatenate(parts, axis=1)
 
-    def time_features(self, step: jax.Array) -> jax.Array:
-        """``tanh(step / s)`` for every timescale ``s``: the same for every parameter."""
-        return jnp.tanh(step.astype(jnp.float32) / jnp.asarray(self.timescales))
+    @property
+    def num_time_features(self) -> int:
+        """Features that are the same for every parameter (7 and 8 of the module docstring)."""
+        return len(self.timescales) + (2 if self.horizon_features else 0)
+
+    def time_features(self, step: jax.Array, horizon: jax.Array | None = None) -> jax.Array:
+        """``tanh(step / s)`` for every timescale ``s``, then, with ``horizon_features``, the
+        fraction ``f = step / horizon`` (clipped to [0, 1]) and ``f ** 3``: the same for every
+        parameter."""
+        step = step.astype(jnp.float32)
+        time = jnp.tanh(step / jnp.asarray(self.timescales))
+        if not self.horizon_features:
+            return time
+        fraction = jnp.clip(step / jnp.maximum(horizon, 1.0), 0.0, 1.0)
+        return jnp.concatenate([time, jnp.stack([fraction, fraction ** 3])])
 
     def features(self, g: jax.Array, p: jax.Array, m: jax.Array, v: jax.Array,
-                 step: jax.Array) -> jax.Array:
+                 step: jax.Array, horizon: jax.Array | None = None) -> jax.Array:
         """All ``(n, num_features)`` inputs of one tensor, in the order of the module docstring
         (the update computes the same thing without materialising the time columns)."""
-        time = jnp.broadcast_to(self.time_features(step), (g.shape[0], len(self.timescales)))
+        time = jnp.broadcast_to(self.time_features(step, horizon),
+                                (g.shape[0], self.num_time_features))
         return jnp.concatenate([self.param_features(g, p, m, v), time], axis=1)
 
-    def apply_mlp(self, theta: Theta, x: jax.Array,
-                  step: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def apply_mlp(self, theta: Theta, x: jax.Array, step: jax.Array | None = None,
+                  horizon: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """Runs the shared MLP; returns direction and magnitude, each ``(n,)``.
 
         Args:
           theta: the LO weights.
           x: ``(n, num_features)`` inputs, or, with ``step`` given, ``(n, num_features -
-            len(timescales))`` per-parameter inputs: the time features are the same for every
+            num_time_features)`` per-parameter inputs: the time features are the same for every
             parameter, so their share of the first layer is computed once and added to its bias
             (exactly the same result, about 10% fewer FLOPs per parameter).
           step: the step count, when ``x`` holds only the per-parameter inputs.
+          horizon: the run's number of updates (with ``horizon_features`` and ``step``).
         """
         first, *hidden, last = theta["layers"]
         if step is None:
             x = x @ first["w"] + first["b"]
         else:
             split = x.shape[1]
-            x = x @ first["w"][:split] + (self.time_features(step) @ first["w"][split:]
-                                           + first["b"])
+            x = x @ first["w"][:split] + (self.time_features(step, horizon)
+                                           @ first["w"][split:] + first["b"])
         x = jax.nn.relu(x)
         for layer in hidden:
             x = jax.nn.relu(x @ layer["w"] + layer["b"])
         out = x @ last["w"] + last["b"]
         return out[:, 0], out[:, 1]
 
-    def optimizer(self, theta: Theta) -> optax.GradientTransformationExtraArgs:
-        """The optax optimizer that these weights define (use :func:`as_optax` to check theta)."""
+    def optimizer(self, theta: Theta, num_steps: int | jax.Array | None = None
+                  ) -> optax.GradientTransformationExtraArgs:
+        """The optax optimizer that these weights define (use :func:`as_optax` to check theta).
+
+        Args:
+          theta: the LO weights.
+          num_steps: the number of updates the run will take (an int, or a traced scalar
+            inside ``jit``): required by ``init`` with ``horizon_features``, ignored without.
+        """
+        if self.horizon_features and num_steps is not None and not isinstance(num_steps, jax.Array):
+            if (not isinstance(num_steps, numbers.Integral) or isinstance(num_steps, bool)
+                    or num_steps < 1):
+                raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
 
         def init_fn(params):
             check_float_params(params)
+            horizon = None
+            if self.horizon_features:
+                if num_steps is None:
+                    raise ValueError("this learned optimizer reads the fraction of training done "
+                                     "(horizon_features): pass num_steps, the number of updates "
+                                     "the run will take, to optimizer(theta, num_steps=...)")
+                horizon = jnp.asarray(num_steps, jnp.float32)
             k = len(self.decays)
             return MLPLOptState(
                 momenta=jax.tree.map(lambda p: jnp.zeros((*jnp.shape(p), k), jnp.float32), params),
                 rms=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
                 step=jnp.zeros([], jnp.int32),
+                horizon=horizon,
             )
 
         def update_fn(grads, state, params=None, **extra_args):
@@ -196,7 +241,8 @@ class MLPLOpt:
                 new_v.append(flat_v.reshape(v.shape))
 
             # One MLP call over the parameters of all tensors at once (one matmul, not one per leaf).
-            direction, magnitude = self.apply_mlp(theta, jnp.concatenate(feats), step)
+            direction, magnitude = self.apply_mlp(theta, jnp.concatenate(feats), step,
+                                                  state.horizon)
             steps = -direction * jnp.exp(self.exp_mult * magnitude) * self.step_mult
 
             updates, offset = [], 0
@@ -209,6 +255,7 @@ class MLPLOpt:
                 momenta=jax.tree_util.tree_unflatten(treedef, new_m),
                 rms=jax.tree_util.tree_unflatten(treedef, new_v),
                 step=step,
+                horizon=state.horizon,
             )
             return jax.tree_util.tree_unflatten(treedef, updates), new_state
 

@@ -84,6 +84,10 @@ class SelfTraining:
       clip: elementwise clip of the ES estimate before it is used.
       max_update: bound on the RMS of a member's step (see :func:`scale_and_add`).
       trust_region: what ``max_update`` bounds (see :func:`scale_and_add`).
+      horizon: the number of outer steps the members' optimizers are told self-training takes
+        (their ``num_steps``; only an LO that reads the fraction of training done uses it).
+        Self-training is open-ended, so this is nominal: longer than a run, so the LOs treat
+        their own training as early in a long run.
     """
 
     lopt: LearnedOptimizer
@@ -91,6 +95,7 @@ class SelfTraining:
     clip: float = 0.1
     max_update: float = 0.01
     trust_region: str = "step"
+    horizon: int = 10_000
 
     label = "self-training"
 
@@ -100,7 +105,7 @@ class SelfTraining:
 
     def init(self, thetas: Theta) -> Any:
         """Per-member outer state: the LO's state for member i's weights (leading axis K)."""
-        return jax.vmap(lambda theta: self.lopt.optimizer(theta).init(theta))(thetas)
+        return jax.vmap(lambda theta: self.lopt.optimizer(theta, self.horizon).init(theta))(thetas)
 
     def donors(self, num_members: int, best: jax.Array, key: jax.Array) -> jax.Array:
         """Index ``j`` of the member whose LO updates each member ``i``."""

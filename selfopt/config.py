@@ -59,6 +59,8 @@ class TrainConfig:
     magnitude_features: bool = True
     # also feed the fraction of training done, so the LO can learn a schedule (MLPLOpt)
     horizon_features: bool = False
+    # also feed each tensor's log fan-in and fan-out (MLPLOpt): a bias, a wide or a narrow layer
+    tensor_features: bool = False
     # with horizon_features: the outer steps self-training's LOs are told their own training
     # takes (nominal: self-training is open-ended)
     outer_horizon: int = 10_000
@@ -211,7 +213,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = getattr(c, name)
         _check(name, value in choices, f"one of {list(choices)}", value)
     for name in ("explore_sigma", "stratify_slots", "restore_elite", "raw_adam_features",
-                 "magnitude_features", "horizon_features"):
+                 "magnitude_features", "horizon_features", "tensor_features"):
         _check(name, isinstance(getattr(c, name), bool), "true or false", getattr(c, name))
     _check("hidden", isinstance(c.hidden, tuple) and 1 <= len(c.hidden) <= 4
            and all(_is_int(w) and 1 <= w <= 1024 for w in c.hidden),

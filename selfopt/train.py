@@ -69,7 +69,8 @@ def build(cfg: TrainConfig) -> Components:
     """The algorithms a configuration describes."""
     lopt = MLPLOpt(hidden=cfg.hidden, raw_adam_features=cfg.raw_adam_features,
                   magnitude_features=cfg.magnitude_features,
-                  horizon_features=cfg.horizon_features, exp_mult=cfg.exp_mult)
+                  horizon_features=cfg.horizon_features, tensor_features=cfg.tensor_features,
+                  exp_mult=cfg.exp_mult)
     estimator_cls = PES if cfg.estimator == "pes" else TruncatedES
     estimator = estimator_cls(
         lopt, num_pairs=cfg.num_pairs, truncation_length=cfg.truncation_length,

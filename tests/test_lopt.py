@@ -170,6 +170,35 @@ def test_horizon_features_are_the_fraction_done_and_fold_into_the_update():
     np.testing.assert_allclose(jnp.ravel(updates["dense"]), expected, rtol=1e-5, atol=1e-10)
 
 
+def test_tensor_features_are_the_log_fans_and_tell_a_bias_from_a_weight():
+    lopt = MLPLOpt(tensor_features=True)
+    assert lopt.num_features == MLPLOpt().num_features + 2
+    theta = lopt.init(jax.random.key(8))
+    opt = lopt.optimizer(theta)
+    grads = grads_like(PARAMS)
+    updates, state = opt.update(grads, opt.init(PARAMS), PARAMS)
+    g = jnp.ravel(grads["conv"])  # HWIO (3, 3, 2, 4): fan-in 18, fan-out 4
+    feats = lopt.features(g, jnp.ravel(PARAMS["conv"]), state.momenta["conv"].reshape(-1, 5),
+                          jnp.ravel(state.rms["conv"]), state.step, shape=(3, 3, 2, 4))
+    cols = slice(-len(lopt.timescales) - 2, -len(lopt.timescales))
+    np.testing.assert_allclose(feats[:, cols], np.broadcast_to(np.log([18, 4]) / 5, (72, 2)),
+                               rtol=1e-6)
+    d, m = lopt.apply_mlp(theta, feats)
+    np.testing.assert_allclose(jnp.ravel(updates["conv"]),
+                               -d * jnp.exp(lopt.exp_mult * m) * lopt.step_mult,
+                               rtol=1e-5, atol=1e-10)
+    # the same gradients, parameters and state in a (12,) vector and a (3, 4) matrix step
+    # differently only with the tensor features
+    flat = {"w": jnp.ravel(PARAMS["dense"])}
+    for flag, same in ((True, False), (False, True)):
+        lo = MLPLOpt(tensor_features=flag)
+        o = lo.optimizer(lo.init(jax.random.key(8)))
+        as_matrix = o.update({"w": grads["dense"]}, o.init({"w": PARAMS["dense"]}),
+                             {"w": PARAMS["dense"]})[0]["w"]
+        as_vector = o.update({"w": jnp.ravel(grads["dense"])}, o.init(flat), flat)[0]["w"]
+        assert np.allclose(jnp.ravel(as_matrix), as_vector, rtol=1e-6) == same
+
+
 def test_the_horizon_changes_the_step_only_for_an_lo_that_reads_it():
     steps = {}
     for flag in (True, False):

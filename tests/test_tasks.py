@@ -88,6 +88,29 @@ def test_quadratic_noise_leaves_expected_loss_unchanged():
     assert noisy.mean() == pytest.approx(float(exact), abs=4 * float(noisy.std()) / np.sqrt(20_000))
 
 
+@pytest.mark.parametrize("family", ["logistic", "mlp"])
+def test_a_padded_batch_is_the_unpadded_batch_and_shares_code_across_sizes(family):
+    # Independent truth: the unpadded task of the same batch size on the first rows.
+    plain = make_task({"family": family, "batch_size": 24})
+    padded = make_task({"family": family, "batch_size": 24, "pad_batch_to": 64})
+    params = plain.init(jax.random.key(0))
+    images, labels = padded.sample_batch(jax.random.key(1))
+    assert images.shape[0] == 64
+    value, grad = jax.value_and_grad(padded.loss)(params, (images, labels))
+    expected, expected_grad = jax.value_and_grad(plain.loss)(params, (images[:24], labels[:24]))
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(expected_grad)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    # every batch size padded to 64 is one shape (one compilation); unpadded sizes are not
+    sizes = (8, 24, 64)
+    assert len({make_task({"family": family, "batch_size": b, "pad_batch_to": 64}).shape_key
+                for b in sizes}) == 1
+    assert len({make_task({"family": family, "batch_size": b}).shape_key for b in sizes}) == 3
+    for bad in (16, -1, 2.0):
+        with pytest.raises(ValueError, match="pad_batch_to must be 0"):
+            make_task({"family": family, "batch_size": 24, "pad_batch_to": bad})
+
+
 def test_make_task_rejects_unknown_names_and_bad_values():
     with pytest.raises(ValueError, match="unknown task family 'resnet'.*'quadratic'"):
         make_task({"family": "resnet"})

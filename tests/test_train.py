@@ -64,10 +64,11 @@ def test_a_run_stored_before_raw_adam_features_resumes_and_opens_as_it_was(tmp_p
 
 def test_the_learned_optimizer_fields_of_the_config_build_it():
     comps = build(tiny(hidden=[8, 4], raw_adam_features=False, magnitude_features=False,
-                       horizon_features=True, outer_horizon=500, exp_mult=0.1))
+                       horizon_features=True, tensor_features=True, outer_horizon=500,
+                       exp_mult=0.1))
     lopt = comps.lopt
     assert (lopt.hidden, lopt.raw_adam_features, lopt.magnitude_features, lopt.horizon_features,
-            lopt.exp_mult) == ((8, 4), False, False, True, 0.1)
+            lopt.tensor_features, lopt.exp_mult) == ((8, 4), False, False, True, True, 0.1)
     assert comps.outer.horizon == 500
     assert build(tiny()).lopt == MLPLOpt(hidden=(8,))  # the defaults are MLPLOpt's
     with pytest.raises(ConfigError, match="outer_horizon"):

@@ -8,7 +8,7 @@ tensors, so one set of weights ``theta`` (2,018 floats at the defaults) optimise
 
 Features of one parameter tensor, in order (``F = 2 + 2 * len(decays) + 1 + 3 + len(timescales)``
 ``+ len(decays)`` with ``raw_adam_features``, less 3 without ``magnitude_features``, plus 2 with
-``horizon_features``; 27 at the defaults):
+``horizon_features`` and 2 with ``tensor_features``; 27 at the defaults):
 
 1. gradient ``g`` and parameter ``p``;
 2. momenta ``m_k <- b_k m_k + (1 - b_k) g`` at each decay ``b_k``;
@@ -27,6 +27,11 @@ Features of one parameter tensor, in order (``F = 2 + 2 * len(decays) + 1 + 3 + 
    noise and oscillation (near 0), the signal Adam's own steps shrink with. Measured in
    ``docs/results.md``: the best held-out margin of a 6-minute run fell from 1.51 to 1.21
    (seed 0) and from 1.83 to 1.33 (seed 1);
+6b. with ``tensor_features`` **(ours)**: the tensor's shape, ``log(fan_in) / 5`` and
+   ``log(fan_out) / 5``, with ``fan_out`` its last dimension and ``fan_in`` the product of the
+   others (1 for a vector or a scalar): the same for every parameter of a tensor, so the
+   optimizer can tell a bias from a weight and a layer's width (a logistic regression's one
+   10-output layer from an MLP's hidden layers);
 7. the step count embedded as ``tanh(t / s)`` at timescales ``s`` from 1 to 1e5 steps;
 8. with ``horizon_features`` **(ours, as VeLO, Metz et al. 2022)**: the fraction of training done,
    ``f = t / T`` clipped to [0, 1], and ``f ** 3``, where ``T`` is the number of updates the run
@@ -37,6 +42,7 @@ Features of one parameter tensor, in order (``F = 2 + 2 * len(decays) + 1 + 3 + 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any, NamedTuple
 
@@ -77,6 +83,7 @@ class MLPLOpt:
         scale-free features and the step count).
       horizon_features: read the fraction of training done (feature 8); the optimizer then
         needs ``num_steps``, the run's number of updates.
+      tensor_features: read the tensor's fan-in and fan-out (feature 6b).
     """
 
     hidden: tuple[int, ...] = (32, 32)
@@ -89,6 +96,7 @@ class MLPLOpt:
     raw_adam_features: bool = True
     magnitude_features: bool = True
     horizon_features: bool = False
+    tensor_features: bool = False
 
     def __post_init__(self):
         if not self.hidden or any(not isinstance(w, int) or w < 1 for w in self.hidden):
@@ -98,7 +106,7 @@ class MLPLOpt:
     def num_features(self) -> int:
         return (2 + 2 * len(self.decays) + 1 + (3 if self.magnitude_features else 0)
                 + len(self.timescales) + (len(self.decays) if self.raw_adam_features else 0)
-                + (2 if self.horizon_features else 0))
+                + (2 if self.horizon_features else 0) + (2 if self.tensor_features else 0))
 
     def init(self, key: jax.Array) -> Theta:
         """Random LO weights: fan-in scaled normal weights and zero biases.
@@ -115,13 +123,14 @@ class MLPLOpt:
         ]
         return {"layers": layers}
 
-    def param_features(self, g: jax.Array, p: jax.Array, m: jax.Array,
-                       v: jax.Array) -> jax.Array:
-        """The ``(n, num_features - len(timescales))`` per-parameter inputs of one tensor.
+    def param_features(self, g: jax.Array, p: jax.Array, m: jax.Array, v: jax.Array,
+                       shape: tuple[int, ...] = ()) -> jax.Array:
+        """The ``(n, num_features - num_time_features)`` per-parameter inputs of one tensor.
 
         Args:
           g, p, v: gradient, parameter and squared-gradient accumulator, flattened ``(n,)``.
           m: momenta ``(n, len(decays))``.
+          shape: the tensor's shape (read with ``tensor_features``).
         """
         rms = jnp.sqrt(v)
         adam = m / jnp.sqrt(v + _EPS)[:, None]
@@ -135,6 +144,11 @@ class MLPLOpt:
                                   -5.0, 5.0))
         if self.raw_adam_features:
             parts.append(jnp.clip(adam, -self.feature_clip, self.feature_clip))
+        if self.tensor_features:
+            fan_out = shape[-1] if shape else 1
+            fan_in = math.prod(shape[:-1]) if len(shape) > 1 else 1
+            parts.append(jnp.broadcast_to(jnp.log(jnp.asarray([fan_in, fan_out], jnp.float32))
+                                          / 5.0, (g.shape[0], 2)))
         return jnp.concatenate(parts, axis=1)
 
     @property
@@ -154,12 +168,13 @@ class MLPLOpt:
         return jnp.concatenate([time, jnp.stack([fraction, fraction ** 3])])
 
     def features(self, g: jax.Array, p: jax.Array, m: jax.Array, v: jax.Array,
-                 step: jax.Array, horizon: jax.Array | None = None) -> jax.Array:
+                 step: jax.Array, horizon: jax.Array | None = None,
+                 shape: tuple[int, ...] = ()) -> jax.Array:
         """All ``(n, num_features)`` inputs of one tensor, in the order of the module docstring
         (the update computes the same thing without materialising the time columns)."""
         time = jnp.broadcast_to(self.time_features(step, horizon),
                                 (g.shape[0], self.num_time_features))
-        return jnp.concatenate([self.param_features(g, p, m, v), time], axis=1)
+        return jnp.concatenate([self.param_features(g, p, m, v, shape), time], axis=1)
 
     def apply_mlp(self, theta: Theta, x: jax.Array, step: jax.Array | None = None,
                   horizon: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -236,7 +251,7 @@ class MLPLOpt:
                 flat_m = decays * m.reshape(-1, len(self.decays)) + (1 - decays) * flat_g[:, None]
                 flat_v = self.rms_decay * jnp.ravel(v) + (1 - self.rms_decay) * jnp.square(flat_g)
                 feats.append(self.param_features(flat_g, jnp.ravel(p).astype(jnp.float32), flat_m,
-                                                 flat_v))
+                                                 flat_v, jnp.shape(p)))
                 new_m.append(flat_m.reshape(m.shape))
                 new_v.append(flat_v.reshape(v.shape))
 

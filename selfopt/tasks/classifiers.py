@@ -4,6 +4,12 @@ The data set (uint8 images and labels, on the device) is a leaf of the task, so 
 of one architecture, data set and batch size shares compiled code. Batches are drawn with
 replacement from a PRNG key and scaled to float32 in [0, 1]. Weights use LeCun-normal
 initialisation (variance 1 / fan-in), biases zeros.
+
+Padded batches **(ours)**: with ``pad_batch_to=R`` a task draws ``R`` examples per batch and
+its loss is the mean over the first ``batch_size`` of them. The batch size is then an array
+(a leaf), not part of the shape, so classifiers that differ only in batch size share one
+compiled program: the training distribution can vary the gradient noise without paying a
+compilation per batch size.
 """
 from __future__ import annotations
 
@@ -50,6 +56,16 @@ def check_widths(name: str, widths) -> tuple[int, ...]:
     return tuple(check_positive_int(name, w) for w in widths)
 
 
+def check_padding(batch_size: int, pad_batch_to: int) -> int:
+    """Validates ``pad_batch_to`` (0: no padding, else at least ``batch_size``); returns the
+    number of rows a batch draws."""
+    if not isinstance(pad_batch_to, int) or isinstance(pad_batch_to, bool) or (
+            pad_batch_to and pad_batch_to < batch_size) or pad_batch_to < 0:
+        raise ValueError(f"pad_batch_to must be 0 (no padding) or an int >= batch_size "
+                         f"({batch_size}), got {pad_batch_to!r}")
+    return pad_batch_to or batch_size
+
+
 def check_activation(activation: str) -> str:
     """Validates an activation name."""
     if activation not in ACTIVATIONS:
@@ -92,24 +108,39 @@ class ImageClassifier(Task):
     """Shared data handling and loss; subclasses define ``init`` and ``logits``."""
 
     data: ImageData  # uint8 images and labels, train and test
+    batch_size: jax.Array  # int32 scalar: the examples of a batch that count in its loss
     dataset: str = static_field()
-    batch_size: int = static_field()
+    batch_rows: int = static_field()  # examples drawn per batch (batch_size, or the padding)
+    padded: bool = static_field()  # whether the loss masks rows beyond batch_size
 
     loss_floor = 0.0
 
+    @classmethod
+    def batch_fields(cls, batch_size: int, pad_batch_to: int) -> dict:
+        """The batch fields of a task (checked)."""
+        batch_size = check_positive_int("batch_size", batch_size)
+        rows = check_padding(batch_size, pad_batch_to)
+        return {"batch_size": jnp.asarray(batch_size, jnp.int32), "batch_rows": rows,
+                "padded": bool(pad_batch_to)}
+
     def sample_batch(self, key: jax.Array, split: str = "train") -> tuple[jax.Array, jax.Array]:
-        """``(images, labels)`` drawn with replacement; see :func:`sample_images`."""
-        return sample_images(self.data, key, split, self.batch_size)
+        """``(images, labels)``, ``batch_rows`` of them, drawn with replacement; see
+        :func:`sample_images`."""
+        return sample_images(self.data, key, split, self.batch_rows)
 
     def logits(self, params, images: jax.Array) -> jax.Array:
         """Class scores ``(batch, 10)`` for images ``(batch, side, side)``."""
         raise NotImplementedError
 
     def loss(self, params, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
-        """Mean softmax cross-entropy."""
+        """Mean softmax cross-entropy (over the first ``batch_size`` rows when padded)."""
         images, labels = batch
         logits = self.logits(params, images)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        if not self.padded:
+            return losses.mean()
+        counted = jnp.arange(losses.shape[0]) < self.batch_size
+        return jnp.sum(jnp.where(counted, losses, 0.0)) / self.batch_size
 
     @property
     def num_pixels(self) -> int:
@@ -124,10 +155,12 @@ class LogisticRegression(ImageClassifier):
     family = "logistic"
 
     @classmethod
-    def create(cls, dataset: str = "fashion_mnist8", batch_size: int = 128) -> LogisticRegression:
-        """Builds the task on ``dataset`` (a name in ``IMAGE_DATASETS``)."""
+    def create(cls, dataset: str = "fashion_mnist8", batch_size: int = 128,
+               pad_batch_to: int = 0) -> LogisticRegression:
+        """Builds the task on ``dataset`` (a name in ``IMAGE_DATASETS``); ``pad_batch_to``: see
+        the module docstring (0: no padding)."""
         return cls(data=device_images(dataset), dataset=dataset,
-                   batch_size=check_positive_int("batch_size", batch_size))
+                   **cls.batch_fields(batch_size, pad_batch_to))
 
     def init(self, key: jax.Array) -> list[dict[str, jax.Array]]:
         """One dense layer."""
@@ -150,7 +183,8 @@ class MLPClassifier(ImageClassifier):
 
     @classmethod
     def create(cls, dataset: str = "fashion_mnist8", batch_size: int = 128,
-               hidden: tuple[int, ...] = (32, 32), activation: str = "relu") -> MLPClassifier:
+               hidden: tuple[int, ...] = (32, 32), activation: str = "relu",
+               pad_batch_to: int = 0) -> MLPClassifier:
         """Builds the task.
 
         Args:
@@ -158,12 +192,14 @@ class MLPClassifier(ImageClassifier):
           batch_size: examples per batch.
           hidden: widths of the hidden layers.
           activation: a name in :data:`ACTIVATIONS`.
+          pad_batch_to: draw this many examples per batch, of which ``batch_size`` count (0:
+            no padding); see the module docstring.
 
         Returns:
           The task.
         """
         return cls(data=device_images(dataset), dataset=dataset,
-                   batch_size=check_positive_int("batch_size", batch_size),
+                   **cls.batch_fields(batch_size, pad_batch_to),
                    hidden=check_widths("hidden", hidden), activation=check_activation(activation))
 
     def init(self, key: jax.Array) -> list[dict[str, jax.Array]]:
@@ -190,7 +226,8 @@ class ConvNetClassifier(ImageClassifier):
 
     @classmethod
     def create(cls, dataset: str = "fashion_mnist16", batch_size: int = 128,
-               channels: tuple[int, ...] = (8, 16), activation: str = "relu") -> ConvNetClassifier:
+               channels: tuple[int, ...] = (8, 16), activation: str = "relu",
+               pad_batch_to: int = 0) -> ConvNetClassifier:
         """Builds the task.
 
         Args:
@@ -198,6 +235,7 @@ class ConvNetClassifier(ImageClassifier):
           batch_size: examples per batch.
           channels: output channels of each convolution; each one halves the image side.
           activation: a name in :data:`ACTIVATIONS`.
+          pad_batch_to: as for :class:`MLPClassifier`.
 
         Returns:
           The task.
@@ -206,8 +244,7 @@ class ConvNetClassifier(ImageClassifier):
         channels = check_widths("channels", channels)
         if not channels or 2 ** len(channels) > IMAGE_DATASETS[dataset]:
             raise ValueError(f"channels must have 1 to log2(side) entries, got {channels!r}")
-        return cls(data=data, dataset=dataset,
-                   batch_size=check_positive_int("batch_size", batch_size),
+        return cls(data=data, dataset=dataset, **cls.batch_fields(batch_size, pad_batch_to),
                    channels=channels, activation=check_activation(activation))
 
     def init(self, key: jax.Array) -> dict:

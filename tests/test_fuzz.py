@@ -207,7 +207,9 @@ def fuzz_cli(num_cases: int, tmp_path, capsys, monkeypatch) -> dict:
 def test_random_configs_and_flags_start_or_fail_cleanly(tmp_path, capsys, monkeypatch):
     stats = fuzz_cli(DEFAULT_CASES, tmp_path, capsys, monkeypatch)
     assert stats["cases"] >= DEFAULT_CASES * 0.9
-    assert stats["valid"] >= 10 and stats["errors"] >= 50  # both answers are exercised
+    # both answers are exercised (how many draws are valid shifts with the number of fields:
+    # each drawn field can make a case invalid)
+    assert stats["valid"] >= 5 and stats["errors"] >= 50
 
 
 @pytest.mark.slow

@@ -9,8 +9,9 @@ learned optimizer is one set of weights for all tasks, so the best single rate i
 hand-designed optimizer it resembles most; below that margin it adapts to the task better than
 Adam with one rate does. It also reports Adam tuned per task with a linear decay of the rate
 to 0 (not the baseline: what a schedule alone is worth, which constant-rate Adam lacks and a
-learned optimizer that reads the fraction of training done can learn). Reads and fills the tuned-Adam cache of ``selfopt eval``
-(``$SELFOPT_CACHE/adam``), so after a ``selfopt eval`` of the same suite it takes seconds.
+learned optimizer that reads the fraction of training done can learn). Reads and fills the
+tuned-Adam cache of ``selfopt eval`` (``$SELFOPT_CACHE/adam``), so after a ``selfopt eval`` of
+the same suite it takes seconds (the decayed runs are cached too).
 Prints JSON.
 """
 from __future__ import annotations

@@ -177,7 +177,7 @@ def _cache_path(cache_dir: Path, config: dict, num_steps: int, num_seeds: int, s
                 learning_rates: tuple[float, ...], linear_decay: bool = False) -> Path:
     spec = {"version": _CACHE_VERSION, "config": config, "num_steps": num_steps,
             "num_seeds": num_seeds, "seed": seed, "learning_rates": list(learning_rates)}
-    if linear_decay:  # only then: the baseline's existing cache files keep their names
+    if linear_decay:  # only then: the constant-rate baseline's key is as before
         spec["linear_decay"] = True
     spec = json.dumps(spec, sort_keys=True)
     return Path(cache_dir) / f"adam-{hashlib.sha256(spec.encode()).hexdigest()[:24]}.json"

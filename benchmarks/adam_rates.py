@@ -35,6 +35,7 @@ def main() -> None:
 
     per_task = {}  # label -> {rate: normalised final loss}
     tuned_rate = {}  # label -> the rate tuned Adam chose
+    decayed = {}  # label -> (normalised loss, rate) of Adam tuned with a linear decay
     for config in suite(args.tasks):
         adam = tune_adam(config, args.steps, args.seeds, cache_dir=default_cache_dir())
         task, init = make_task(config), float(adam.train_losses[:, 0].mean())
@@ -42,20 +43,17 @@ def main() -> None:
         per_task[label] = {lr: normalized_final(task, final, init)
                            for lr, final in adam.final_by_rate.items()}
         tuned_rate[label] = adam.learning_rate
+        # same seeds, so the same initial parameters and the same normaliser
+        with_decay = tune_adam(config, args.steps, args.seeds, cache_dir=default_cache_dir(),
+                               linear_decay=True)
+        decayed[label] = (normalized_final(task, with_decay.final_by_rate[
+            with_decay.learning_rate], init), with_decay.learning_rate)
     tuned = float(np.mean([rows[tuned_rate[label]] for label, rows in per_task.items()]))
     by_rate = []
     for lr in ADAM_LEARNING_RATES:
         mean = float(np.mean([rows[lr] for rows in per_task.values()]))
         by_rate.append({"learning_rate": lr, "mean_normalized": mean, "margin": mean / tuned})
     best = min(by_rate, key=lambda row: row["mean_normalized"])
-    decayed = {}  # label -> (normalised loss, rate) of Adam tuned with a linear decay
-    for config in suite(args.tasks):
-        adam = tune_adam(config, args.steps, args.seeds, cache_dir=default_cache_dir(),
-                         linear_decay=True)
-        task, label = make_task(config), task_label(config)
-        init = float(adam.train_losses[:, 0].mean())  # same seeds: same initial losses
-        decayed[label] = (normalized_final(task, adam.final_by_rate[adam.learning_rate], init),
-                          adam.learning_rate)
     decayed_mean = float(np.mean([value for value, _ in decayed.values()]))
     linear_decay = {
         "mean_normalized": decayed_mean, "margin": decayed_mean / tuned,

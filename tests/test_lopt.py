@@ -130,6 +130,22 @@ def test_without_magnitude_features_the_step_ignores_the_gradient_scale():
     assert not np.allclose(steps[True, 1e3], steps[True, 1e6], rtol=1e-3)
 
 
+def all_features(lopt, grads, state, name):
+    """The full ``(n, num_features)`` matrix of ``PARAMS[name]`` (the module docstring's
+    order), from the gradients and the state after the update that used them."""
+    return lopt.features(jnp.ravel(grads[name]), jnp.ravel(PARAMS[name]),
+                         state.momenta[name].reshape(-1, len(lopt.decays)),
+                         jnp.ravel(state.rms[name]), state.step, state.horizon,
+                         jnp.shape(PARAMS[name]))
+
+
+def assert_update_is_the_mlp(lopt, theta, update, feats):
+    """``update`` is the plain MLP's step ``-d * exp(c_m * m) * c_s`` on ``feats``."""
+    d, m = lopt.apply_mlp(theta, feats)
+    np.testing.assert_allclose(jnp.ravel(update), -d * jnp.exp(lopt.exp_mult * m) * lopt.step_mult,
+                               rtol=1e-5, atol=1e-10)
+
+
 def test_update_equals_the_mlp_on_all_features():
     # The update folds the time features into the first layer's bias; the reference is the
     # plain MLP on the full feature matrix of the module docstring.
@@ -138,13 +154,9 @@ def test_update_equals_the_mlp_on_all_features():
     opt = lopt.optimizer(theta)
     grads = grads_like(PARAMS)
     updates, state = opt.update(grads, opt.init(PARAMS), PARAMS)
-    g = jnp.ravel(grads["dense"])
-    feats = lopt.features(g, jnp.ravel(PARAMS["dense"]), state.momenta["dense"].reshape(-1, 5),
-                          jnp.ravel(state.rms["dense"]), state.step)
-    d, m = lopt.apply_mlp(theta, feats)
     # Per-tensor normalisation makes each tensor's features independent of the others.
-    expected = -d * jnp.exp(lopt.exp_mult * m) * lopt.step_mult
-    np.testing.assert_allclose(jnp.ravel(updates["dense"]), expected, rtol=1e-5, atol=1e-10)
+    assert_update_is_the_mlp(lopt, theta, updates["dense"],
+                             all_features(lopt, grads, state, "dense"))
 
 
 def test_horizon_features_are_the_fraction_done_and_fold_into_the_update():
@@ -162,12 +174,8 @@ def test_horizon_features_are_the_fraction_done_and_fold_into_the_update():
     time = lopt.time_features(state.step, state.horizon)
     np.testing.assert_allclose(time[-2:], [0.25, 0.25 ** 3], rtol=1e-6)
     np.testing.assert_allclose(lopt.time_features(jnp.asarray(20), jnp.asarray(8.0))[-2:], [1, 1])
-    g = jnp.ravel(grads["dense"])
-    feats = lopt.features(g, jnp.ravel(PARAMS["dense"]), state.momenta["dense"].reshape(-1, 5),
-                          jnp.ravel(state.rms["dense"]), state.step, state.horizon)
-    d, m = lopt.apply_mlp(theta, feats)
-    expected = -d * jnp.exp(lopt.exp_mult * m) * lopt.step_mult
-    np.testing.assert_allclose(jnp.ravel(updates["dense"]), expected, rtol=1e-5, atol=1e-10)
+    assert_update_is_the_mlp(lopt, theta, updates["dense"],
+                             all_features(lopt, grads, state, "dense"))
 
 
 def test_tensor_features_are_the_log_fans_and_tell_a_bias_from_a_weight():
@@ -177,16 +185,11 @@ def test_tensor_features_are_the_log_fans_and_tell_a_bias_from_a_weight():
     opt = lopt.optimizer(theta)
     grads = grads_like(PARAMS)
     updates, state = opt.update(grads, opt.init(PARAMS), PARAMS)
-    g = jnp.ravel(grads["conv"])  # HWIO (3, 3, 2, 4): fan-in 18, fan-out 4
-    feats = lopt.features(g, jnp.ravel(PARAMS["conv"]), state.momenta["conv"].reshape(-1, 5),
-                          jnp.ravel(state.rms["conv"]), state.step, shape=(3, 3, 2, 4))
+    feats = all_features(lopt, grads, state, "conv")  # HWIO (3, 3, 2, 4): fan-in 18, fan-out 4
     cols = slice(-len(lopt.timescales) - 2, -len(lopt.timescales))
     np.testing.assert_allclose(feats[:, cols], np.broadcast_to(np.log([18, 4]) / 5, (72, 2)),
                                rtol=1e-6)
-    d, m = lopt.apply_mlp(theta, feats)
-    np.testing.assert_allclose(jnp.ravel(updates["conv"]),
-                               -d * jnp.exp(lopt.exp_mult * m) * lopt.step_mult,
-                               rtol=1e-5, atol=1e-10)
+    assert_update_is_the_mlp(lopt, theta, updates["conv"], feats)
     # the same gradients, parameters and state in a (12,) vector and a (3, 4) matrix step
     # differently only with the tensor features
     flat = {"w": jnp.ravel(PARAMS["dense"])}

@@ -3,6 +3,7 @@
     python benchmarks/elite_probe.py heldin RUN [--tasks 12]
     python benchmarks/elite_probe.py continue RUN [--steps 200] [--every 50] [--set k=v ...]
     python benchmarks/elite_probe.py population RUN
+    python benchmarks/elite_probe.py scale RUN [--factors 0.5 1 2]
 
 ``heldin``: the elite against Adam tuned per task (14 rates, as ``selfopt eval``) on ``--tasks``
 configurations drawn from the run's *own training distribution* (training seeds), instead of
@@ -23,11 +24,17 @@ elite's starting score.
 weight, against the elite's own RMS), and the quick-suite margin of the elite, of the mean of
 all members' weights and of the mean of the best half on validation (a weight average).
 
+``scale``: the elite with its whole step multiplied by each of ``--factors`` (``MLPLOpt.step_mult``)
+on the quick suite, per task as a ratio to tuned Adam's loss. A task whose ratio falls at
+another factor wants a different step size, which the learned optimizer did not adapt to; a
+task whose ratio stays put loses for another reason than the step size.
+
 All print JSON; the run directory is only read (``continue`` trains in a temporary folder).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -111,6 +118,24 @@ def population(run: Path) -> dict:
             "validation": [float(x) for x in scores], "quick_margin": margins}
 
 
+def scale(run: Path, factors: list[float]) -> dict:
+    trainer, state, _ = open_checkpoint(run)
+    cfg, lopt = trainer.cfg, trainer.comps.lopt
+    by_factor = {}
+    for factor in factors:
+        scaled = dataclasses.replace(lopt, step_mult=lopt.step_mult * factor)
+        result = evaluate(lopt_candidate(scaled, state.elite["theta"], f"elite x{factor:g}"),
+                          suite("quick"), cfg.eval_steps, cfg.eval_seeds,
+                          cache_dir=default_cache_dir())
+        summary = result.summary()
+        by_factor[f"{factor:g}"] = {
+            "margin": summary["margin"], "wins": summary["wins"],
+            "ratio_by_task": {t.label: t.normalized / t.adam_normalized if t.adam_normalized
+                              else None for t in result.tasks}}
+        print(json.dumps({"factor": factor, "margin": summary["margin"]}), flush=True)
+    return {"run": str(run), "elite_id": state.elite_id, "by_factor": by_factor}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="probe", required=True)
@@ -124,11 +149,18 @@ def main() -> None:
     p.add_argument("--set", type=parse_assignment, action="append", default=[])
     p = sub.add_parser("population", help="members' distance to the elite; weight averages")
     p.add_argument("run", type=Path)
+    p = sub.add_parser("scale", help="the elite with its step scaled, per task")
+    p.add_argument("run", type=Path)
+    p.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     args = parser.parse_args()
+    if args.probe == "scale" and not all(f > 0 for f in args.factors):
+        parser.error("--factors must be positive")
     if args.probe == "heldin":
         print(json.dumps(heldin(args.run, args.tasks), indent=1))
     elif args.probe == "population":
         print(json.dumps(population(args.run), indent=1))
+    elif args.probe == "scale":
+        print(json.dumps(scale(args.run, args.factors), indent=1))
     else:
         print(json.dumps(continue_from_elite(args.run, args.steps, args.every, dict(args.set)),
                          indent=1))

@@ -13,6 +13,8 @@ if it never did), the best margin reached (mean normalised loss of the learned o
 tuned Adam; below 1 is better than Adam) and the margin at 10, 30 and 60 minutes where the run got there. ``--control`` runs the
 Adam-meta-trained control with the same budget afterwards and reports it the same way;
 ``--heldout`` also evaluates each run's final elite on the whole held-out suite (12 tasks).
+The curves (the elite's quick-suite loss against training time, each arm, and tuned Adam's)
+go to ``OUT/curve.png``.
 
 Like ``selfopt train``, it uses the compilation cache in ``$SELFOPT_CACHE/jax``; the JSON says
 how many compiled programs were there at the start. Point ``SELFOPT_CACHE`` at an empty folder
@@ -34,6 +36,7 @@ from selfopt.cache import enable_compilation_cache
 from selfopt.cli import parse_assignment
 from selfopt.config import make_config
 from selfopt.evaluate import default_cache_dir, evaluate, suite
+from selfopt.experiment import heldout_over_time_figure
 from selfopt.train import Trainer, open_checkpoint, read_jsonl, time_to_beat_adam
 
 MARGIN_MINUTES = (10, 30, 60)
@@ -100,6 +103,11 @@ def main() -> None:
     if args.control:
         report["control"] = run_arm(args.out / "control", {**overrides, "outer_optimizer": "adam"},
                                     args.heldout)
+    arms = [(name, args.out / arm) for name, arm in (("self-training", "self"),
+                                                     ("control (Adam-meta-trained)", "control"))
+            if arm in report]
+    report["figure"] = str(args.out / "curve.png")
+    heldout_over_time_figure(arms).savefig(report["figure"], dpi=110)
     print(json.dumps(report, indent=2))
 
 

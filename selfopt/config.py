@@ -61,6 +61,10 @@ class TrainConfig:
     horizon_features: bool = False
     # also feed each tensor's log fan-in and fan-out (MLPLOpt): a bias, a wide or a narrow layer
     tensor_features: bool = False
+    # feed the momenta and the squared-gradient RMS bias-corrected, as Adam does (MLPLOpt)
+    bias_correction: bool = False
+    # decay of the LO's squared-gradient accumulator (MLPLOpt.rms_decay)
+    rms_decay: float = 0.999
     # with horizon_features: the outer steps self-training's LOs are told their own training
     # takes (nominal: self-training is open-ended)
     outer_horizon: int = 10_000
@@ -213,11 +217,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = getattr(c, name)
         _check(name, value in choices, f"one of {list(choices)}", value)
     for name in ("explore_sigma", "stratify_slots", "restore_elite", "raw_adam_features",
-                 "magnitude_features", "horizon_features", "tensor_features"):
+                 "magnitude_features", "horizon_features", "tensor_features", "bias_correction"):
         _check(name, isinstance(getattr(c, name), bool), "true or false", getattr(c, name))
     _check("hidden", isinstance(c.hidden, tuple) and 1 <= len(c.hidden) <= 4
            and all(_is_int(w) and 1 <= w <= 1024 for w in c.hidden),
            "1 to 4 layer widths, each in [1, 1024]", c.hidden)
+    _check("rms_decay", _is_number(c.rms_decay) and 0 < c.rms_decay < 1, "a number in (0, 1)",
+           c.rms_decay)
     for name, hi in (("step_mult_prior", 1000), ("sigma_prior", 1)):
         value = getattr(c, name)
         _check(name, isinstance(value, tuple) and len(value) == 2

@@ -70,6 +70,7 @@ def build(cfg: TrainConfig) -> Components:
     lopt = MLPLOpt(hidden=cfg.hidden, raw_adam_features=cfg.raw_adam_features,
                   magnitude_features=cfg.magnitude_features,
                   horizon_features=cfg.horizon_features, tensor_features=cfg.tensor_features,
+                  bias_correction=cfg.bias_correction, rms_decay=cfg.rms_decay,
                   exp_mult=cfg.exp_mult)
     estimator_cls = PES if cfg.estimator == "pes" else TruncatedES
     estimator = estimator_cls(

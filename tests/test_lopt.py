@@ -202,6 +202,40 @@ def test_tensor_features_are_the_log_fans_and_tell_a_bias_from_a_weight():
         assert np.allclose(jnp.ravel(as_matrix), as_vector, rtol=1e-6) == same
 
 
+def test_bias_correction_reads_adams_corrected_moments_and_keeps_the_state_raw():
+    grads = grads_like(PARAMS)
+    # After one update from zero, every corrected momentum is g and the corrected accumulator
+    # is g**2, whatever the decays: with the correction the first step does not depend on them.
+    first = {}
+    for flag in (True, False):
+        for rms_decay in (0.9, 0.999):
+            lopt = MLPLOpt(bias_correction=flag, rms_decay=rms_decay)
+            opt = lopt.optimizer(lopt.init(jax.random.key(3)))
+            first[flag, rms_decay] = opt.update(grads, opt.init(PARAMS), PARAMS)[0]["dense"]
+    np.testing.assert_allclose(first[True, 0.9], first[True, 0.999], rtol=1e-5)
+    assert not np.allclose(first[False, 0.9], first[False, 0.999], rtol=1e-3)
+
+    # After three updates, the update is the MLP on features of m / (1 - b**3), v / (1 - b_v**3),
+    # while the state holds the uncorrected accumulators, as without the correction.
+    lopt, plain = MLPLOpt(bias_correction=True), MLPLOpt()
+    theta = lopt.init(jax.random.key(5))
+    opt, plain_opt = lopt.optimizer(theta), plain.optimizer(theta)
+    state, plain_state = opt.init(PARAMS), plain_opt.init(PARAMS)
+    for seed in range(3):
+        g = grads_like(PARAMS, seed)
+        updates, state = opt.update(g, state, PARAMS)
+        plain_updates, plain_state = plain_opt.update(g, plain_state, PARAMS)
+    jax.tree.map(np.testing.assert_array_equal, state, plain_state)
+    assert not np.allclose(updates["dense"], plain_updates["dense"], rtol=1e-3)
+    decays = np.asarray(lopt.decays)  # float64: 1 - b**3 exactly enough
+    m = np.asarray(state.momenta["dense"]).reshape(-1, len(decays)) / (1 - decays ** 3)
+    v = np.ravel(state.rms["dense"]) / (1 - lopt.rms_decay ** 3)
+    feats = lopt.features(jnp.ravel(g["dense"]), jnp.ravel(PARAMS["dense"]),
+                          jnp.asarray(m, jnp.float32), jnp.asarray(v, jnp.float32), state.step,
+                          None, (3, 4))
+    assert_update_is_the_mlp(lopt, theta, updates["dense"], feats)
+
+
 def test_the_horizon_changes_the_step_only_for_an_lo_that_reads_it():
     steps = {}
     for flag in (True, False):

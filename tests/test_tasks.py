@@ -10,15 +10,18 @@ import optax
 import pytest
 
 from selfopt.evaluate import train_losses
+from selfopt.lopt import as_optax
 from selfopt.tasks import (FAMILIES, HELDOUT_FAMILIES, HELDOUT_SEED_START, TEST_FUNCTIONS,
                            TRAIN_GRIDS, TaskDistribution, make_task)
 
 #: family -> Adam learning rate for the training check.
 LEARNING_RATES = {"quadratic": 0.05, "test_function": 0.05, "logistic": 0.01, "mlp": 0.01,
-                  "convnet": 0.01, "language_model": 0.01, "autoencoder": 0.01}
+                  "convnet": 0.01, "language_model": 0.01, "autoencoder": 0.01,
+                  "lopt_training": 0.01}
 #: family -> the most that mean(last losses) / mean(first losses) may be after training.
 MAX_LOSS_RATIO = {"quadratic": 0.05, "test_function": 0.5, "logistic": 0.6, "mlp": 0.5,
-                  "convnet": 0.5, "language_model": 0.8, "autoencoder": 0.3}
+                  "convnet": 0.5, "language_model": 0.8, "autoencoder": 0.3,
+                  "lopt_training": 0.75}
 
 
 def init_and_loss(task, key, split="train"):
@@ -88,6 +91,41 @@ def test_quadratic_noise_leaves_expected_loss_unchanged():
     assert noisy.mean() == pytest.approx(float(exact), abs=4 * float(noisy.std()) / np.sqrt(20_000))
 
 
+def test_lopt_training_loss_is_the_small_optimizers_unrolled_meta_loss():
+    task = make_task({"family": "lopt_training", "noise": 0.5, "unroll": 6, "inner_dim": 5})
+    theta = task.init(jax.random.key(0))
+    batch = task.sample_batch(jax.random.key(1))
+    # Independent truth: the small learned optimizer through optax, one Python step at a time.
+    opt = as_optax(task.small_lopt, theta)
+    c, target = np.asarray(batch["curvature"]), np.asarray(batch["target"])
+    w = batch["start"]
+    state, losses = opt.init(w), []
+    for noise in batch["noise"]:
+        update, state = opt.update(c * (w - target) + noise, state, w)
+        w = optax.apply_updates(w, update)
+        losses.append(0.5 * np.sum(c * (np.asarray(w) - target) ** 2))
+    start = 0.5 * np.sum(c * (np.asarray(batch["start"]) - target) ** 2)
+    assert float(task.loss(theta, batch)) == pytest.approx(np.mean(losses) / start, rel=1e-5)
+    assert 0.01 <= c.min() and c.max() <= 1.0
+    # zero weights take no steps: the loss is exactly 1
+    assert float(task.loss(jax.tree.map(jnp.zeros_like, theta), batch)) == pytest.approx(1.0)
+    # the gradient is the loss's: a central difference along a random direction
+    direction = jax.tree.map(lambda x: jax.random.normal(jax.random.key(2), x.shape), theta)
+    eps = 1e-2
+    shifted = [task.loss(jax.tree.map(lambda x, d: x + s * eps * d, theta, direction), batch)
+               for s in (1, -1)]
+    grad = jax.grad(task.loss)(theta, batch)
+    along = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grad),
+                                                       jax.tree.leaves(direction)))
+    assert along == pytest.approx(float(shifted[0] - shifted[1]) / (2 * eps), rel=0.05)
+    # test batches have no gradient noise; training batches have the configured spread
+    assert not np.any(task.sample_batch(jax.random.key(1), "test")["noise"])
+    assert float(jnp.std(batch["noise"])) == pytest.approx(0.5, rel=0.35)
+    for field, bad in (("unroll", 0), ("inner_dim", 2.5), ("hidden", []), ("noise", -1.0)):
+        with pytest.raises(ValueError, match=field):
+            make_task({"family": "lopt_training", field: bad})
+
+
 @pytest.mark.parametrize("family", ["logistic", "mlp"])
 def test_a_padded_batch_is_the_unpadded_batch_and_shares_code_across_sizes(family):
     # Independent truth: the unpadded task of the same batch size on the first rows.
@@ -148,7 +186,7 @@ def shapes_of(distribution, draws=2000):
 
 
 def test_training_distribution_has_few_shapes():
-    assert len(shapes_of(TaskDistribution())) <= 58
+    assert len(shapes_of(TaskDistribution())) <= 59
 
 
 def test_the_compact_grid_keeps_the_variety_but_has_13_shapes_for_the_default_families():

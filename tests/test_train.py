@@ -65,14 +65,17 @@ def test_a_run_stored_before_raw_adam_features_resumes_and_opens_as_it_was(tmp_p
 def test_the_learned_optimizer_fields_of_the_config_build_it():
     comps = build(tiny(hidden=[8, 4], raw_adam_features=False, magnitude_features=False,
                        horizon_features=True, tensor_features=True, outer_horizon=500,
-                       exp_mult=0.1))
+                       bias_correction=True, rms_decay=0.99, exp_mult=0.1))
     lopt = comps.lopt
     assert (lopt.hidden, lopt.raw_adam_features, lopt.magnitude_features, lopt.horizon_features,
-            lopt.tensor_features, lopt.exp_mult) == ((8, 4), False, False, True, True, 0.1)
+            lopt.tensor_features, lopt.bias_correction, lopt.rms_decay, lopt.exp_mult
+            ) == ((8, 4), False, False, True, True, True, 0.99, 0.1)
     assert comps.outer.horizon == 500
     assert build(tiny()).lopt == MLPLOpt(hidden=(8,))  # the defaults are MLPLOpt's
     with pytest.raises(ConfigError, match="outer_horizon"):
         make_config({"outer_horizon": 0})
+    with pytest.raises(ConfigError, match="rms_decay"):
+        make_config({"rms_decay": 1.0})
 
 
 def test_a_horizon_run_tells_each_inner_problem_its_length_and_resumes(tmp_path):

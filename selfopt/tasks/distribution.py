@@ -9,7 +9,7 @@ reproducible training run.
 
 :class:`TaskDistribution` samples configurations from finite grids (:data:`TRAIN_GRIDS`): every
 distinct combination of static fields is one more JIT compilation, so the grids keep that number
-bounded (58 shapes for the default families; 13 with :data:`COMPACT_GRIDS`, the default of
+bounded (59 shapes for all training families; 13 with :data:`COMPACT_GRIDS`, the default of
 ``selfopt train``). Training seeds are below
 :data:`HELDOUT_SEED_START`. The held-out set (:data:`HELDOUT_CONFIGS`, method.md section 6) is
 disjoint from anything :meth:`TaskDistribution.sample` can return three ways: every held-out seed
@@ -30,6 +30,7 @@ from selfopt.tasks.autoencoder import Autoencoder
 from selfopt.tasks.base import Task
 from selfopt.tasks.classifiers import ConvNetClassifier, LogisticRegression, MLPClassifier
 from selfopt.tasks.language_model import LanguageModel
+from selfopt.tasks.lopt_training import LOptTraining
 from selfopt.tasks.quadratic import Quadratic
 from selfopt.tasks.test_functions import TestFunction
 
@@ -37,11 +38,12 @@ from selfopt.tasks.test_functions import TestFunction
 FAMILIES: dict[str, Callable[..., Task]] = {
     cls.family: cls.create
     for cls in (Quadratic, TestFunction, LogisticRegression, MLPClassifier, ConvNetClassifier,
-                LanguageModel, Autoencoder)
+                LanguageModel, LOptTraining, Autoencoder)
 }
 
 #: Families that the training distribution may sample.
-TRAIN_FAMILIES = ("quadratic", "test_function", "logistic", "mlp", "convnet", "language_model")
+TRAIN_FAMILIES = ("quadratic", "test_function", "logistic", "mlp", "convnet", "language_model",
+                  "lopt_training")
 #: Families reserved for evaluation: no training distribution samples them.
 HELDOUT_FAMILIES = ("autoencoder",)
 #: Training seeds are drawn from ``[0, HELDOUT_SEED_START)``; held-out seeds are at least this.
@@ -62,10 +64,12 @@ TRAIN_GRIDS: dict[str, dict[str, tuple]] = {
                 "channels": ((8, 16), (16, 32))},
     "language_model": {"cell": ("lstm", "gru", "rnn"), "hidden": (32, 64),
                        "batch_size": (16, 32)},
+    # one shape: the inner gradient noise is a leaf
+    "lopt_training": {"noise": (0.0, 0.1, 1.0)},
 }
 
 #: The compact grids: the families' variety in conditioning, noise, functions, data sets and
-#: activations, but few *shapes* (13 for the default families, against 58): each new shape
+#: activations, but few *shapes* (13 for the default families, against 38): each new shape
 #: costs a compilation of 8-19 s on a 2-core CPU, which in a 6-minute run on the full grid was
 #: 80% of the training time. Families not listed use their full grid.
 COMPACT_GRIDS: dict[str, dict[str, tuple]] = {

@@ -247,12 +247,11 @@ class MLPLOpt:
             check_float_params(grads, "grads")
             step = state.step + 1
             decays = jnp.asarray(self.decays)
-
-            def correction(decay):
-                # 1 - b**t as -expm1(t log b), log b in float64: 1 - b**t in float32 loses most
-                # digits for b near 1 (b = 0.9999 is off by 6e-8, 6e-4 of 1 - b).
-                log_b = jnp.asarray(np.log(decay), jnp.float32)
-                return -jnp.expm1(step.astype(jnp.float32) * log_b)
+            # with bias_correction: 1 - b**t, as -expm1(t log b) with log b from float64 (in
+            # float32, 1 - b**t loses most digits for b near 1: 0.9999 is off by 6e-8)
+            m_scale, v_scale = (
+                (-jnp.expm1(step.astype(jnp.float32) * jnp.asarray(np.log(b), jnp.float32))
+                 for b in (self.decays, self.rms_decay)) if self.bias_correction else (1.0, 1.0))
             g_leaves, treedef = jax.tree_util.tree_flatten(grads)
             p_leaves = treedef.flatten_up_to(params)
             m_leaves = treedef.flatten_up_to(state.momenta)
@@ -263,12 +262,9 @@ class MLPLOpt:
                 flat_g = jnp.ravel(g).astype(jnp.float32)
                 flat_m = decays * m.reshape(-1, len(self.decays)) + (1 - decays) * flat_g[:, None]
                 flat_v = self.rms_decay * jnp.ravel(v) + (1 - self.rms_decay) * jnp.square(flat_g)
-                feat_m, feat_v = flat_m, flat_v
-                if self.bias_correction:
-                    feat_m = flat_m / correction(self.decays)
-                    feat_v = flat_v / correction(self.rms_decay)
-                feats.append(self.param_features(flat_g, jnp.ravel(p).astype(jnp.float32), feat_m,
-                                                 feat_v, jnp.shape(p)))
+                feats.append(self.param_features(flat_g, jnp.ravel(p).astype(jnp.float32),
+                                                 flat_m / m_scale, flat_v / v_scale,
+                                                 jnp.shape(p)))
                 new_m.append(flat_m.reshape(m.shape))
                 new_v.append(flat_v.reshape(v.shape))
 

@@ -45,12 +45,18 @@ import numpy as np
 
 from selfopt.cli import parse_assignment
 from selfopt.config import make_config
-from selfopt.evaluate import default_cache_dir, evaluate, lopt_candidate, suite
+from selfopt.evaluate import (TaskComparison, default_cache_dir, evaluate, lopt_candidate,
+                              suite)
 from selfopt.population.self_training import member_rms
 from selfopt.train import Trainer, open_checkpoint, repeat_member
 
 #: Instance seeds and draws of the fresh held-in problems (validation uses others).
 FRESH_SEEDS = (777, 778)
+
+
+def ratio_to_adam(task: TaskComparison) -> float | None:
+    """The elite's normalised loss over tuned Adam's on one task (None where Adam's is 0)."""
+    return task.normalized / task.adam_normalized if task.adam_normalized else None
 
 
 def heldin(run: Path, num_tasks: int) -> dict:
@@ -61,8 +67,7 @@ def heldin(run: Path, num_tasks: int) -> dict:
                       configs, cfg.eval_steps, cfg.eval_seeds, cache_dir=default_cache_dir())
     return {**result.summary(), "elite_id": state.elite_id,
             "tasks_by_label": [{"task": t.label, "elite": t.normalized, "adam": t.adam_normalized,
-                                "ratio": t.normalized / t.adam_normalized if t.adam_normalized
-                                else None} for t in result.tasks]}
+                                "ratio": ratio_to_adam(t)} for t in result.tasks]}
 
 
 def fresh_validation(trainer: Trainer, thetas) -> np.ndarray:
@@ -130,8 +135,7 @@ def scale(run: Path, factors: list[float]) -> dict:
         summary = result.summary()
         by_factor[f"{factor:g}"] = {
             "margin": summary["margin"], "wins": summary["wins"],
-            "ratio_by_task": {t.label: t.normalized / t.adam_normalized if t.adam_normalized
-                              else None for t in result.tasks}}
+            "ratio_by_task": {t.label: ratio_to_adam(t) for t in result.tasks}}
         print(json.dumps({"factor": factor, "margin": summary["margin"]}), flush=True)
     return {"run": str(run), "elite_id": state.elite_id, "by_factor": by_factor}
 

@@ -100,14 +100,16 @@ def main() -> None:
                                     "programs_at_start": len(list(cache.iterdir())) if cache
                                     else 0}}
     report["self"] = run_arm(args.out / "self", overrides, args.heldout)
+    arms = [("self-training", args.out / "self")]
     if args.control:
         report["control"] = run_arm(args.out / "control", {**overrides, "outer_optimizer": "adam"},
                                     args.heldout)
-    arms = [(name, args.out / arm) for name, arm in (("self-training", "self"),
-                                                     ("control (Adam-meta-trained)", "control"))
-            if arm in report]
-    report["figure"] = str(args.out / "curve.png")
-    heldout_over_time_figure(arms).savefig(report["figure"], dpi=110)
+        arms.append(("control (Adam-meta-trained)", args.out / "control"))
+    try:  # a figure that fails to draw must not lose the runs' report
+        heldout_over_time_figure(arms).savefig(args.out / "curve.png", dpi=110)
+        report["figure"] = str(args.out / "curve.png")
+    except Exception as error:  # noqa: BLE001
+        report["figure_error"] = f"{type(error).__name__}: {error}"
     print(json.dumps(report, indent=2))
 
 

@@ -107,6 +107,7 @@ def test_lopt_training_loss_is_the_small_optimizers_unrolled_meta_loss():
     start = 0.5 * np.sum(c * (np.asarray(batch["start"]) - target) ** 2)
     assert float(task.loss(theta, batch)) == pytest.approx(np.mean(losses) / start, rel=1e-5)
     assert 0.01 <= c.min() and c.max() <= 1.0
+    assert task.small_lopt.step_mult == 0.1  # 100x the default: it moves the inner problem
     # zero weights take no steps: the loss is exactly 1
     assert float(task.loss(jax.tree.map(jnp.zeros_like, theta), batch)) == pytest.approx(1.0)
     # the gradient is the loss's: a central difference along a random direction
@@ -121,7 +122,8 @@ def test_lopt_training_loss_is_the_small_optimizers_unrolled_meta_loss():
     # test batches have no gradient noise; training batches have the configured spread
     assert not np.any(task.sample_batch(jax.random.key(1), "test")["noise"])
     assert float(jnp.std(batch["noise"])) == pytest.approx(0.5, rel=0.35)
-    for field, bad in (("unroll", 0), ("inner_dim", 2.5), ("hidden", []), ("noise", -1.0)):
+    for field, bad in (("unroll", 0), ("inner_dim", 2.5), ("hidden", []), ("hidden", 8),
+                       ("hidden", [True]), ("noise", -1.0), ("noise", "0.1")):
         with pytest.raises(ValueError, match=field):
             make_task({"family": "lopt_training", field: bad})
 
@@ -186,7 +188,7 @@ def shapes_of(distribution, draws=2000):
 
 
 def test_training_distribution_has_few_shapes():
-    assert len(shapes_of(TaskDistribution())) <= 59
+    assert len(shapes_of(TaskDistribution())) == 59
 
 
 def test_the_compact_grid_keeps_the_variety_but_has_13_shapes_for_the_default_families():

@@ -16,6 +16,7 @@ from selfopt.tasks.distribution import (
     make_task,
 )
 from selfopt.tasks.language_model import LanguageModel
+from selfopt.tasks.lopt_training import LOptTraining
 from selfopt.tasks.quadratic import Quadratic
 from selfopt.tasks.test_functions import TEST_FUNCTIONS, TestFunction
 
@@ -32,6 +33,7 @@ __all__ = [
     "Autoencoder",
     "ConvNetClassifier",
     "LanguageModel",
+    "LOptTraining",
     "LogisticRegression",
     "MLPClassifier",
     "Quadratic",

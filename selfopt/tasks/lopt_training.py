@@ -3,7 +3,7 @@
 In self-training, every learned optimizer's own weights are trained by learned optimizers. The
 ``lopt_training`` family lets the population practise that problem on a small scale, as
 learned_optimization's task families of learned-optimizer training do: the *parameters* are
-the weights of a small :class:`~selfopt.lopt.MLPLOpt` (one hidden layer of 8 by default: 234
+the weights of a small :class:`~selfopt.lopt.MLPLOpt` (one hidden layer of 8 by default: 242
 weights), a *batch* is an inner problem (a random diagonal quadratic with noisy gradients and a
 random start) and the *loss* is that small optimizer's meta-loss on it: the mean of the inner
 loss over an unroll of ``unroll`` steps, relative to the inner loss at the start. A task
@@ -17,11 +17,14 @@ inner quadratic within the unroll, and the loss is informative from the first st
 """
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 
 from selfopt.lopt.mlp_lopt import MLPLOpt
 from selfopt.tasks.base import SPLITS, Task, static_field, task_dataclass
+from selfopt.tasks.classifiers import check_positive_int, check_widths
 
 #: ``step_mult`` of the small learned optimizer being trained.
 INNER_STEP_MULT = 0.1
@@ -60,14 +63,15 @@ class LOptTraining(Task):
           noise: standard deviation of the inner gradient noise (training batches).
         """
         del seed
-        hidden = tuple(hidden)
-        if not hidden or any(not isinstance(w, int) or not 1 <= w <= 64 for w in hidden):
+        hidden = check_widths("hidden", hidden)
+        if not hidden or max(hidden) > 64:
             raise ValueError(f"hidden must be 1 or more widths in [1, 64], got {list(hidden)}")
         for name, value, hi in (("unroll", unroll, 100), ("inner_dim", inner_dim, 256)):
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
+            if check_positive_int(name, value) > hi:
                 raise ValueError(f"{name} must be an int in [1, {hi}], got {value!r}")
-        if not 0.0 <= noise <= 10.0:
-            raise ValueError(f"noise must be in [0, 10], got {noise!r}")
+        if (not isinstance(noise, numbers.Real) or isinstance(noise, bool)
+                or not 0.0 <= noise <= 10.0):
+            raise ValueError(f"noise must be a number in [0, 10], got {noise!r}")
         return cls(hidden=hidden, unroll=unroll, inner_dim=inner_dim,
                    noise=jnp.asarray(noise, jnp.float32))
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -136,7 +137,8 @@ def scale(run: Path, factors: list[float]) -> dict:
         by_factor[f"{factor:g}"] = {
             "margin": summary["margin"], "wins": summary["wins"],
             "ratio_by_task": {t.label: ratio_to_adam(t) for t in result.tasks}}
-        print(json.dumps({"factor": factor, "margin": summary["margin"]}), flush=True)
+        print(json.dumps({"factor": factor, "margin": summary["margin"]}), file=sys.stderr,
+              flush=True)
     return {"run": str(run), "elite_id": state.elite_id, "by_factor": by_factor}
 
 

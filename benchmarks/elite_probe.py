@@ -46,8 +46,8 @@ import numpy as np
 
 from selfopt.cli import parse_assignment
 from selfopt.config import make_config
-from selfopt.evaluate import (TaskComparison, default_cache_dir, evaluate, lopt_candidate,
-                              suite)
+from selfopt.evaluate import (Evaluation, TaskComparison, default_cache_dir, evaluate,
+                              lopt_candidate, suite)
 from selfopt.population.self_training import member_rms
 from selfopt.train import Trainer, open_checkpoint, repeat_member
 
@@ -58,6 +58,14 @@ FRESH_SEEDS = (777, 778)
 def ratio_to_adam(task: TaskComparison) -> float | None:
     """The elite's normalised loss over tuned Adam's on one task (None where Adam's is 0)."""
     return task.normalized / task.adam_normalized if task.adam_normalized else None
+
+
+def on_quick_suite(trainer: Trainer, lopt, theta, name: str) -> Evaluation:
+    """``theta`` (with architecture ``lopt``) against tuned Adam on the quick suite, with the
+    run's evaluation steps and seeds, as the run's own evaluations."""
+    cfg = trainer.cfg
+    return evaluate(lopt_candidate(lopt, theta, name), suite("quick"), cfg.eval_steps,
+                    cfg.eval_seeds, cache_dir=default_cache_dir())
 
 
 def heldin(run: Path, num_tasks: int) -> dict:
@@ -114,9 +122,7 @@ def population(run: Path) -> dict:
                   "mean of all members": jax.tree.map(lambda x: x.mean(0), state.thetas),
                   "mean of the best half": jax.tree.map(lambda x: x[best_half].mean(0),
                                                         state.thetas)}
-    margins = {name: evaluate(lopt_candidate(trainer.comps.lopt, theta, name), suite("quick"),
-                              cfg.eval_steps, cfg.eval_seeds,
-                              cache_dir=default_cache_dir()).summary()["margin"]
+    margins = {name: on_quick_suite(trainer, trainer.comps.lopt, theta, name).summary()["margin"]
                for name, theta in candidates.items()}
     return {"run": str(run), "step": state.step, "elite_id": state.elite_id,
             "elite_rms": float(member_rms(repeat_member(elite, 1))[0]),
@@ -126,13 +132,11 @@ def population(run: Path) -> dict:
 
 def scale(run: Path, factors: list[float]) -> dict:
     trainer, state, _ = open_checkpoint(run)
-    cfg, lopt = trainer.cfg, trainer.comps.lopt
+    lopt = trainer.comps.lopt
     by_factor = {}
     for factor in factors:
         scaled = dataclasses.replace(lopt, step_mult=lopt.step_mult * factor)
-        result = evaluate(lopt_candidate(scaled, state.elite["theta"], f"elite x{factor:g}"),
-                          suite("quick"), cfg.eval_steps, cfg.eval_seeds,
-                          cache_dir=default_cache_dir())
+        result = on_quick_suite(trainer, scaled, state.elite["theta"], f"elite x{factor:g}")
         summary = result.summary()
         by_factor[f"{factor:g}"] = {
             "margin": summary["margin"], "wins": summary["wins"],

@@ -16,6 +16,7 @@ from typing import Any
 
 from selfopt.estimators.inner_problem import LOSS_AVERAGES, NORMALIZATIONS
 from selfopt.population.self_training import POLICIES, TRUST_REGIONS
+from selfopt.tasks.base import SPLITS
 from selfopt.tasks.distribution import GRIDS, HELDOUT_FAMILIES, TRAIN_FAMILIES
 
 ESTIMATORS = ("es", "pes")
@@ -63,6 +64,9 @@ class TrainConfig:
     tensor_features: bool = False
     # feed the momenta and the squared-gradient RMS bias-corrected, as Adam does (MLPLOpt)
     bias_correction: bool = False
+    # the LO reads the trend of the loss it is given (MLPLOpt.loss_features): the inner loss,
+    # and the meta-loss in its self-update
+    loss_features: bool = False
     # decay of the LO's squared-gradient accumulator (MLPLOpt.rms_decay)
     rms_decay: float = 0.999
     # with horizon_features: the outer steps self-training's LOs are told their own training
@@ -80,6 +84,9 @@ class TrainConfig:
     loss_cap: float = 10.0
     # a truncation's meta-loss: "mean" over its steps, or "final" (its last 10%)
     meta_loss: str = "mean"
+    # the data a truncation's meta-loss is measured on: "train" (the training minibatches) or
+    # "test" (the same parameters on the task's test split)
+    meta_split: str = "train"
     # tasks: slots of inner problems in flight, each on one task for task_steps outer steps
     families: tuple[str, ...] = DEFAULT_FAMILIES
     # "compact": few task shapes, so compilation does not eat a laptop run; "full": the full grids
@@ -213,11 +220,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           ("score_loss", LOSS_AVERAGES), ("task_grid", tuple(GRIDS)),
                           ("validate_problems", VALIDATE_PROBLEMS),
                           ("estimator", ESTIMATORS), ("normalization", NORMALIZATIONS),
-                          ("meta_loss", LOSS_AVERAGES)):
+                          ("meta_loss", LOSS_AVERAGES), ("meta_split", SPLITS)):
         value = getattr(c, name)
         _check(name, value in choices, f"one of {list(choices)}", value)
     for name in ("explore_sigma", "stratify_slots", "restore_elite", "raw_adam_features",
-                 "magnitude_features", "horizon_features", "tensor_features", "bias_correction"):
+                 "magnitude_features", "horizon_features", "tensor_features", "bias_correction",
+                 "loss_features"):
         _check(name, isinstance(getattr(c, name), bool), "true or false", getattr(c, name))
     _check("hidden", isinstance(c.hidden, tuple) and 1 <= len(c.hidden) <= 4
            and all(_is_int(w) and 1 <= w <= 1024 for w in c.hidden),

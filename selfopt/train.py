@@ -71,12 +71,14 @@ def build(cfg: TrainConfig) -> Components:
                   magnitude_features=cfg.magnitude_features,
                   horizon_features=cfg.horizon_features, tensor_features=cfg.tensor_features,
                   bias_correction=cfg.bias_correction, rms_decay=cfg.rms_decay,
+                  loss_features=cfg.loss_features,
                   exp_mult=cfg.exp_mult)
     estimator_cls = PES if cfg.estimator == "pes" else TruncatedES
     estimator = estimator_cls(
         lopt, num_pairs=cfg.num_pairs, truncation_length=cfg.truncation_length,
         schedule=LogUniformLength(cfg.min_inner_length, cfg.max_inner_length),
-        normalization=cfg.normalization, loss_cap=cfg.loss_cap, meta_loss=cfg.meta_loss)
+        normalization=cfg.normalization, loss_cap=cfg.loss_cap, meta_loss=cfg.meta_loss,
+        meta_split=cfg.meta_split)
     outer = (SelfTraining(lopt, cfg.policy, cfg.clip, cfg.max_update, cfg.trust_region,
                           cfg.outer_horizon)
              if cfg.outer_optimizer == "self"
@@ -158,7 +160,8 @@ def outer_step(estimator, outer, thetas, outer_state, hparams, best, inner, task
     estimates, inner = jax.vmap(estimator.estimate, in_axes=(None, 0, 0, 0, 0))(
         task, thetas, jnp.exp(hparams.log_sigma), inner, jax.random.split(es_key, num))
     new_thetas, outer_state, shrink = outer.update(thetas, outer_state, estimates.grad,
-                                                   hparams.log_step_mult, best, update_key)
+                                                   hparams.log_step_mult, best, update_key,
+                                                   estimates.meta_loss)
     finite = jnp.isfinite(estimates.meta_loss)
     for leaf in jax.tree.leaves(new_thetas):
         finite &= jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)

@@ -200,3 +200,35 @@ def test_partial_sums_of_shards_combine_to_the_full_estimate():
     for x, y in zip(jax.tree.leaves(combined), jax.tree.leaves(full)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(b_state.params["w"], shard(full_state, slice(1, 4)).params["w"])
+
+
+def test_a_test_split_meta_loss_scores_the_same_training_on_test_batches():
+    from selfopt.estimators.inner_problem import normalized_loss
+    from selfopt.tasks import make_task
+    task = make_task({"family": "logistic", "dataset": "digits8", "batch_size": 32})
+    lopt = MLPLOpt(hidden=(8,))
+    theta = lopt.init(jax.random.key(3))
+    state = new_inner_state(lopt, theta, task, jax.random.key(4), ConstantLength(50))
+    ends, meta = {}, {}
+    for split in ("train", "test"):
+        ends[split], meta[split] = unroll(lopt, theta, task, state, 6, "log", 10.0, None, split)
+    # the split changes only what is measured, not the training
+    same = lambda a, b: np.testing.assert_array_equal(*(
+        jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+        for x in (a, b)))
+    jax.tree.map(same, ends["train"], ends["test"])
+    # reference: the same six steps one at a time, each step's parameters scored on a test batch
+    opt, params, opt_state, terms = lopt.optimizer(theta), state.params, state.opt_state, []
+    for t in range(6):
+        key = jax.random.fold_in(state.data_key, t)
+        loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(key))
+        test_loss = task.loss(params, task.sample_batch(jax.random.fold_in(key, 1), "test"))
+        terms.append(normalized_loss(task, test_loss, state.init_loss, "log", 10.0))
+        updates, opt_state = opt.update(grads, opt_state, params, loss=loss)
+        params = jax.tree.map(jnp.add, params, updates)
+    np.testing.assert_allclose(meta["test"], np.mean(terms), rtol=1e-5)
+    assert abs(float(meta["test"]) - float(meta["train"])) > 1e-4
+    with pytest.raises(ValueError, match="split"):
+        unroll(lopt, theta, task, state, 2, split="valid")
+    with pytest.raises(ValueError, match="meta_split"):
+        TruncatedES(lopt, meta_split="validation")

@@ -330,3 +330,71 @@ def test_sgd_like_theta_reduces_every_task_loss(family):
     losses = train_losses(task, opt, jax.random.key(0), num_steps=150)
     assert np.all(np.isfinite(losses))
     assert losses[-10:].mean() < 0.9 * losses[:10].mean(), (losses[:10].mean(), losses[-10:].mean())
+
+
+def loss_trend_reference(losses):
+    """Feature 9 after each loss, in float64 numpy, from the module docstring's definition."""
+    out, fast = [], None
+    for t, loss in enumerate(losses, start=1):
+        if t == 1:
+            fast = slow = loss
+            deviation = 0.0
+        else:
+            loss = loss if np.isfinite(loss) else slow
+            fast = 0.9 * fast + 0.1 * loss
+            slow = 0.99 * slow + 0.01 * loss
+            deviation = 0.99 * deviation + 0.01 * abs(loss - slow)
+        corrected = deviation / max(1 - 0.99 ** (t - 1), 1e-6)
+        scale = 1 / (corrected + 1e-12 + 1e-7 * abs(slow))
+        out.append(np.clip([(fast - slow) * scale, (loss - slow) * scale], -5, 5))
+    return np.asarray(out)
+
+
+def test_loss_features_follow_their_definition_and_fold_into_the_update():
+    lopt = MLPLOpt(loss_features=True)
+    assert lopt.num_features == MLPLOpt().num_features + 2
+    theta = lopt.init(jax.random.key(6))
+    opt = lopt.optimizer(theta)
+    losses = [4.0, 2.0, 3.0, 1.5, float("nan"), 1.0, 1.2]
+    reference = loss_trend_reference(losses)
+    state = opt.init(PARAMS)
+    for t, loss in enumerate(losses):
+        grads = grads_like(PARAMS, t)
+        updates, state = opt.update(grads, state, PARAMS, loss=jnp.asarray(loss))
+        shared = lopt.time_features(state.step, None, state.loss_stats,
+                                    jnp.asarray(loss if np.isfinite(loss) else state.loss_stats[1]))
+        np.testing.assert_allclose(shared[-2:], reference[t], rtol=1e-4, atol=1e-5)
+    assert np.all(np.isfinite(jax.tree.leaves(updates)[0]))
+    feats = lopt.features(jnp.ravel(grads["dense"]), jnp.ravel(PARAMS["dense"]),
+                          state.momenta["dense"].reshape(-1, len(lopt.decays)),
+                          jnp.ravel(state.rms["dense"]), state.step, None, (3, 4),
+                          state.loss_stats, jnp.asarray(losses[-1]))
+    assert_update_is_the_mlp(lopt, theta, updates["dense"], feats)
+
+
+def test_loss_features_are_scale_and_shift_free_and_change_the_step():
+    lopt = MLPLOpt(loss_features=True)
+    opt = lopt.optimizer(lopt.init(jax.random.key(7)))
+
+    def last_update(losses):
+        state = opt.init(PARAMS)
+        for t, loss in enumerate(losses):
+            updates, state = opt.update(grads_like(PARAMS, t), state, PARAMS,
+                                        loss=jnp.asarray(loss, jnp.float32))
+        return updates["dense"]
+
+    falling = np.array([3.0, 2.5, 2.2, 2.0, 1.7, 1.6])
+    base = last_update(falling)
+    np.testing.assert_allclose(last_update(100 * falling - 50), base, rtol=1e-4, atol=1e-9)
+    assert not np.allclose(last_update(falling[::-1]), base, rtol=1e-3)
+
+
+def test_loss_features_need_the_loss():
+    lopt = MLPLOpt(loss_features=True)
+    opt = lopt.optimizer(lopt.init(jax.random.key(0)))
+    with pytest.raises(ValueError, match="pass the loss"):
+        opt.update(grads_like(PARAMS), opt.init(PARAMS), PARAMS)
+    # evaluation passes the loss to every learned optimizer
+    losses = train_losses(make_task({"family": "quadratic", "dim": 4}), opt,
+                          jax.random.key(1), 5)
+    assert np.all(np.isfinite(losses))

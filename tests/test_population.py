@@ -55,6 +55,25 @@ def test_self_policy_updates_each_member_with_its_own_optimizer():
         np.testing.assert_allclose(np.asarray(got) - np.asarray(th), exp, rtol=1e-4, atol=1e-9)
 
 
+def test_a_loss_reading_lo_is_given_each_members_meta_loss_in_its_self_update():
+    lopt = MLPLOpt(hidden=(8,), loss_features=True)
+    thetas = stack(lopt.init(jax.random.key(1)), lopt.init(jax.random.key(2)))
+    outer = SelfTraining(lopt, policy="self", clip=0.1)
+    grads, state = grads_for(thetas), outer.init(thetas)
+    args = (grads, jnp.zeros(2), jnp.asarray(0), jax.random.key(0))
+    with pytest.raises(ValueError, match="pass the loss"):
+        outer.update(thetas, state, *args)
+    # member i's update is its LO's on (its gradient, its meta-loss), one member at a time
+    losses = jnp.array([0.3, -1.2])
+    _, state, _ = outer.update(thetas, state, *args, losses)
+    for i in range(2):
+        theta_i = member(thetas, i)
+        opt = lopt.optimizer(theta_i)
+        _, alone = opt.update(member(grads, i), opt.init(theta_i), theta_i,
+                                   loss=losses[i])
+        np.testing.assert_allclose(member(state, i).loss_stats, alone.loss_stats)
+
+
 def test_best_policy_uses_the_best_members_optimizer_for_everyone():
     zero = jax.tree.map(jnp.zeros_like, LOPT.init(jax.random.key(0)))
     known = sgd_like_theta(LOPT, scale=2.0)

@@ -65,11 +65,12 @@ def test_a_run_stored_before_raw_adam_features_resumes_and_opens_as_it_was(tmp_p
 def test_the_learned_optimizer_fields_of_the_config_build_it():
     comps = build(tiny(hidden=[8, 4], raw_adam_features=False, magnitude_features=False,
                        horizon_features=True, tensor_features=True, outer_horizon=500,
-                       bias_correction=True, rms_decay=0.99, exp_mult=0.1))
+                       bias_correction=True, rms_decay=0.99, exp_mult=0.1,
+                       loss_features=True))
     lopt = comps.lopt
     assert (lopt.hidden, lopt.raw_adam_features, lopt.magnitude_features, lopt.horizon_features,
-            lopt.tensor_features, lopt.bias_correction, lopt.rms_decay, lopt.exp_mult
-            ) == ((8, 4), False, False, True, True, True, 0.99, 0.1)
+            lopt.tensor_features, lopt.bias_correction, lopt.rms_decay, lopt.exp_mult,
+            lopt.loss_features) == ((8, 4), False, False, True, True, True, 0.99, 0.1, True)
     assert comps.outer.horizon == 500
     assert build(tiny()).lopt == MLPLOpt(hidden=(8,))  # the defaults are MLPLOpt's
     with pytest.raises(ConfigError, match="outer_horizon"):
@@ -91,11 +92,32 @@ def test_a_horizon_run_tells_each_inner_problem_its_length_and_resumes(tmp_path)
         np.testing.assert_array_equal(inner.opt_state.horizon, inner.length.astype(np.float32))
 
 
+def test_a_loss_features_run_tracks_inner_and_meta_losses_and_resumes(tmp_path):
+    # The inner problems' LOs track their training loss; the members' own outer state tracks
+    # their meta-losses (log-normalised: below 0 once a member makes progress). Both survive
+    # a checkpoint.
+    run_dir = tmp_path / "loss"
+    Trainer(tiny(max_steps=2, loss_features=True), run_dir).run()
+    assert main(["train", "--resume", str(run_dir), "--set", "max_steps=3", "--quiet"]) == 0
+    _, state, _ = open_checkpoint(run_dir)
+    assert state.step == 3
+    outer = np.asarray(state.outer_state.loss_stats)
+    assert outer.shape == (4, 3) and np.all(np.isfinite(outer)) and np.all(outer[:, 2] > 0)
+    assert np.all(state.outer_state.step == 3)
+    for inner in state.slot_inner:
+        stats = np.asarray(inner.opt_state.loss_stats)
+        assert np.all(np.isfinite(stats)) and np.all(stats[..., 1] > 0)
+
+
 def test_the_meta_loss_field_reaches_the_estimator_and_is_checked():
     assert build(tiny(meta_loss="final")).estimator.meta_loss == "final"
     assert build(tiny()).estimator.meta_loss == "mean"
     with pytest.raises(ConfigError, match="meta_loss"):
         make_config({"meta_loss": "last"})
+    assert build(tiny(meta_split="test")).estimator.meta_split == "test"
+    assert build(tiny()).estimator.meta_split == "train"
+    with pytest.raises(ConfigError, match="meta_split"):
+        make_config({"meta_split": "valid"})
 
 
 def test_ctrl_c_stops_after_the_step_and_writes_a_checkpoint(tmp_path):

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from selfopt.estimators import inner_problem
 from selfopt.estimators.truncation import LengthSchedule, LogUniformLength
 from selfopt.lopt.base import LearnedOptimizer, Theta
-from selfopt.tasks.base import Task
+from selfopt.tasks.base import SPLITS, Task
 
 
 class EstimateSums(NamedTuple):
@@ -80,6 +80,10 @@ class TruncatedES:
       meta_loss: ``"mean"``, the normalised loss averaged over the truncation's steps, or
         ``"final"``, over its last 10% (``inner_problem.LOSS_AVERAGES``) **(ours)**: with a
         truncation as long as the inner problem, that is the final loss evaluation measures.
+      meta_split: the data the meta-loss is measured on (``inner_problem.unroll``'s
+        ``split``): ``"train"``, the training loss, or ``"test"``, the same parameters' loss on
+        the task's test split **(ours; the paper's choice is open)**: an optimizer that
+        overfits its minibatches is then not rewarded for it.
     """
 
     lopt: LearnedOptimizer
@@ -89,6 +93,7 @@ class TruncatedES:
     normalization: str = "ratio"
     loss_cap: float = 10.0
     meta_loss: str = "mean"
+    meta_split: str = "train"
 
     def __post_init__(self):
         if self.num_pairs < 1 or self.truncation_length < 1:
@@ -100,6 +105,8 @@ class TruncatedES:
         if self.meta_loss not in inner_problem.LOSS_AVERAGES:
             raise ValueError(f"unknown meta_loss {self.meta_loss!r}; choose one of "
                              f"{inner_problem.LOSS_AVERAGES}")
+        if self.meta_split not in SPLITS:
+            raise ValueError(f"unknown meta_split {self.meta_split!r}; choose one of {SPLITS}")
 
     def init_state(self, task: Task, theta: Theta, key: jax.Array) -> inner_problem.InnerState:
         """``num_pairs`` staggered inner problems (leading axis = pair)."""
@@ -123,7 +130,7 @@ class TruncatedES:
         tail = inner_problem.tail_steps(self.truncation_length, self.meta_loss)
         end, losses = jax.vmap(lambda t, s: inner_problem.unroll(
             self.lopt, t, task, s, self.truncation_length, self.normalization, self.loss_cap,
-            tail))(thetas, join(pos, neg))
+            tail, self.meta_split))(thetas, join(pos, neg))
         first, second = (jax.tree.map(lambda x: x[:num], end), jax.tree.map(lambda x: x[num:], end))
         return (losses[:num], losses[num:]), (first, second)
 

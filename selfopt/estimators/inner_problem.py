@@ -20,7 +20,7 @@ import optax
 
 from selfopt.estimators.truncation import LengthSchedule
 from selfopt.lopt.base import LearnedOptimizer, Theta
-from selfopt.tasks.base import Task
+from selfopt.tasks.base import SPLITS, Task
 
 NORMALIZATIONS = ("ratio", "log")
 #: What a meta-loss or a score averages over an unroll's normalised losses: every step
@@ -125,8 +125,8 @@ def ratio_scale(meta_loss, normalization: str):
 
 
 def unroll(lopt: LearnedOptimizer, theta: Theta, task: Task, state: InnerState, num_steps: int,
-           normalization: str = "ratio", loss_cap: float = 10.0, tail: int | None = None
-           ) -> tuple[InnerState, jax.Array]:
+           normalization: str = "ratio", loss_cap: float = 10.0, tail: int | None = None,
+           split: str = "train") -> tuple[InnerState, jax.Array]:
     """Trains the inner problem ``num_steps`` steps with the LO of weights ``theta``.
 
     Args:
@@ -136,15 +136,22 @@ def unroll(lopt: LearnedOptimizer, theta: Theta, task: Task, state: InnerState, 
       num_steps: truncation length (static).
       normalization, loss_cap: see :func:`normalized_loss`.
       tail: average only the last ``tail`` steps' losses (static; ``None``: every step).
+      split: the data the meta-loss is measured on: ``"train"``, the training loss the
+        optimizer descends (its minibatch before each update), or ``"test"``, the loss of the
+        same parameters on a minibatch of the task's test split (one more forward pass a step;
+        a task without data draws its test batches as it draws the others).
 
     Returns:
       The advanced state and the meta-loss of the truncation: the mean over its steps (or its
-      last ``tail`` steps) of the normalised training loss before each update.
+      last ``tail`` steps) of the normalised loss (on ``split``) before each update.
     """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     opt = lopt.optimizer(theta)
 
     def step(s: InnerState, _):
-        batch = task.sample_batch(jax.random.fold_in(s.data_key, s.step))
+        key, params = jax.random.fold_in(s.data_key, s.step), s.params
+        batch = task.sample_batch(key)
         loss, grads = jax.value_and_grad(task.loss)(s.params, batch)
         updates, opt_state = opt.update(grads, s.opt_state, s.params, loss=loss)
         s = s._replace(
@@ -153,6 +160,8 @@ def unroll(lopt: LearnedOptimizer, theta: Theta, task: Task, state: InnerState, 
             step=s.step + 1,
             diverged=s.diverged | ~jnp.isfinite(loss),
         )
+        if split == "test":
+            loss = task.loss(params, task.sample_batch(jax.random.fold_in(key, 1), "test"))
         return s, normalized_loss(task, loss, s.init_loss, normalization, loss_cap)
 
     state, losses = jax.lax.scan(step, state, None, length=num_steps)

@@ -7,8 +7,8 @@ step is ``-d * exp(exp_mult * m) * step_mult``. The MLP is shared by all paramet
 tensors, so one set of weights ``theta`` (2,018 floats at the defaults) optimises any model.
 
 Features of one parameter tensor, in order (``F = 2 + 2 * len(decays) + 1 + 3 + len(timescales)``
-``+ len(decays)`` with ``raw_adam_features``, less 3 without ``magnitude_features``, plus 2 with
-``horizon_features`` and 2 with ``tensor_features``; 27 at the defaults):
+``+ len(decays)`` with ``raw_adam_features``, less 3 without ``magnitude_features``, plus 2 each
+with ``horizon_features``, ``tensor_features`` and ``loss_features``; 27 at the defaults):
 
 1. gradient ``g`` and parameter ``p``;
 2. momenta ``m_k <- b_k m_k + (1 - b_k) g`` at each decay ``b_k``;
@@ -37,7 +37,16 @@ Features of one parameter tensor, in order (``F = 2 + 2 * len(decays) + 1 + 3 + 
    ``f = t / T`` clipped to [0, 1], and ``f ** 3``, where ``T`` is the number of updates the run
    will take, given as ``optimizer(theta, num_steps=T)``. Knowing how much of its budget is
    left lets the optimizer learn a schedule (large steps early, small ones at the end), which
-   Adam with one constant learning rate does not have.
+   Adam with one constant learning rate does not have;
+9. with ``loss_features`` **(ours)**: the trend of the training loss ``L`` the optimizer is given
+   (``update(..., loss=L)``), scale and shift free: with exponential moving averages ``F`` and
+   ``S`` of ``L`` (decays 0.9 and 0.99, both starting at the first loss) and ``D``, the
+   bias-corrected moving average (0.99) of ``|L - S|``, the features are ``(F - S) / D`` (is the
+   loss falling or rising, relative to its noise?) and ``(L - S) / D``, each clipped to
+   ``[-feature_clip, feature_clip]``. They let the optimizer see what a per-task learning-rate
+   search sees, whether its steps make progress on this task, and adapt its step to it.
+
+Features 7-9 are the same for every parameter (the *shared* features).
 """
 from __future__ import annotations
 
@@ -54,6 +63,8 @@ import optax
 from selfopt.lopt.base import Theta, check_float_params
 
 _EPS = 1e-8
+#: Decays of the loss trend's fast and slow moving averages (feature 9).
+LOSS_DECAYS = (0.9, 0.99)
 
 
 class MLPLOptState(NamedTuple):
@@ -64,6 +75,9 @@ class MLPLOptState(NamedTuple):
     step: jax.Array  # int32 scalar: number of updates applied so far
     # float32 scalar: the updates the run will take (with horizon_features; else None, no leaf)
     horizon: Any = None
+    # float32 (3,): the loss's fast and slow moving averages and its mean absolute deviation
+    # from the slow one (with loss_features; else None, no leaf)
+    loss_stats: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +105,8 @@ class MLPLOpt:
         so the raw Adam-like features (6) and ``log(sqrt(v))`` (5) drift with the step count.
         Features 1-4 are divided by their RMS over the tensor, which cancels the correction
         (up to the epsilon in ``sqrt(v + eps)``).
+      loss_features: read the trend of the training loss (feature 9); every update then needs
+        ``loss=``, the loss at ``params``.
     """
 
     hidden: tuple[int, ...] = (32, 32)
@@ -105,6 +121,7 @@ class MLPLOpt:
     horizon_features: bool = False
     tensor_features: bool = False
     bias_correction: bool = False
+    loss_features: bool = False
 
     def __post_init__(self):
         if not self.hidden or any(not isinstance(w, int) or w < 1 for w in self.hidden):
@@ -114,7 +131,8 @@ class MLPLOpt:
     def num_features(self) -> int:
         return (2 + 2 * len(self.decays) + 1 + (3 if self.magnitude_features else 0)
                 + len(self.timescales) + (len(self.decays) if self.raw_adam_features else 0)
-                + (2 if self.horizon_features else 0) + (2 if self.tensor_features else 0))
+                + (2 if self.horizon_features else 0) + (2 if self.tensor_features else 0)
+                + (2 if self.loss_features else 0))
 
     def init(self, key: jax.Array) -> Theta:
         """Random LO weights: fan-in scaled normal weights and zero biases.
@@ -161,31 +179,45 @@ class MLPLOpt:
 
     @property
     def num_time_features(self) -> int:
-        """Features that are the same for every parameter (7 and 8 of the module docstring)."""
-        return len(self.timescales) + (2 if self.horizon_features else 0)
+        """Features that are the same for every parameter (7-9 of the module docstring)."""
+        return (len(self.timescales) + (2 if self.horizon_features else 0)
+                + (2 if self.loss_features else 0))
 
-    def time_features(self, step: jax.Array, horizon: jax.Array | None = None) -> jax.Array:
-        """``tanh(step / s)`` for every timescale ``s``, then, with ``horizon_features``, the
-        fraction ``f = step / horizon`` (clipped to [0, 1]) and ``f ** 3``: the same for every
-        parameter."""
+    def time_features(self, step: jax.Array, horizon: jax.Array | None = None,
+                      loss_stats: jax.Array | None = None, loss: jax.Array | None = None
+                      ) -> jax.Array:
+        """The shared features: ``tanh(step / s)`` for every timescale ``s``; with
+        ``horizon_features`` the fraction ``f = step / horizon`` (clipped to [0, 1]) and
+        ``f ** 3``; with ``loss_features`` the loss trend of feature 9, from ``loss_stats`` (the
+        state's, updated with ``loss``) at ``step``."""
         step = step.astype(jnp.float32)
-        time = jnp.tanh(step / jnp.asarray(self.timescales))
-        if not self.horizon_features:
-            return time
-        fraction = jnp.clip(step / jnp.maximum(horizon, 1.0), 0.0, 1.0)
-        return jnp.concatenate([time, jnp.stack([fraction, fraction ** 3])])
+        parts = [jnp.tanh(step / jnp.asarray(self.timescales))]
+        if self.horizon_features:
+            fraction = jnp.clip(step / jnp.maximum(horizon, 1.0), 0.0, 1.0)
+            parts.append(jnp.stack([fraction, fraction ** 3]))
+        if self.loss_features:
+            fast, slow, deviation = loss_stats[0], loss_stats[1], loss_stats[2]
+            # the deviation starts at 0 and is updated from the second loss on
+            deviation = deviation / jnp.maximum(-jnp.expm1((step - 1) * float(np.log(LOSS_DECAYS[1]))),
+                                                1e-6)
+            scale = 1.0 / (deviation + 1e-12 + 1e-7 * jnp.abs(slow))
+            parts.append(jnp.clip(jnp.stack([fast - slow, loss - slow]) * scale,
+                                  -self.feature_clip, self.feature_clip))
+        return jnp.concatenate(parts)
 
     def features(self, g: jax.Array, p: jax.Array, m: jax.Array, v: jax.Array,
                  step: jax.Array, horizon: jax.Array | None = None,
-                 shape: tuple[int, ...] = ()) -> jax.Array:
+                 shape: tuple[int, ...] = (), loss_stats: jax.Array | None = None,
+                 loss: jax.Array | None = None) -> jax.Array:
         """All ``(n, num_features)`` inputs of one tensor, in the order of the module docstring
-        (the update computes the same thing without materialising the time columns)."""
-        time = jnp.broadcast_to(self.time_features(step, horizon),
+        (the update computes the same thing without materialising the shared columns)."""
+        time = jnp.broadcast_to(self.time_features(step, horizon, loss_stats, loss),
                                 (g.shape[0], self.num_time_features))
         return jnp.concatenate([self.param_features(g, p, m, v, shape), time], axis=1)
 
     def apply_mlp(self, theta: Theta, x: jax.Array, step: jax.Array | None = None,
-                  horizon: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                  horizon: jax.Array | None = None, loss_stats: jax.Array | None = None,
+                  loss: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """Runs the shared MLP; returns direction and magnitude, each ``(n,)``.
 
         Args:
@@ -196,19 +228,37 @@ class MLPLOpt:
             (exactly the same result, about 10% fewer FLOPs per parameter).
           step: the step count, when ``x`` holds only the per-parameter inputs.
           horizon: the run's number of updates (with ``horizon_features`` and ``step``).
+          loss_stats, loss: the updated loss statistics and the loss (with ``loss_features``
+            and ``step``).
         """
         first, *hidden, last = theta["layers"]
         if step is None:
             x = x @ first["w"] + first["b"]
         else:
             split = x.shape[1]
-            x = x @ first["w"][:split] + (self.time_features(step, horizon)
+            x = x @ first["w"][:split] + (self.time_features(step, horizon, loss_stats, loss)
                                            @ first["w"][split:] + first["b"])
         x = jax.nn.relu(x)
         for layer in hidden:
             x = jax.nn.relu(x @ layer["w"] + layer["b"])
         out = x @ last["w"] + last["b"]
         return out[:, 0], out[:, 1]
+
+    @staticmethod
+    def update_loss_stats(stats: jax.Array, loss: jax.Array, step: jax.Array
+                          ) -> tuple[jax.Array, jax.Array]:
+        """The loss (a non-finite one replaced by the slow average) and the statistics of
+        feature 9 updated with it; at ``step`` 1 all three start from the loss (deviation 0)."""
+        loss = jnp.asarray(loss, jnp.float32).reshape(())
+        fast, slow, deviation = stats[0], stats[1], stats[2]
+        first = step == 1
+        loss = jnp.where(jnp.isfinite(loss), loss, jnp.where(first, 0.0, slow))
+        (b_fast, b_slow) = LOSS_DECAYS
+        fast = jnp.where(first, loss, b_fast * fast + (1 - b_fast) * loss)
+        slow = jnp.where(first, loss, b_slow * slow + (1 - b_slow) * loss)
+        deviation = jnp.where(first, 0.0,
+                              b_slow * deviation + (1 - b_slow) * jnp.abs(loss - slow))
+        return loss, jnp.stack([fast, slow, deviation])
 
     def optimizer(self, theta: Theta, num_steps: int | jax.Array | None = None
                   ) -> optax.GradientTransformationExtraArgs:
@@ -234,19 +284,28 @@ class MLPLOpt:
                                      "the run will take, to optimizer(theta, num_steps=...)")
                 horizon = jnp.asarray(num_steps, jnp.float32)
             k = len(self.decays)
+            loss_stats = jnp.zeros(3, jnp.float32) if self.loss_features else None
             return MLPLOptState(
                 momenta=jax.tree.map(lambda p: jnp.zeros((*jnp.shape(p), k), jnp.float32), params),
                 rms=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
                 step=jnp.zeros([], jnp.int32),
                 horizon=horizon,
+                loss_stats=loss_stats,
             )
 
         def update_fn(grads, state, params=None, **extra_args):
-            del extra_args  # e.g. loss=...: accepted for optax compatibility, not a feature here
             if params is None:
                 raise ValueError("MLPLOpt.update needs params: the parameter value is a feature")
             check_float_params(grads, "grads")
             step = state.step + 1
+            loss, loss_stats = None, state.loss_stats
+            if self.loss_features:
+                if extra_args.get("loss") is None:
+                    raise ValueError("this learned optimizer reads the loss's trend "
+                                     "(loss_features): pass the loss at params, "
+                                     "update(grads, state, params, loss=loss)")
+                loss, loss_stats = self.update_loss_stats(state.loss_stats, extra_args["loss"],
+                                                          step)
             decays = jnp.asarray(self.decays)
             m_scale = v_scale = 1.0
             if self.bias_correction:
@@ -273,7 +332,7 @@ class MLPLOpt:
 
             # One MLP call over the parameters of all tensors at once (one matmul, not one per leaf).
             direction, magnitude = self.apply_mlp(theta, jnp.concatenate(feats), step,
-                                                  state.horizon)
+                                                  state.horizon, loss_stats, loss)
             steps = -direction * jnp.exp(self.exp_mult * magnitude) * self.step_mult
 
             updates, offset = [], 0
@@ -287,6 +346,7 @@ class MLPLOpt:
                 rms=jax.tree_util.tree_unflatten(treedef, new_v),
                 step=step,
                 horizon=state.horizon,
+                loss_stats=loss_stats,
             )
             return jax.tree_util.tree_unflatten(treedef, updates), new_state
 

@@ -116,7 +116,8 @@ class SelfTraining:
         return jax.random.randint(key, (num_members,), 0, num_members)
 
     def update(self, thetas: Theta, outer_state: Any, grads: Theta, log_step_mult: jax.Array,
-               best: jax.Array, key: jax.Array) -> tuple[Theta, Any, jax.Array]:
+               best: jax.Array, key: jax.Array, losses: jax.Array | None = None
+               ) -> tuple[Theta, Any, jax.Array]:
         """One self-training step of every member.
 
         Args:
@@ -126,18 +127,21 @@ class SelfTraining:
           log_step_mult: ``(K,)`` log step multipliers (PBT hyperparameters).
           best: index of the best member (used by the ``best`` policy).
           key: PRNG key (used by the ``random`` policy).
+          losses: ``(K,)`` the members' meta-losses, the loss each LO is given with its
+            gradient (required by an LO that reads the loss, ``MLPLOpt(loss_features=True)``).
 
         Returns:
           New weights, outer state, and ``(K,)`` the trust-region factor of each step.
         """
         num = log_step_mult.shape[0]
+        extra = {} if losses is None else {"loss": losses}
         donors = jax.tree.map(lambda t: t[self.donors(num, best, key)], thetas)
         grads = clip_estimate(grads, self.clip)
 
-        def one(theta_i, state_i, grad_i, theta_j):
-            return self.lopt.optimizer(theta_j).update(grad_i, state_i, theta_i)
+        def one(theta_i, state_i, grad_i, theta_j, extra_i):
+            return self.lopt.optimizer(theta_j).update(grad_i, state_i, theta_i, **extra_i)
 
-        updates, outer_state = jax.vmap(one)(thetas, outer_state, grads, donors)
+        updates, outer_state = jax.vmap(one)(thetas, outer_state, grads, donors, extra)
         new, shrink = scale_and_add(thetas, updates, log_step_mult, self.max_update,
                                    self.trust_region)
         return new, outer_state, shrink
@@ -168,9 +172,10 @@ class AdamControl:
         return jax.vmap(optax.adam(self.learning_rate).init)(thetas)
 
     def update(self, thetas: Theta, outer_state: Any, grads: Theta, log_step_mult: jax.Array,
-               best: jax.Array, key: jax.Array) -> tuple[Theta, Any, jax.Array]:
+               best: jax.Array, key: jax.Array, losses: jax.Array | None = None
+               ) -> tuple[Theta, Any, jax.Array]:
         """One Adam step of every member; arguments as :meth:`SelfTraining.update`."""
-        del best, key
+        del best, key, losses
         adam = optax.adam(self.learning_rate)
         grads = clip_estimate(grads, self.clip)
         updates, outer_state = jax.vmap(adam.update)(grads, outer_state, thetas)

@@ -82,6 +82,8 @@ class TrainConfig:
     max_inner_length: int = 1000
     normalization: str = "log"
     loss_cap: float = 10.0
+    # with log normalisation: the smallest normalised loss the meta-loss counts
+    log_floor: float = 1e-6
     # a truncation's meta-loss: "mean" over its steps, or "final" (its last 10%)
     meta_loss: str = "mean"
     # the data a truncation's meta-loss is measured on: "train" (the training minibatches) or
@@ -205,7 +207,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
            "a number of minutes in [0, 43200] (0: no evaluation during training)",
            c.eval_minutes)
     for name, lo, hi in (("clip", 0, 1e6), ("max_update", 0, 1e6), ("diverged_meta_loss", 0, 1e6),
-                         ("adam_learning_rate", 0, 10), ("loss_cap", 1, 1e6), ("exp_mult", 0, 10)):
+                         ("adam_learning_rate", 0, 10), ("loss_cap", 1, 1e6), ("exp_mult", 0, 10),
+                         ("log_floor", 1e-30, 0.1)):
         value = getattr(c, name)
         _check(name, _is_number(value) and lo < value <= hi, f"a number in ({lo:g}, {hi:g}]",
                value)

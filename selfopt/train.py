@@ -78,7 +78,7 @@ def build(cfg: TrainConfig) -> Components:
         lopt, num_pairs=cfg.num_pairs, truncation_length=cfg.truncation_length,
         schedule=LogUniformLength(cfg.min_inner_length, cfg.max_inner_length),
         normalization=cfg.normalization, loss_cap=cfg.loss_cap, meta_loss=cfg.meta_loss,
-        meta_split=cfg.meta_split)
+        meta_split=cfg.meta_split, log_floor=cfg.log_floor)
     outer = (SelfTraining(lopt, cfg.policy, cfg.clip, cfg.max_update, cfg.trust_region,
                           cfg.outer_horizon)
              if cfg.outer_optimizer == "self"

@@ -232,3 +232,19 @@ def test_a_test_split_meta_loss_scores_the_same_training_on_test_batches():
         unroll(lopt, theta, task, state, 2, split="valid")
     with pytest.raises(ValueError, match="meta_split"):
         TruncatedES(lopt, meta_split="validation")
+
+
+@pytest.mark.parametrize("log_floor", [1e-6, 1e-12])
+def test_the_log_floor_bounds_what_precision_earns(log_floor):
+    # SGD at rate 1 on 0.5 * w^2 (unit curvatures) reaches the minimum exactly in one step: the
+    # log meta-loss of a 5-step truncation is (log 1 + 4 log(floor)) / 5.
+    quad = DeterministicQuadratic(scales=jnp.ones(3))
+    lopt = LearnedSGD(init_log_lr=0.0)
+    es = TruncatedES(lopt, num_pairs=1, truncation_length=5, normalization="log",
+                     log_floor=log_floor)
+    theta = lopt.init(jax.random.key(0))
+    state = jax.tree.map(lambda x: x[None], new_inner_state(lopt, theta, quad, jax.random.key(0),
+                                                            ConstantLength(100)))
+    (loss_pos, loss_neg), _ = es.unroll_pairs(quad, theta, 0.0, jax.tree.map(
+        lambda x: x[None], theta), state, state)
+    np.testing.assert_allclose([loss_pos[0], loss_neg[0]], 4 * np.log(log_floor) / 5, rtol=1e-5)

@@ -118,6 +118,9 @@ def test_the_meta_loss_field_reaches_the_estimator_and_is_checked():
     assert build(tiny()).estimator.meta_split == "train"
     with pytest.raises(ConfigError, match="meta_split"):
         make_config({"meta_split": "valid"})
+    assert build(tiny(log_floor=1e-12)).estimator.log_floor == 1e-12
+    with pytest.raises(ConfigError, match="log_floor"):
+        make_config({"log_floor": 0})
 
 
 def test_ctrl_c_stops_after_the_step_and_writes_a_checkpoint(tmp_path):

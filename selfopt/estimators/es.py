@@ -77,6 +77,8 @@ class TruncatedES:
       schedule: distribution of inner-problem lengths.
       normalization: ``"ratio"`` or ``"log"`` (see ``inner_problem.normalized_loss``).
       loss_cap: largest normalised loss; a diverged step counts as this.
+      log_floor: with ``log`` normalisation, the smallest normalised loss that counts (1e-6:
+        precision beyond a millionth of the initial loss earns nothing).
       meta_loss: ``"mean"``, the normalised loss averaged over the truncation's steps, or
         ``"final"``, over its last 10% (``inner_problem.LOSS_AVERAGES``) **(ours)**: with a
         truncation as long as the inner problem, that is the final loss evaluation measures.
@@ -92,6 +94,7 @@ class TruncatedES:
     schedule: LengthSchedule = LogUniformLength(100, 1000)
     normalization: str = "ratio"
     loss_cap: float = 10.0
+    log_floor: float = 1e-6
     meta_loss: str = "mean"
     meta_split: str = "train"
 
@@ -130,7 +133,7 @@ class TruncatedES:
         tail = inner_problem.tail_steps(self.truncation_length, self.meta_loss)
         end, losses = jax.vmap(lambda t, s: inner_problem.unroll(
             self.lopt, t, task, s, self.truncation_length, self.normalization, self.loss_cap,
-            tail, self.meta_split))(thetas, join(pos, neg))
+            tail, self.meta_split, self.log_floor))(thetas, join(pos, neg))
         first, second = (jax.tree.map(lambda x: x[:num], end), jax.tree.map(lambda x: x[num:], end))
         return (losses[:num], losses[num:]), (first, second)
 

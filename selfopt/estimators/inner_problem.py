@@ -98,17 +98,18 @@ def restart_if_done(lopt: LearnedOptimizer, theta: Theta, task: Task, state: Inn
 
 
 def normalized_loss(task: Task, loss: jax.Array, init_loss: jax.Array, normalization: str,
-                    loss_cap: float) -> jax.Array:
+                    loss_cap: float, log_floor: float = 1e-6) -> jax.Array:
     """The per-step meta-loss term: the task-normalised loss, capped and NaN-proof.
 
     ``ratio``: ``task.normalize(loss, init_loss)`` in ``[0, loss_cap]``. ``log``: its log, in
-    ``[log(1e-6), log(loss_cap)]``. A non-finite loss (a diverged unroll) gives the cap, so
-    a diverging perturbation is penalised with a large finite value and never yields NaN.
+    ``[log(log_floor), log(loss_cap)]``: below ``log_floor`` more precision earns nothing. A
+    non-finite loss (a diverged unroll) gives the cap, so a diverging perturbation is
+    penalised with a large finite value and never yields NaN.
     """
     ratio = task.normalize(loss, init_loss)
     ratio = jnp.where(jnp.isfinite(ratio), jnp.clip(ratio, 0.0, loss_cap), loss_cap)
     if normalization == "log":
-        return jnp.log(jnp.maximum(ratio, 1e-6))
+        return jnp.log(jnp.maximum(ratio, log_floor))
     if normalization == "ratio":
         return ratio
     raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
@@ -126,7 +127,7 @@ def ratio_scale(meta_loss, normalization: str):
 
 def unroll(lopt: LearnedOptimizer, theta: Theta, task: Task, state: InnerState, num_steps: int,
            normalization: str = "ratio", loss_cap: float = 10.0, tail: int | None = None,
-           split: str = "train") -> tuple[InnerState, jax.Array]:
+           split: str = "train", log_floor: float = 1e-6) -> tuple[InnerState, jax.Array]:
     """Trains the inner problem ``num_steps`` steps with the LO of weights ``theta``.
 
     Args:
@@ -134,7 +135,7 @@ def unroll(lopt: LearnedOptimizer, theta: Theta, task: Task, state: InnerState, 
       task: the task (a pytree; its arrays are arguments, not constants).
       state: the inner problem to continue.
       num_steps: truncation length (static).
-      normalization, loss_cap: see :func:`normalized_loss`.
+      normalization, loss_cap, log_floor: see :func:`normalized_loss`.
       tail: average only the last ``tail`` steps' losses (static; ``None``: every step).
       split: the data the meta-loss is measured on: ``"train"``, the training loss the
         optimizer descends (its minibatch before each update), or ``"test"``, the loss of the
@@ -162,7 +163,7 @@ def unroll(lopt: LearnedOptimizer, theta: Theta, task: Task, state: InnerState, 
         )
         if split == "test":
             loss = task.loss(params, task.sample_batch(jax.random.fold_in(key, 1), "test"))
-        return s, normalized_loss(task, loss, s.init_loss, normalization, loss_cap)
+        return s, normalized_loss(task, loss, s.init_loss, normalization, loss_cap, log_floor)
 
     state, losses = jax.lax.scan(step, state, None, length=num_steps)
     return state, jnp.mean(losses if tail is None else losses[num_steps - tail:])

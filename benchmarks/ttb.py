@@ -1,7 +1,8 @@
 """Time to beat Adam (TTB): how long self-training takes to beat per-task tuned Adam.
 
     python benchmarks/ttb.py [--minutes 10] [--eval-minutes 1] [--control] [--heldout]
-                             [--set FIELD=VALUE ...] [--out DIR]
+                             [--set FIELD=VALUE ...] [--grid FAMILY.FIELD=VALUES ...]
+                             [--out DIR]
 
 Runs ``selfopt train`` (the default configuration plus ``--set`` overrides; random
 initialisation, no hand-designed optimizer in the loop) for ``--minutes`` of training, with the
@@ -13,6 +14,10 @@ if it never did), the best margin reached (mean normalised loss of the learned o
 tuned Adam; below 1 is better than Adam) and the margin at 10, 30 and 60 minutes where the run got there. ``--control`` runs the
 Adam-meta-trained control with the same budget afterwards and reports it the same way;
 ``--heldout`` also evaluates each run's final elite on the whole held-out suite (12 tasks).
+``--grid mlp.hidden='[[32],[32,32]]'`` replaces the values one field of a family draws from in
+the compact task grid (``selfopt.tasks.distribution.COMPACT_GRIDS``, the default ``task_grid``),
+for this process only: a run resumed later with ``selfopt train --resume`` uses the shipped
+grid. Each value is checked by building its task before anything trains.
 The curves (the elite's quick-suite loss against training time, each arm, and tuned Adam's)
 go to ``OUT/curve.png``.
 
@@ -34,9 +39,10 @@ import jax
 
 from selfopt.cache import enable_compilation_cache
 from selfopt.cli import parse_assignment
-from selfopt.config import make_config
+from selfopt.config import ConfigError, make_config
 from selfopt.evaluate import default_cache_dir, evaluate, suite
 from selfopt.experiment import heldout_over_time_figure
+from selfopt.tasks.distribution import COMPACT_GRIDS, full_config, make_task
 from selfopt.train import Trainer, open_checkpoint, read_jsonl, time_to_beat_adam
 
 MARGIN_MINUTES = (10, 30, 60)
@@ -78,6 +84,32 @@ def run_arm(run_dir: Path, overrides: dict, heldout: bool) -> dict:
     return result
 
 
+def edit_grid(edits: list[tuple[str, object]]) -> dict[str, dict]:
+    """Applies ``--grid FAMILY.FIELD=VALUES`` edits to :data:`COMPACT_GRIDS` in place.
+
+    Returns the edited families' grids (for the report). Raises ``ValueError`` (one line) for
+    an unknown family or field, a value list that is not a non-empty JSON list, or a value its
+    task refuses."""
+    for name, values in edits:
+        family, _, field = name.partition(".")
+        if family not in COMPACT_GRIDS or not field:
+            raise ValueError(f"--grid {name}: expected FAMILY.FIELD, FAMILY one of "
+                             f"{sorted(COMPACT_GRIDS)}")
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"--grid {name}: the values must be a non-empty JSON list, got "
+                             f"{values!r}")
+        for value in values:
+            try:
+                make_task(full_config({"family": family, field: value}))
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"--grid {name}: {error}") from None
+        COMPACT_GRIDS[family] = {**COMPACT_GRIDS[family],
+                                 field: tuple(tuple(v) if isinstance(v, list) else v
+                                              for v in values)}
+    return {family: {k: list(v) for k, v in COMPACT_GRIDS[family].items()}
+            for family in {name.partition(".")[0] for name, _ in edits}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
@@ -87,12 +119,21 @@ def main() -> None:
                         help="evaluate the final elites on all 12 held-out tasks")
     parser.add_argument("--set", type=parse_assignment, action="append", default=[],
                         metavar="FIELD=VALUE")
+    parser.add_argument("--grid", type=parse_assignment, action="append", default=[],
+                        metavar="FAMILY.FIELD=VALUES",
+                        help="the values a family's field draws from in the compact grid")
     parser.add_argument("--out", type=Path,
                         default=Path("runs") / f"ttb-{time.strftime('%Y%m%d-%H%M%S')}")
     args = parser.parse_args()
-    cache = enable_compilation_cache()
     overrides = {**dict(args.set), "minutes": args.minutes, "eval_minutes": args.eval_minutes}
+    try:
+        grids = edit_grid(args.grid)
+        make_config(overrides)
+    except (ValueError, ConfigError) as error:
+        parser.error(str(error).splitlines()[0])
+    cache = enable_compilation_cache()
     report = {"benchmark": "time_to_beat_adam", "overrides": dict(args.set),
+              "grid_edits": grids,
               "minutes": args.minutes, "machine": {
                   "platform": platform.platform(), "cpus": os.cpu_count(),
                   "devices": [str(d) for d in jax.devices()]},

@@ -147,7 +147,7 @@ def assert_update_is_the_mlp(lopt, theta, update, feats):
 
 
 def test_update_equals_the_mlp_on_all_features():
-    # The update folds the time features into the first layer's bias; the reference is the
+    # The update folds the shared features into the first layer's bias; the reference is the
     # plain MLP on the full feature matrix of the module docstring.
     lopt = MLPLOpt()
     theta = lopt.init(jax.random.key(4))
@@ -161,7 +161,7 @@ def test_update_equals_the_mlp_on_all_features():
 
 def test_horizon_features_are_the_fraction_done_and_fold_into_the_update():
     # The fraction t / T and its cube follow the step-count embedding; the update (which folds
-    # the time features into the first layer's bias) equals the MLP on all features.
+    # the shared features into the first layer's bias) equals the MLP on all features.
     lopt = MLPLOpt(horizon_features=True)
     assert lopt.num_features == MLPLOpt().num_features + 2
     theta = lopt.init(jax.random.key(4))
@@ -171,9 +171,10 @@ def test_horizon_features_are_the_fraction_done_and_fold_into_the_update():
     assert float(state.horizon) == 8.0
     for _ in range(2):
         updates, state = opt.update(grads, state, PARAMS)
-    time = lopt.time_features(state.step, state.horizon)
+    time = lopt.shared_features(state.step, state.horizon)
     np.testing.assert_allclose(time[-2:], [0.25, 0.25 ** 3], rtol=1e-6)
-    np.testing.assert_allclose(lopt.time_features(jnp.asarray(20), jnp.asarray(8.0))[-2:], [1, 1])
+    np.testing.assert_allclose(lopt.shared_features(jnp.asarray(20), jnp.asarray(8.0))[-2:],
+                               [1, 1])
     assert_update_is_the_mlp(lopt, theta, updates["dense"],
                              all_features(lopt, grads, state, "dense"))
 
@@ -361,7 +362,7 @@ def test_loss_features_follow_their_definition_and_fold_into_the_update():
     for t, loss in enumerate(losses):
         grads = grads_like(PARAMS, t)
         updates, state = opt.update(grads, state, PARAMS, loss=jnp.asarray(loss))
-        shared = lopt.time_features(state.step, None, state.loss_stats,
+        shared = lopt.shared_features(state.step, None, state.loss_stats,
                                     jnp.asarray(loss if np.isfinite(loss) else state.loss_stats[1]))
         np.testing.assert_allclose(shared[-2:], reference[t], rtol=1e-4, atol=1e-5)
     assert np.all(np.isfinite(jax.tree.leaves(updates)[0]))

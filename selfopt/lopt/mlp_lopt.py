@@ -151,7 +151,7 @@ class MLPLOpt:
 
     def param_features(self, g: jax.Array, p: jax.Array, m: jax.Array, v: jax.Array,
                        shape: tuple[int, ...] = ()) -> jax.Array:
-        """The ``(n, num_features - num_time_features)`` per-parameter inputs of one tensor.
+        """The ``(n, num_features - num_shared_features)`` per-parameter inputs of one tensor.
 
         Args:
           g, p, v: gradient, parameter and squared-gradient accumulator, flattened ``(n,)``.
@@ -178,12 +178,12 @@ class MLPLOpt:
         return jnp.concatenate(parts, axis=1)
 
     @property
-    def num_time_features(self) -> int:
+    def num_shared_features(self) -> int:
         """Features that are the same for every parameter (7-9 of the module docstring)."""
         return (len(self.timescales) + (2 if self.horizon_features else 0)
                 + (2 if self.loss_features else 0))
 
-    def time_features(self, step: jax.Array, horizon: jax.Array | None = None,
+    def shared_features(self, step: jax.Array, horizon: jax.Array | None = None,
                       loss_stats: jax.Array | None = None, loss: jax.Array | None = None
                       ) -> jax.Array:
         """The shared features: ``tanh(step / s)`` for every timescale ``s``; with
@@ -197,9 +197,10 @@ class MLPLOpt:
             parts.append(jnp.stack([fraction, fraction ** 3]))
         if self.loss_features:
             fast, slow, deviation = loss_stats[0], loss_stats[1], loss_stats[2]
-            # the deviation starts at 0 and is updated from the second loss on
-            deviation = deviation / jnp.maximum(-jnp.expm1((step - 1) * float(np.log(LOSS_DECAYS[1]))),
-                                                1e-6)
+            # the deviation is updated from the second loss on: corrected by 1 - b ** (step - 1)
+            corrected = -jnp.expm1((step - 1) * float(np.log(LOSS_DECAYS[1])))
+            deviation = deviation / jnp.maximum(corrected, 1e-6)
+            # the epsilons keep a loss that does not move (D = 0) from dividing by 0
             scale = 1.0 / (deviation + 1e-12 + 1e-7 * jnp.abs(slow))
             parts.append(jnp.clip(jnp.stack([fast - slow, loss - slow]) * scale,
                                   -self.feature_clip, self.feature_clip))
@@ -211,8 +212,8 @@ class MLPLOpt:
                  loss: jax.Array | None = None) -> jax.Array:
         """All ``(n, num_features)`` inputs of one tensor, in the order of the module docstring
         (the update computes the same thing without materialising the shared columns)."""
-        time = jnp.broadcast_to(self.time_features(step, horizon, loss_stats, loss),
-                                (g.shape[0], self.num_time_features))
+        time = jnp.broadcast_to(self.shared_features(step, horizon, loss_stats, loss),
+                                (g.shape[0], self.num_shared_features))
         return jnp.concatenate([self.param_features(g, p, m, v, shape), time], axis=1)
 
     def apply_mlp(self, theta: Theta, x: jax.Array, step: jax.Array | None = None,
@@ -223,8 +224,8 @@ class MLPLOpt:
         Args:
           theta: the LO weights.
           x: ``(n, num_features)`` inputs, or, with ``step`` given, ``(n, num_features -
-            num_time_features)`` per-parameter inputs: the time features are the same for every
-            parameter, so their share of the first layer is computed once and added to its bias
+            num_shared_features)`` per-parameter inputs: the shared features are the same for
+            every parameter, so their share of the first layer is computed once and added to its bias
             (exactly the same result, about 10% fewer FLOPs per parameter).
           step: the step count, when ``x`` holds only the per-parameter inputs.
           horizon: the run's number of updates (with ``horizon_features`` and ``step``).
@@ -236,7 +237,7 @@ class MLPLOpt:
             x = x @ first["w"] + first["b"]
         else:
             split = x.shape[1]
-            x = x @ first["w"][:split] + (self.time_features(step, horizon, loss_stats, loss)
+            x = x @ first["w"][:split] + (self.shared_features(step, horizon, loss_stats, loss)
                                            @ first["w"][split:] + first["b"])
         x = jax.nn.relu(x)
         for layer in hidden:

@@ -153,10 +153,10 @@ def unroll(lopt: LearnedOptimizer, theta: Theta, task: Task, state: InnerState, 
     def step(s: InnerState, _):
         key, params = jax.random.fold_in(s.data_key, s.step), s.params
         batch = task.sample_batch(key)
-        loss, grads = jax.value_and_grad(task.loss)(s.params, batch)
-        updates, opt_state = opt.update(grads, s.opt_state, s.params, loss=loss)
+        loss, grads = jax.value_and_grad(task.loss)(params, batch)
+        updates, opt_state = opt.update(grads, s.opt_state, params, loss=loss)
         s = s._replace(
-            params=optax.apply_updates(s.params, updates),
+            params=optax.apply_updates(params, updates),
             opt_state=opt_state,
             step=s.step + 1,
             diverged=s.diverged | ~jnp.isfinite(loss),

@@ -93,6 +93,9 @@ class TrainConfig:
     families: tuple[str, ...] = DEFAULT_FAMILIES
     # "compact": few task shapes, so compilation does not eat a laptop run; "full": the full grids
     task_grid: str = "compact"
+    # task augmentation: every training task reparametrised, each tensor's scale log-uniform in
+    # [1/reparam_scale, reparam_scale], so no single step size suits them all (1: off)
+    reparam_scale: float = 1.0
     num_slots: int = 2
     task_steps: int = 40
     # each slot samples one family (slot s: families[s % len(families)]) instead of any, so a
@@ -234,6 +237,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check("hidden", isinstance(c.hidden, tuple) and 1 <= len(c.hidden) <= 4
            and all(_is_int(w) and 1 <= w <= 1024 for w in c.hidden),
            "1 to 4 layer widths, each in [1, 1024]", c.hidden)
+    _check("reparam_scale", _is_number(c.reparam_scale) and 1 <= c.reparam_scale <= 1e3,
+           "a number in [1, 1000] (1: off)", c.reparam_scale)
     _check("rms_decay", _is_number(c.rms_decay) and 0 < c.rms_decay < 1, "a number in (0, 1)",
            c.rms_decay)
     for name, hi in (("step_mult_prior", 1000), ("sigma_prior", 1)):

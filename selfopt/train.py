@@ -87,7 +87,8 @@ def build(cfg: TrainConfig) -> Components:
               resample_probability=cfg.resample_probability, step_mult_prior=cfg.step_mult_prior,
               sigma_prior=cfg.sigma_prior, explore_sigma=cfg.explore_sigma,
               score_steps=cfg.score_steps)
-    return Components(lopt, estimator, outer, pbt, TaskDistribution(cfg.families, cfg.task_grid))
+    distribution = TaskDistribution(cfg.families, cfg.task_grid, cfg.reparam_scale)
+    return Components(lopt, estimator, outer, pbt, distribution)
 
 
 @dataclasses.dataclass
@@ -265,7 +266,8 @@ class Trainer:
         distribution = self.comps.distribution
         if self.cfg.stratify_slots:
             families = distribution.families
-            distribution = TaskDistribution((families[slot % len(families)],), distribution.grid)
+            distribution = dataclasses.replace(distribution,
+                                               families=(families[slot % len(families)],))
         return distribution.sample(key)
 
     def fresh_slot(self, slot: int, step: int, thetas) -> tuple[dict, Any]:

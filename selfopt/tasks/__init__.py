@@ -1,4 +1,5 @@
 """Inner problems (tasks) for learned optimizers, and the distribution they are drawn from."""
+from selfopt.tasks.augmentation import Reparametrized
 from selfopt.tasks.autoencoder import Autoencoder
 from selfopt.tasks.base import Task, static_field, task_dataclass
 from selfopt.tasks.classifiers import ConvNetClassifier, LogisticRegression, MLPClassifier
@@ -31,6 +32,7 @@ __all__ = [
     "GRIDS",
     "TRAIN_GRIDS",
     "Autoencoder",
+    "Reparametrized",
     "ConvNetClassifier",
     "LanguageModel",
     "LOptTraining",

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
+from selfopt.tasks.augmentation import Reparametrized, check_reparam_scale
 from selfopt.tasks.autoencoder import Autoencoder
 from selfopt.tasks.base import Task
 from selfopt.tasks.classifiers import ConvNetClassifier, LogisticRegression, MLPClassifier
@@ -106,7 +107,10 @@ HELDOUT_CONFIGS: tuple[dict[str, Any], ...] = (
 def full_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Checks a configuration's names and fills in every default.
 
-    Field *values* are checked when the task is built (:func:`make_task`). Tuples become lists,
+    Besides the family's fields, any configuration may hold ``reparam_scale`` (a number >= 1):
+    the task augmentation of :class:`~selfopt.tasks.augmentation.Reparametrized`, kept only
+    where given. Field *values* are checked when the task is built (:func:`make_task`). Tuples
+    become lists,
     so a configuration equals its JSON round trip;
     lists are copied, so the result shares nothing mutable with ``config``.
 
@@ -126,14 +130,17 @@ def full_config(config: Mapping[str, Any]) -> dict[str, Any]:
     seed = config.pop("seed", 0)
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    augmentation = ({"reparam_scale": check_reparam_scale(config.pop("reparam_scale"))}
+                    if "reparam_scale" in config else {})
     parameters = inspect.signature(FAMILIES[family]).parameters
     fields = {name: p.default for name, p in parameters.items() if name != "seed"}
     if unknown := sorted(set(config) - set(fields)):
         raise ValueError(f"unknown field(s) {unknown} for task family {family!r}; "
-                         f"valid fields: {sorted(fields)}")
+                         f"valid fields: {sorted(fields)} (and reparam_scale, for any family)")
     fields.update(config)
     return {"family": family, "seed": int(seed),
-            **{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in fields.items()}}
+            **{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in fields.items()},
+            **augmentation}
 
 
 def make_task(config: Mapping[str, Any]) -> Task:
@@ -143,7 +150,9 @@ def make_task(config: Mapping[str, Any]) -> Task:
       config: ``{"family": name, "seed": int, **family fields}``; see :func:`full_config`.
 
     Returns:
-      The task. Its ``seed`` is used only where the family draws instance randomness.
+      The task. Its ``seed`` is used where the family draws instance randomness, and draws
+      the scales of a ``reparam_scale`` above 1 (then the task is
+      :class:`~selfopt.tasks.augmentation.Reparametrized`).
 
     Raises:
       ValueError: an unknown family or field, or an invalid value (the message names it).
@@ -151,9 +160,11 @@ def make_task(config: Mapping[str, Any]) -> Task:
     fields = full_config(config)
     create = FAMILIES[fields.pop("family")]
     seed = fields.pop("seed")
+    reparam_scale = fields.pop("reparam_scale", 1.0)
     if "seed" in inspect.signature(create).parameters:
         fields["seed"] = seed
-    return create(**fields)
+    task = create(**fields)
+    return Reparametrized.create(task, reparam_scale, seed) if reparam_scale > 1 else task
 
 
 def _numpy_rng(key_or_seed: int | jax.Array) -> np.random.Generator:
@@ -167,15 +178,20 @@ def _numpy_rng(key_or_seed: int | jax.Array) -> np.random.Generator:
 class TaskDistribution:
     """The training distribution: a family uniformly from ``families``, then each field of the
     family's grid (:data:`GRIDS` ``[grid]``) uniformly, and a seed below
-    :data:`HELDOUT_SEED_START`."""
+    :data:`HELDOUT_SEED_START`; with ``reparam_scale`` above 1, every task reparametrised
+    (:class:`~selfopt.tasks.augmentation.Reparametrized`)."""
 
     #: Families to sample, a subset of :data:`TRAIN_FAMILIES`.
     families: tuple[str, ...] = TRAIN_FAMILIES
     #: ``full`` (:data:`TRAIN_GRIDS`) or ``compact`` (:data:`COMPACT_GRIDS`: fewer shapes).
     grid: str = "full"
+    #: Task augmentation: each tensor's scale log-uniform in ``[1/reparam_scale,
+    #: reparam_scale]`` (1: none).
+    reparam_scale: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "families", tuple(self.families))  # a JSON list is fine
+        object.__setattr__(self, "reparam_scale", check_reparam_scale(self.reparam_scale))
         if self.grid not in GRIDS:
             raise ValueError(f"grid must be one of {sorted(GRIDS)}, got {self.grid!r}")
         if not self.families:
@@ -204,6 +220,8 @@ class TaskDistribution:
         """Draws one configuration of ``family`` (each grid field uniformly, a training seed)."""
         fields = {name: values[rng.integers(len(values))]
                   for name, values in GRIDS[self.grid][family].items()}
+        if self.reparam_scale > 1:
+            fields["reparam_scale"] = self.reparam_scale
         return full_config({"family": family, "seed": int(rng.integers(HELDOUT_SEED_START)),
                             **fields})
 

@@ -22,7 +22,7 @@ from selfopt.tasks.distribution import GRIDS, HELDOUT_FAMILIES, TRAIN_FAMILIES
 ESTIMATORS = ("es", "pes")
 OUTER_OPTIMIZERS = ("self", "adam")
 PBT_SCORES = ("task", "held_in")
-VALIDATE_PROBLEMS = ("defaults", "grid")
+VALIDATE_PROBLEMS = ("defaults", "grid", "full")
 #: The default training families: the fast ones, so a laptop run shows the phenomenon.
 DEFAULT_FAMILIES = ("quadratic", "test_function", "logistic", "mlp")
 
@@ -126,7 +126,8 @@ class TrainConfig:
     validate_interval: int = 50
     validate_steps: int = 300  # inner steps of each validation problem (as evaluation)
     # "defaults": each training family's default task, two problems; "grid": two configurations
-    # of each family from the task grid, one problem each (same cost, more variety)
+    # of each family from the task grid, one problem each (same cost, more variety); "full":
+    # the same from the full grids (with the compact grid: sizes the population trains without)
     validate_problems: str = "defaults"
     # when no member validates as well as the elite, the elite replaces the worst member
     restore_elite: bool = True

@@ -748,10 +748,13 @@ class Trainer:
         unperturbed weights, the ``loss`` of ``score_members``; the mean over families.
 
         ``problems``: ``defaults``, the default task of every training family (instance seed
-        ``seed``), two problems each (drawn by ``key``); or ``grid``, two configurations of
-        every training family drawn from the run's task grid (by ``seed``; differing in more
-        than their seed where the grid allows), one problem each: the same cost, more of the
-        variety the population trains on.
+        ``seed``), two problems each (drawn by ``key``); ``grid``, two configurations of
+        every training family drawn from the run's task distribution (by ``seed``; differing
+        in more than their seed where the grid allows), one problem each: the same cost, more
+        of the variety the population trains on; or ``full``, the same from the full grids
+        (:data:`~selfopt.tasks.TRAIN_GRIDS`, no augmentation): with the compact grid, sizes
+        and batch sizes the population does not train on, so validation favours the members
+        that transfer (training families and seeds all the same).
 
         The defaults (``summary_steps``, the fixed key of ``HELD_IN_SEED``) are the summary's
         start/end comparison: the same problems at both ends, so they compare like with like.
@@ -759,9 +762,11 @@ class Trainer:
         round. None of these is a held-out task."""
         cfg = self.cfg
         key = jax.random.key(seed) if key is None else key
-        if problems == "grid":
+        if problems in ("grid", "full"):
+            distribution = (self.comps.distribution if problems == "grid"
+                            else TaskDistribution(cfg.families, "full"))
             configs = [c for family in cfg.families
-                       for c in self.comps.distribution.distinct_configs(family, 2, seed)]
+                       for c in distribution.distinct_configs(family, 2, seed)]
             num_problems = 1
         else:
             configs = [{"family": family, "seed": seed} for family in cfg.families]

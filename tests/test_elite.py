@@ -5,10 +5,12 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from selfopt import checkpoint as ckpt
+from selfopt.config import ConfigError
 from selfopt.population import score_members
-from selfopt.tasks import make_task
+from selfopt.tasks import TaskDistribution, make_task
 from selfopt.tasks.distribution import COMPACT_GRIDS, HELDOUT_SEED_START
 from selfopt.train import Trainer, member_slice
 from test_train import log_rows, tiny
@@ -129,3 +131,21 @@ def test_grid_validation_scores_distinct_grid_configurations_of_every_family(tmp
                                       num_problems=1, loss="final") for c in configs], axis=0)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     assert not np.allclose(got, trainer.held_in_meta_loss(thetas, 6, seed=7, loss="final"))
+
+
+def test_full_grid_validation_scores_configurations_beyond_the_compact_grid(tmp_path):
+    cfg = tiny(families=["quadratic"], validate_problems="full", reparam_scale=10)
+    trainer = Trainer(cfg, tmp_path / "run")
+    full = TaskDistribution(["quadratic"], "full")
+    drawn = [full.distinct_configs("quadratic", 2, seed) for seed in range(20)]
+    # sizes the compact grid never trains on, and no augmentation
+    assert any(c["dim"] not in COMPACT_GRIDS["quadratic"]["dim"] for cs in drawn for c in cs)
+    assert all("reparam_scale" not in c for cs in drawn for c in cs)
+    thetas = trainer.initial_thetas()
+    key = jax.random.key(7)
+    expected = np.mean([score_members(trainer.comps.lopt, thetas, make_task(c), key, 6,
+                                      num_problems=1, loss="final") for c in drawn[7]], axis=0)
+    got = trainer.held_in_meta_loss(thetas, 6, seed=7, loss="final", problems="full")
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    with pytest.raises(ConfigError, match="validate_problems"):
+        tiny(validate_problems="heldout")

@@ -4,6 +4,7 @@
     python benchmarks/elite_probe.py continue RUN [--steps 200] [--every 50] [--set k=v ...]
     python benchmarks/elite_probe.py population RUN
     python benchmarks/elite_probe.py scale RUN [--factors 0.5 1 2]
+    python benchmarks/elite_probe.py curve RUN [--task 11] [--factors 0.5 1]
 
 ``heldin``: the elite against Adam tuned per task (14 rates, as ``selfopt eval``) on ``--tasks``
 configurations drawn from the run's *own training distribution* (training seeds), instead of
@@ -29,6 +30,11 @@ on the quick suite, per task as a ratio to tuned Adam's loss. A task whose ratio
 another factor wants a different step size, which the learned optimizer did not adapt to; a
 task whose ratio stays put loses for another reason than the step size.
 
+``curve``: the elite's mean training loss (the evaluation's seeds and 300 steps) on one
+held-out task (``--task``, an index into the held-out suite; 11 is the digits autoencoder) at
+each of ``--factors``, beside tuned Adam's, at steps 0, 10, 20, 40, 60, 100, 150, 200, 250
+and 299: where along the run the learned optimizer falls behind.
+
 All print JSON; the run directory is only read (``continue`` trains in a temporary folder).
 """
 from __future__ import annotations
@@ -47,7 +53,8 @@ import numpy as np
 from selfopt.cli import parse_assignment
 from selfopt.config import make_config
 from selfopt.evaluate import (Evaluation, TaskComparison, default_cache_dir, evaluate,
-                              lopt_candidate, suite)
+                              lopt_candidate, seed_keys, suite, tune_adam)
+from selfopt.tasks import make_task
 from selfopt.population.self_training import member_rms
 from selfopt.train import Trainer, open_checkpoint, repeat_member
 
@@ -146,6 +153,29 @@ def scale(run: Path, factors: list[float]) -> dict:
     return {"run": str(run), "elite_id": state.elite_id, "by_factor": by_factor}
 
 
+CURVE_STEPS = (0, 10, 20, 40, 60, 100, 150, 200, 250, 299)
+
+
+def curve(run: Path, task_index: int, factors: list[float], num_steps: int = 300,
+          num_seeds: int = 3) -> dict:
+    trainer, state, _ = open_checkpoint(run)
+    config = suite("heldout")[task_index]
+    task, keys = make_task(config), jax.numpy.stack(seed_keys(config, num_seeds))
+    adam = tune_adam(config, num_steps, num_seeds, cache_dir=default_cache_dir())
+    at = lambda losses: [float(losses[t]) for t in CURVE_STEPS if t < num_steps]
+    by_factor = {}
+    base = trainer.comps.lopt
+    for factor in factors:
+        lopt = dataclasses.replace(base, step_mult=base.step_mult * factor)
+        losses, _ = lopt_candidate(lopt, state.elite["theta"]).runs(task, keys, num_steps)
+        by_factor[f"{factor:g}"] = at(np.asarray(losses).mean(axis=0))
+    return {"run": str(run), "elite_id": state.elite_id, "task": config,
+            "steps": [t for t in CURVE_STEPS if t < num_steps],
+            "adam": {"learning_rate": adam.learning_rate,
+                     "loss": at(np.asarray(adam.train_losses).mean(axis=0))},
+            "elite_by_factor": by_factor}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="probe", required=True)
@@ -162,15 +192,23 @@ def main() -> None:
     p = sub.add_parser("scale", help="the elite with its step scaled, per task")
     p.add_argument("run", type=Path)
     p.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.0, 2.0])
+    p = sub.add_parser("curve", help="the elite's loss curve on one held-out task, and Adam's")
+    p.add_argument("run", type=Path)
+    p.add_argument("--task", type=int, default=11, help="index into the held-out suite (0-11)")
+    p.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.0])
     args = parser.parse_args()
-    if args.probe == "scale" and not all(f > 0 for f in args.factors):
+    if args.probe in ("scale", "curve") and not all(f > 0 for f in args.factors):
         parser.error("--factors must be positive")
+    if args.probe == "curve" and not 0 <= args.task < len(suite("heldout")):
+        parser.error(f"--task must be in [0, {len(suite('heldout')) - 1}]")
     if args.probe == "heldin":
         print(json.dumps(heldin(args.run, args.tasks), indent=1))
     elif args.probe == "population":
         print(json.dumps(population(args.run), indent=1))
     elif args.probe == "scale":
         print(json.dumps(scale(args.run, args.factors), indent=1))
+    elif args.probe == "curve":
+        print(json.dumps(curve(args.run, args.task, args.factors), indent=1))
     else:
         print(json.dumps(continue_from_elite(args.run, args.steps, args.every, dict(args.set)),
                          indent=1))

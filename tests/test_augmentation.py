@@ -103,7 +103,10 @@ def test_bad_scales_fail_in_one_line(bad):
 
 def test_the_config_field_reaches_the_distribution_and_is_checked():
     assert build(make_config({"reparam_scale": 10})).distribution.reparam_scale == 10
-    assert build(make_config()).distribution.reparam_scale == 1
+    assert build(make_config()).distribution.reparam_scale == 10
+    assert build(make_config({"reparam_scale": 1})).distribution.reparam_scale == 1
+    # a run stored before the field existed trained without augmentation, and resumes so
+    assert make_config({}, stored=True).reparam_scale == 1
     for bad in (0.5, 1e4, "x"):
         with pytest.raises(ConfigError, match="reparam_scale"):
             make_config({"reparam_scale": bad})

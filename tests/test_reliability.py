@@ -140,7 +140,9 @@ def test_a_task_whose_loss_is_nan_for_everyone_gives_capped_finite_losses(tmp_pa
     def on_step(info):
         trainer.task = poisoned if info["state"].step == 2 else make
 
-    trainer = Trainer(tiny(max_steps=4, pbt_interval=100), tmp_path / "run", on_step=on_step)
+    # reparam_scale=1: plain quadratics, whose target the poison replaces
+    trainer = Trainer(tiny(max_steps=4, pbt_interval=100, reparam_scale=1), tmp_path / "run",
+                      on_step=on_step)
     make = trainer.task
     summary = trainer.run()
     assert summary["steps"] == 4

@@ -753,8 +753,9 @@ class Trainer:
         in more than their seed where the grid allows), one problem each: the same cost, more
         of the variety the population trains on; or ``full``, the same from the full grids
         (:data:`~selfopt.tasks.TRAIN_GRIDS`, no augmentation): with the compact grid, sizes
-        and batch sizes the population does not train on, so validation favours the members
-        that transfer (training families and seeds all the same).
+        and batch sizes the population does not train on, meant to favour the members that
+        transfer (training families and seeds all the same; not better in the one run
+        measured, docs/results.md run 46).
 
         The defaults (``summary_steps``, the fixed key of ``HELD_IN_SEED``) are the summary's
         start/end comparison: the same problems at both ends, so they compare like with like.

@@ -92,9 +92,9 @@ def test_the_distribution_augments_training_tasks_only():
     assert all("reparam_scale" not in plain.sample(seed) for seed in range(50))
 
 
-@pytest.mark.parametrize("bad", [0.5, 0, -2, "10", True, float("nan")])
+@pytest.mark.parametrize("bad", [0.5, 0, -2, "10", True, float("nan"), float("inf")])
 def test_bad_scales_fail_in_one_line(bad):
-    with pytest.raises(ValueError, match="reparam_scale must be a number >= 1") as err:
+    with pytest.raises(ValueError, match="reparam_scale must be a finite number >= 1") as err:
         make_task({**MLP, "reparam_scale": bad})
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="reparam_scale"):

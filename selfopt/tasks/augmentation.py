@@ -15,6 +15,8 @@ augmentation adds no task shapes. A configuration asks for it with ``reparam_sca
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import jax
@@ -25,9 +27,10 @@ from selfopt.tasks.base import Task, task_dataclass
 
 
 def check_reparam_scale(value: Any) -> float:
-    """``reparam_scale`` is a number >= 1 (1: no augmentation); returns it as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
-        raise ValueError(f"reparam_scale must be a number >= 1 (1: off), got {value!r}")
+    """``reparam_scale`` is a finite number >= 1 (1: no augmentation); returns it as a float."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value) or value < 1):
+        raise ValueError(f"reparam_scale must be a finite number >= 1 (1: off), got {value!r}")
     return float(value)
 
 

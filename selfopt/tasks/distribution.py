@@ -110,9 +110,8 @@ def full_config(config: Mapping[str, Any]) -> dict[str, Any]:
     Besides the family's fields, any configuration may hold ``reparam_scale`` (a number >= 1):
     the task augmentation of :class:`~selfopt.tasks.augmentation.Reparametrized`, kept only
     where given. Field *values* are checked when the task is built (:func:`make_task`). Tuples
-    become lists,
-    so a configuration equals its JSON round trip;
-    lists are copied, so the result shares nothing mutable with ``config``.
+    become lists, so a configuration equals its JSON round trip; lists are copied, so the
+    result shares nothing mutable with ``config``.
 
     Args:
       config: ``{"family": name, "seed": int (default 0), **family fields}``.

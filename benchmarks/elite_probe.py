@@ -137,13 +137,18 @@ def population(run: Path) -> dict:
             "validation": [float(x) for x in scores], "quick_margin": margins}
 
 
+def scaled(lopt, factor: float):
+    """``lopt`` with its whole step multiplied by ``factor`` (``MLPLOpt.step_mult``)."""
+    return dataclasses.replace(lopt, step_mult=lopt.step_mult * factor)
+
+
 def scale(run: Path, factors: list[float]) -> dict:
     trainer, state, _ = open_checkpoint(run)
     lopt = trainer.comps.lopt
     by_factor = {}
     for factor in factors:
-        scaled = dataclasses.replace(lopt, step_mult=lopt.step_mult * factor)
-        result = on_quick_suite(trainer, scaled, state.elite["theta"], f"elite x{factor:g}")
+        result = on_quick_suite(trainer, scaled(lopt, factor), state.elite["theta"],
+                                f"elite x{factor:g}")
         summary = result.summary()
         by_factor[f"{factor:g}"] = {
             "margin": summary["margin"], "wins": summary["wins"],
@@ -162,15 +167,14 @@ def curve(run: Path, task_index: int, factors: list[float], num_steps: int = 300
     config = suite("heldout")[task_index]
     task, keys = make_task(config), jax.numpy.stack(seed_keys(config, num_seeds))
     adam = tune_adam(config, num_steps, num_seeds, cache_dir=default_cache_dir())
-    at = lambda losses: [float(losses[t]) for t in CURVE_STEPS if t < num_steps]
+    steps = [t for t in CURVE_STEPS if t < num_steps]
+    at = lambda losses: [float(losses[t]) for t in steps]
     by_factor = {}
-    base = trainer.comps.lopt
     for factor in factors:
-        lopt = dataclasses.replace(base, step_mult=base.step_mult * factor)
-        losses, _ = lopt_candidate(lopt, state.elite["theta"]).runs(task, keys, num_steps)
+        candidate = lopt_candidate(scaled(trainer.comps.lopt, factor), state.elite["theta"])
+        losses, _ = candidate.runs(task, keys, num_steps)
         by_factor[f"{factor:g}"] = at(np.asarray(losses).mean(axis=0))
-    return {"run": str(run), "elite_id": state.elite_id, "task": config,
-            "steps": [t for t in CURVE_STEPS if t < num_steps],
+    return {"run": str(run), "elite_id": state.elite_id, "task": config, "steps": steps,
             "adam": {"learning_rate": adam.learning_rate,
                      "loss": at(np.asarray(adam.train_losses).mean(axis=0))},
             "elite_by_factor": by_factor}

@@ -5,6 +5,7 @@
     python benchmarks/elite_probe.py population RUN
     python benchmarks/elite_probe.py scale RUN [--factors 0.5 1 2]
     python benchmarks/elite_probe.py curve RUN [--task 11] [--factors 0.5 1]
+    python benchmarks/elite_probe.py updates RUN
 
 ``heldin``: the elite against Adam tuned per task (14 rates, as ``selfopt eval``) on ``--tasks``
 configurations drawn from the run's *own training distribution* (training seeds), instead of
@@ -35,12 +36,19 @@ held-out task (``--task``, an index into the held-out suite; 11 is the digits au
 each of ``--factors``, beside tuned Adam's, at steps 0, 10, 20, 40, 60, 100, 150, 200, 250
 and 299: where along the run the learned optimizer falls behind.
 
+``updates``: the size of the elite's step, the RMS over all parameters of one update, at the
+steps of ``curve``, on every quick-suite task beside tuned Adam's (its own rate; the
+evaluation's seeds, averaged), and their ratio. Tuned Adam's step differs from task to task by
+the rate it picked and shrinks as its moment estimates see more noise; a learned optimizer
+whose step is the same on every task has learned one step size, not how to adapt it.
+
 All print JSON; the run directory is only read (``continue`` trains in a temporary folder).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import tempfile
@@ -48,12 +56,14 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from selfopt.cli import parse_assignment
 from selfopt.config import make_config
 from selfopt.evaluate import (Evaluation, TaskComparison, default_cache_dir, evaluate,
-                              lopt_candidate, seed_keys, suite, tune_adam)
+                              lopt_candidate, seed_keys, suite, task_label, tune_adam)
 from selfopt.tasks import make_task
 from selfopt.population.self_training import member_rms
 from selfopt.train import Trainer, open_checkpoint, repeat_member
@@ -180,6 +190,47 @@ def curve(run: Path, task_index: int, factors: list[float], num_steps: int = 300
             "elite_by_factor": by_factor}
 
 
+@functools.partial(jax.jit, static_argnames=("optimizer", "num_steps"))
+def update_sizes(task, optimizer, key: jax.Array, num_steps: int) -> jax.Array:
+    """The RMS over all parameters of each of ``num_steps`` updates, on the problem of ``key``
+    (initial parameters and batches as :func:`selfopt.evaluate.run_training` draws them)."""
+    init_key, data_key, _ = jax.random.split(key, 3)
+    params = task.init(init_key)
+
+    def step(carry, t):
+        params, state = carry
+        batch = task.sample_batch(jax.random.fold_in(data_key, t))
+        loss, grads = jax.value_and_grad(task.loss)(params, batch)
+        extra = ({"loss": loss} if isinstance(optimizer, optax.GradientTransformationExtraArgs)
+                 else {})
+        updates, state = optimizer.update(grads, state, params, **extra)
+        flat = jnp.concatenate([jnp.ravel(u) for u in jax.tree.leaves(updates)])
+        return (optax.apply_updates(params, updates), state), jnp.sqrt(jnp.mean(flat ** 2))
+
+    _, sizes = jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(num_steps))
+    return sizes
+
+
+def updates(run: Path, num_steps: int = 300, num_seeds: int = 3) -> dict:
+    trainer, state, _ = open_checkpoint(run)
+    lopt_optimizer = trainer.comps.lopt.optimizer(state.elite["theta"], num_steps)
+    steps = [t for t in CURVE_STEPS if t < num_steps]
+    by_task = {}
+    for config in suite("quick"):
+        task, keys = make_task(config), seed_keys(config, num_seeds)
+        rate = tune_adam(config, num_steps, num_seeds, cache_dir=default_cache_dir()).learning_rate
+        sizes = {name: np.mean([np.asarray(update_sizes(task, opt, k, num_steps)) for k in keys],
+                               axis=0)
+                 for name, opt in (("elite", lopt_optimizer), ("adam", optax.adam(rate)))}
+        by_task[task_label(config)] = {
+            "adam_learning_rate": rate,
+            "elite": [float(sizes["elite"][t]) for t in steps],
+            "adam": [float(sizes["adam"][t]) for t in steps],
+            "elite_over_adam": [float(sizes["elite"][t] / sizes["adam"][t]) for t in steps]}
+        print(json.dumps({"task": task_label(config)}), file=sys.stderr, flush=True)
+    return {"run": str(run), "elite_id": state.elite_id, "steps": steps, "by_task": by_task}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="probe", required=True)
@@ -200,6 +251,8 @@ def main() -> None:
     p.add_argument("run", type=Path)
     p.add_argument("--task", type=int, default=11, help="index into the held-out suite (0-11)")
     p.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.0])
+    p = sub.add_parser("updates", help="the elite's step size against tuned Adam's, per task")
+    p.add_argument("run", type=Path)
     args = parser.parse_args()
     if args.probe in ("scale", "curve") and not all(f > 0 for f in args.factors):
         parser.error("--factors must be positive")
@@ -213,6 +266,8 @@ def main() -> None:
         print(json.dumps(scale(args.run, args.factors), indent=1))
     elif args.probe == "curve":
         print(json.dumps(curve(args.run, args.task, args.factors), indent=1))
+    elif args.probe == "updates":
+        print(json.dumps(updates(args.run), indent=1))
     else:
         print(json.dumps(continue_from_elite(args.run, args.steps, args.every, dict(args.set)),
                          indent=1))

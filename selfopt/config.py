@@ -69,6 +69,12 @@ class TrainConfig:
     loss_features: bool = False
     # decay of the LO's squared-gradient accumulator (MLPLOpt.rms_decay)
     rms_decay: float = 0.999
+    # epsilon of the LO's Adam-like ratios and per-tensor normalisation (MLPLOpt.eps): 1e-8
+    # attenuates them where the gradient is smaller than about 1e-4 (the autoencoders)
+    feature_eps: float = 1e-8
+    # 0 (off) or a width b: the LO's step on a tensor of fan-in above b is scaled by
+    # b / fan_in, as muP scales Adam's rate with width (MLPLOpt.width_base)
+    width_base: int = 0
     # with horizon_features: the outer steps self-training's LOs are told their own training
     # takes (nominal: self-training is open-ended)
     outer_horizon: int = 10_000
@@ -197,7 +203,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                          ("summary_steps", 1, 1_000_000), ("keep_checkpoints", 1, 1000),
                          ("validate_interval", 0, 1_000_000), ("validate_steps", 1, 1_000_000),
                          ("eval_steps", 10, 1_000_000), ("eval_seeds", 1, 1000),
-                         ("outer_horizon", 1, 10**9)):
+                         ("outer_horizon", 1, 10**9), ("width_base", 0, 1_000_000)):
         value = getattr(c, name)
         _check(name, _is_int(value) and lo <= value <= hi, f"an integer in [{lo}, {hi}]",
                value)
@@ -214,7 +220,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
            c.eval_minutes)
     for name, lo, hi in (("clip", 0, 1e6), ("max_update", 0, 1e6), ("diverged_meta_loss", 0, 1e6),
                          ("adam_learning_rate", 0, 10), ("loss_cap", 1, 1e6), ("exp_mult", 0, 10),
-                         ("log_floor", 1e-30, 0.1)):
+                         ("log_floor", 1e-30, 0.1), ("feature_eps", 1e-30, 1)):
         value = getattr(c, name)
         _check(name, _is_number(value) and lo < value <= hi, f"a number in ({lo:g}, {hi:g}]",
                value)

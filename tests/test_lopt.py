@@ -130,6 +130,46 @@ def test_without_magnitude_features_the_step_ignores_the_gradient_scale():
     assert not np.allclose(steps[True, 1e3], steps[True, 1e6], rtol=1e-3)
 
 
+def test_a_small_eps_keeps_the_features_scale_free_for_tiny_gradients():
+    # Gradients of RMS 1e-4 (an autoencoder's are 1e-5 to 1e-4): with the default eps (1e-8,
+    # under the square roots) the normalised features and Adam-like ratios shrink, so the step
+    # differs from the step for the same gradients at scale 1; with eps=1e-20 it is the same.
+    # (After one update the 0.9999 momentum is 1e-4 g, its square 1e-16: still far above 1e-20.)
+    grads = grads_like(PARAMS)
+    steps = {}
+    for eps in (1e-8, 1e-20):
+        lopt = MLPLOpt(magnitude_features=False, eps=eps)
+        opt = lopt.optimizer(lopt.init(jax.random.key(5)))
+        state = opt.init(PARAMS)
+        for scale in (1.0, 1e-4):
+            tiny = jax.tree.map(lambda g: g * scale, grads)
+            steps[eps, scale] = opt.update(tiny, state, PARAMS)[0]["dense"]
+    np.testing.assert_allclose(steps[1e-20, 1e-4], steps[1e-20, 1.0], rtol=1e-4, atol=1e-9)
+    assert not np.allclose(steps[1e-8, 1e-4], steps[1e-8, 1.0], rtol=1e-2)
+
+
+def test_width_base_scales_the_step_of_wide_tensors_only():
+    # muP-style: a tensor of fan-in f > b steps b / f times as far; vectors, scalars and
+    # tensors of fan-in <= b are unchanged. The same theta with and without it.
+    params = {"wide": jnp.linspace(-1.0, 1.0, 128 * 3).reshape(128, 3),
+              "narrow": jnp.linspace(-1.0, 1.0, 24).reshape(8, 3),
+              "conv": jnp.linspace(-2.0, 2.0, 72).reshape(3, 3, 2, 4),
+              "bias": jnp.linspace(-1.0, 1.0, 300)}
+    grads = grads_like(params, seed=3)
+    theta = MLPLOpt().init(jax.random.key(2))
+    steps = {}
+    for base in (0, 16):
+        opt = MLPLOpt(width_base=base).optimizer(theta)
+        steps[base] = opt.update(grads, opt.init(params), params)[0]
+    np.testing.assert_allclose(steps[16]["wide"], steps[0]["wide"] * 16 / 128, rtol=1e-6)
+    np.testing.assert_allclose(steps[16]["conv"], steps[0]["conv"] * 16 / 18, rtol=1e-6)  # 3*3*2
+    np.testing.assert_allclose(steps[16]["narrow"], steps[0]["narrow"], rtol=1e-6)
+    np.testing.assert_allclose(steps[16]["bias"], steps[0]["bias"], rtol=1e-6)
+    assert not np.allclose(steps[16]["wide"], steps[0]["wide"])
+    with pytest.raises(ValueError, match="width_base"):
+        MLPLOpt(width_base=-1)
+
+
 def all_features(lopt, grads, state, name):
     """The full ``(n, num_features)`` matrix of ``PARAMS[name]`` (the module docstring's
     order), from the gradients and the state after the update that used them."""

@@ -73,8 +73,9 @@ class TrainConfig:
     # attenuates them where the gradient is smaller than about 1e-4 (the autoencoders)
     feature_eps: float = 1e-8
     # 0 (off) or a width b: the LO's step on a tensor of fan-in above b is scaled by
-    # b / fan_in, as muP scales Adam's rate with width (MLPLOpt.width_base)
-    width_base: int = 0
+    # b / fan_in, as muP scales Adam's rate with width (MLPLOpt.width_base; 32, the training
+    # MLPs' width: runs 54-57 of docs/results.md against 45/48-51, four seeds each)
+    width_base: int = 32
     # with horizon_features: the outer steps self-training's LOs are told their own training
     # takes (nominal: self-training is open-ended)
     outer_horizon: int = 10_000
@@ -154,7 +155,8 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 #: Fields added after runs were already stored, with the value a stored configuration that lacks
 #: one had in effect (where that differs from today's default): an old run resumes unchanged.
-STORED_DEFAULTS: dict[str, Any] = {"raw_adam_features": False, "reparam_scale": 1.0}
+STORED_DEFAULTS: dict[str, Any] = {"raw_adam_features": False, "reparam_scale": 1.0,
+                                   "width_base": 0}
 
 
 def _is_int(v) -> bool:

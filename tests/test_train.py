@@ -49,25 +49,28 @@ def test_a_run_stored_before_raw_adam_features_resumes_and_opens_as_it_was(tmp_p
     # was built without those features, and must still resume and open (not be rebuilt with
     # today's default, whose weights have another shape).
     run_dir = tmp_path / "old"
-    Trainer(tiny(max_steps=2, raw_adam_features=False), run_dir).run()
+    Trainer(tiny(max_steps=2, raw_adam_features=False, width_base=0), run_dir).run()
     stored = json.loads((run_dir / "config.json").read_text())
-    del stored["raw_adam_features"]
+    del stored["raw_adam_features"], stored["width_base"]
     (run_dir / "config.json").write_text(json.dumps(stored))
     assert main(["train", "--resume", str(run_dir), "--set", "max_steps=4", "--quiet"]) == 0
     trainer, state, path = open_checkpoint(run_dir)
     assert not trainer.cfg.raw_adam_features and state.step == 4
+    assert trainer.cfg.width_base == 0 and trainer.comps.lopt.width_base == 0  # nor width scaling
     assert trainer.comps.lopt.num_features == MLPLOpt(raw_adam_features=False).num_features
     assert load_file(path)["['thetas']['layers'][0]['w']"].shape == (4, 22, 8)
     # a fresh configuration takes today's default
     assert make_config({}).raw_adam_features and MLPLOpt().raw_adam_features
+    assert make_config({}).width_base == MLPLOpt().width_base == 32
 
 
 def test_the_learned_optimizer_fields_of_the_config_build_it():
     comps = build(tiny(hidden=[8, 4], raw_adam_features=False, magnitude_features=False,
                        horizon_features=True, tensor_features=True, outer_horizon=500,
                        bias_correction=True, rms_decay=0.99, exp_mult=0.1,
-                       loss_features=True))
+                       loss_features=True, feature_eps=1e-20, width_base=16))
     lopt = comps.lopt
+    assert (lopt.eps, lopt.width_base) == (1e-20, 16)
     assert (lopt.hidden, lopt.raw_adam_features, lopt.magnitude_features, lopt.horizon_features,
             lopt.tensor_features, lopt.bias_correction, lopt.rms_decay, lopt.exp_mult,
             lopt.loss_features) == ((8, 4), False, False, True, True, True, 0.99, 0.1, True)
@@ -77,6 +80,9 @@ def test_the_learned_optimizer_fields_of_the_config_build_it():
         make_config({"outer_horizon": 0})
     with pytest.raises(ConfigError, match="rms_decay"):
         make_config({"rms_decay": 1.0})
+    for field, bad in (("width_base", -1), ("width_base", 1.5), ("feature_eps", 0.0)):
+        with pytest.raises(ConfigError, match=field):
+            make_config({field: bad})
 
 
 def test_a_horizon_run_tells_each_inner_problem_its_length_and_resumes(tmp_path):

@@ -137,7 +137,7 @@ class MLPLOpt:
     tensor_features: bool = False
     bias_correction: bool = False
     loss_features: bool = False
-    width_base: int = 0
+    width_base: int = 32
 
     def __post_init__(self):
         if not self.hidden or any(not isinstance(w, int) or w < 1 for w in self.hidden):

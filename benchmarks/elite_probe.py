@@ -6,6 +6,7 @@
     python benchmarks/elite_probe.py scale RUN [--factors 0.5 1 2]
     python benchmarks/elite_probe.py curve RUN [--task 11] [--factors 0.5 1]
     python benchmarks/elite_probe.py updates RUN
+    python benchmarks/elite_probe.py fresh RUN [RUN ...]
 
 ``heldin``: the elite against Adam tuned per task (14 rates, as ``selfopt eval``) on ``--tasks``
 configurations drawn from the run's *own training distribution* (training seeds), instead of
@@ -41,6 +42,11 @@ steps of ``curve``, on every quick-suite task beside tuned Adam's (its own rate;
 evaluation's seeds, averaged), and their ratio. Tuned Adam's step differs from task to task by
 the rate it picked and shrinks as its moment estimates see more noise; a learned optimizer
 whose step is the same on every task has learned one step size, not how to adapt it.
+
+``fresh``: each run's elite on its validation problems and on fresh held-in problems (the
+instance seeds and draws of ``continue``). Of two elites of one run, the later validated
+better; if it is better on the fresh problems too, it is better on the training families
+themselves, not only on the problems that selected it.
 
 All print JSON; the run directory is only read (``continue`` trains in a temporary folder).
 """
@@ -102,6 +108,17 @@ def fresh_validation(trainer: Trainer, thetas) -> np.ndarray:
                                               jax.random.key(seed), seed=seed,
                                               loss=cfg.score_loss)
                     for seed in FRESH_SEEDS], axis=0)
+
+
+def fresh(runs: list[Path]) -> list[dict]:
+    rows = []
+    for run in runs:
+        trainer, state, _ = open_checkpoint(run)
+        thetas = repeat_member(state.elite["theta"], 2)  # a population of two: vmapped as always
+        rows.append({"run": str(run), "elite_id": state.elite_id, "elite_step": state.elite_step,
+                     "validation": float(trainer.validation_scores(thetas)[0]),
+                     "fresh": float(fresh_validation(trainer, thetas)[0])})
+    return rows
 
 
 def continue_from_elite(run: Path, steps: int, every: int, changes: dict) -> dict:
@@ -253,6 +270,8 @@ def main() -> None:
     p.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.0])
     p = sub.add_parser("updates", help="the elite's step size against tuned Adam's, per task")
     p.add_argument("run", type=Path)
+    p = sub.add_parser("fresh", help="elites on their validation problems and on fresh ones")
+    p.add_argument("runs", type=Path, nargs="+")
     args = parser.parse_args()
     if args.probe in ("scale", "curve") and not all(f > 0 for f in args.factors):
         parser.error("--factors must be positive")
@@ -268,6 +287,8 @@ def main() -> None:
         print(json.dumps(curve(args.run, args.task, args.factors), indent=1))
     elif args.probe == "updates":
         print(json.dumps(updates(args.run), indent=1))
+    elif args.probe == "fresh":
+        print(json.dumps(fresh(args.runs), indent=1))
     else:
         print(json.dumps(continue_from_elite(args.run, args.steps, args.every, dict(args.set)),
                          indent=1))

@@ -11,17 +11,18 @@ import pytest
 
 from selfopt.evaluate import train_losses
 from selfopt.lopt import as_optax
+from selfopt.tasks.classifiers import apply_mlp
 from selfopt.tasks import (FAMILIES, HELDOUT_FAMILIES, HELDOUT_SEED_START, TEST_FUNCTIONS,
                            TRAIN_GRIDS, TaskDistribution, make_task)
 
 #: family -> Adam learning rate for the training check.
 LEARNING_RATES = {"quadratic": 0.05, "test_function": 0.05, "logistic": 0.01, "mlp": 0.01,
                   "convnet": 0.01, "language_model": 0.01, "autoencoder": 0.01,
-                  "lopt_training": 0.01}
+                  "lopt_training": 0.01, "regression": 0.01}
 #: family -> the most that mean(last losses) / mean(first losses) may be after training.
 MAX_LOSS_RATIO = {"quadratic": 0.05, "test_function": 0.5, "logistic": 0.6, "mlp": 0.5,
                   "convnet": 0.5, "language_model": 0.8, "autoencoder": 0.3,
-                  "lopt_training": 0.75}
+                  "lopt_training": 0.75, "regression": 0.5}
 
 
 def init_and_loss(task, key, split="train"):
@@ -57,6 +58,28 @@ def test_every_test_function_trains(function):
     task = make_task({"family": "test_function", "function": function, "noise": 0.1})
     losses = train_losses(task, optax.adam(0.05), jax.random.key(1), 300)
     assert losses[-10:].mean() < 0.25 * losses[:10].mean(), function
+
+
+def test_regression_fits_its_teacher_and_only_training_targets_are_noisy():
+    first = make_task({"family": "regression", "seed": 1, "noise": 0.5})
+    second = make_task({"family": "regression", "seed": 2, "activation": "tanh"})
+    assert first.shape_key != second.shape_key  # the activation is part of the code
+    third = make_task({"family": "regression", "seed": 3, "noise": 0.0})
+    assert first.shape_key == third.shape_key  # noise and the teacher are leaves
+    assert not np.allclose(first.teacher[0]["w"], third.teacher[0]["w"])
+    key = jax.random.key(0)
+    inputs, clean = first.sample_batch(key, "test")
+    assert np.allclose(clean, apply_mlp(first.teacher, inputs, "tanh"))
+    train_inputs, noisy = first.sample_batch(key, "train")
+    residual = noisy - apply_mlp(first.teacher, train_inputs, "tanh")
+    assert float(jnp.std(residual)) == pytest.approx(0.5, rel=0.1)
+    # a student of the teacher's own architecture, given the teacher's weights, has zero loss
+    student = make_task({"family": "regression", "seed": 1, "hidden": [32],
+                         "activation": "tanh"})
+    assert float(student.loss(student.teacher, (inputs, clean))) == pytest.approx(0.0, abs=1e-10)
+    assert float(student.loss(student.init(key), (inputs, clean))) > 0.1
+    with pytest.raises(ValueError, match="noise must be >= 0"):
+        make_task({"family": "regression", "noise": -1.0})
 
 
 def test_quadratics_share_code_but_not_matrices():
@@ -188,7 +211,7 @@ def shapes_of(distribution, draws=2000):
 
 
 def test_training_distribution_has_few_shapes():
-    assert len(shapes_of(TaskDistribution())) == 59
+    assert len(shapes_of(TaskDistribution())) == 63
 
 
 def test_the_compact_grid_keeps_the_variety_but_has_13_shapes_for_the_default_families():

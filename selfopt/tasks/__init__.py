@@ -19,6 +19,7 @@ from selfopt.tasks.distribution import (
 from selfopt.tasks.language_model import LanguageModel
 from selfopt.tasks.lopt_training import LOptTraining
 from selfopt.tasks.quadratic import Quadratic
+from selfopt.tasks.regression import TeacherRegression
 from selfopt.tasks.test_functions import TEST_FUNCTIONS, TestFunction
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "Quadratic",
     "Task",
     "TaskDistribution",
+    "TeacherRegression",
     "TestFunction",
     "full_config",
     "make_task",

@@ -9,7 +9,7 @@ reproducible training run.
 
 :class:`TaskDistribution` samples configurations from finite grids (:data:`TRAIN_GRIDS`): every
 distinct combination of static fields is one more JIT compilation, so the grids keep that number
-bounded (59 shapes for all training families; 13 with :data:`COMPACT_GRIDS`, the default of
+bounded (63 shapes for all training families; 13 with :data:`COMPACT_GRIDS`, the default of
 ``selfopt train``). Training seeds are below
 :data:`HELDOUT_SEED_START`. The held-out set (:data:`HELDOUT_CONFIGS`, method.md section 6) is
 disjoint from anything :meth:`TaskDistribution.sample` can return three ways: every held-out seed
@@ -33,18 +33,19 @@ from selfopt.tasks.classifiers import ConvNetClassifier, LogisticRegression, MLP
 from selfopt.tasks.language_model import LanguageModel
 from selfopt.tasks.lopt_training import LOptTraining
 from selfopt.tasks.quadratic import Quadratic
+from selfopt.tasks.regression import TeacherRegression
 from selfopt.tasks.test_functions import TestFunction
 
 #: family name -> constructor taking the configuration's fields as keyword arguments.
 FAMILIES: dict[str, Callable[..., Task]] = {
     cls.family: cls.create
     for cls in (Quadratic, TestFunction, LogisticRegression, MLPClassifier, ConvNetClassifier,
-                LanguageModel, LOptTraining, Autoencoder)
+                LanguageModel, LOptTraining, Autoencoder, TeacherRegression)
 }
 
 #: Families that the training distribution may sample.
 TRAIN_FAMILIES = ("quadratic", "test_function", "logistic", "mlp", "convnet", "language_model",
-                  "lopt_training")
+                  "lopt_training", "regression")
 #: Families reserved for evaluation: no training distribution samples them.
 HELDOUT_FAMILIES = ("autoencoder",)
 #: Training seeds are drawn from ``[0, HELDOUT_SEED_START)``; held-out seeds are at least this.
@@ -67,6 +68,9 @@ TRAIN_GRIDS: dict[str, dict[str, tuple]] = {
                        "batch_size": (16, 32)},
     # one shape: the inner gradient noise is a leaf
     "lopt_training": {"noise": (0.0, 0.1, 1.0)},
+    # two hidden layers under a squared loss; noise is a leaf
+    "regression": {"dataset": ("fashion_mnist8", "digits8"), "batch_size": (128,),
+                   "hidden": ((32, 16),), "activation": ("relu", "tanh"), "noise": (0.0, 0.1)},
 }
 
 #: The compact grids: the families' variety in conditioning, noise, functions, data sets and

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import sys
 import tempfile
@@ -62,14 +61,14 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from selfopt.cli import parse_assignment
 from selfopt.config import make_config
 from selfopt.evaluate import (Evaluation, TaskComparison, default_cache_dir, evaluate,
-                              lopt_candidate, seed_keys, suite, task_label, tune_adam)
+                              lopt_candidate, seed_keys, suite, task_label, tune_adam,
+                              update_sizes)
 from selfopt.tasks import make_task
 from selfopt.population.self_training import member_rms
 from selfopt.train import Trainer, open_checkpoint, repeat_member
@@ -205,27 +204,6 @@ def curve(run: Path, task_index: int, factors: list[float], num_steps: int = 300
             "adam": {"learning_rate": adam.learning_rate,
                      "loss": at(np.asarray(adam.train_losses).mean(axis=0))},
             "elite_by_factor": by_factor}
-
-
-@functools.partial(jax.jit, static_argnames=("optimizer", "num_steps"))
-def update_sizes(task, optimizer, key: jax.Array, num_steps: int) -> jax.Array:
-    """The RMS over all parameters of each of ``num_steps`` updates, on the problem of ``key``
-    (initial parameters and batches as :func:`selfopt.evaluate.run_training` draws them)."""
-    init_key, data_key, _ = jax.random.split(key, 3)
-    params = task.init(init_key)
-
-    def step(carry, t):
-        params, state = carry
-        batch = task.sample_batch(jax.random.fold_in(data_key, t))
-        loss, grads = jax.value_and_grad(task.loss)(params, batch)
-        extra = ({"loss": loss} if isinstance(optimizer, optax.GradientTransformationExtraArgs)
-                 else {})
-        updates, state = optimizer.update(grads, state, params, **extra)
-        flat = jnp.concatenate([jnp.ravel(u) for u in jax.tree.leaves(updates)])
-        return (optax.apply_updates(params, updates), state), jnp.sqrt(jnp.mean(flat ** 2))
-
-    _, sizes = jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(num_steps))
-    return sizes
 
 
 def updates(run: Path, num_steps: int = 300, num_seeds: int = 3) -> dict:

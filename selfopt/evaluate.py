@@ -56,9 +56,12 @@ class RunResult(NamedTuple):
 
 
 def _run(task: Task, optimizer: optax.GradientTransformation, key: jax.Array, num_steps: int,
-         scale: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
+         scale: jax.Array | float = 1.0,
+         record: Callable[[jax.Array, Any], jax.Array] | None = None
+         ) -> tuple[jax.Array, jax.Array]:
     """Losses and validation loss of one run; updates are multiplied by ``scale`` (traced, so
-    a learning-rate grid shares one compilation)."""
+    a learning-rate grid shares one compilation). ``record(loss, updates)``, where given, is
+    what each step returns in place of its loss."""
     init_key, data_key, valid_key = jax.random.split(key, 3)
     params = task.init(init_key)
 
@@ -69,7 +72,8 @@ def _run(task: Task, optimizer: optax.GradientTransformation, key: jax.Array, nu
         extra = {"loss": loss} if isinstance(optimizer, optax.GradientTransformationExtraArgs) else {}
         updates, state = optimizer.update(grads, state, params, **extra)
         updates = jax.tree.map(lambda u: scale * u, updates)
-        return (optax.apply_updates(params, updates), state), loss
+        return ((optax.apply_updates(params, updates), state),
+                loss if record is None else record(loss, updates))
 
     (params, _), losses = jax.lax.scan(step, (params, optimizer.init(params)),
                                        jnp.arange(num_steps))
@@ -119,6 +123,20 @@ def run_training(task: Task, optimizer: optax.GradientTransformation, key: jax.A
     """
     losses, valid = _run_jit(task, optimizer, key, num_steps)
     return RunResult(np.asarray(losses), float(valid))
+
+
+def _update_rms(loss: jax.Array, updates: Any) -> jax.Array:
+    del loss
+    flat = jnp.concatenate([jnp.ravel(u) for u in jax.tree.leaves(updates)])
+    return jnp.sqrt(jnp.mean(flat ** 2))
+
+
+@functools.partial(jax.jit, static_argnames=("optimizer", "num_steps"))
+def update_sizes(task: Task, optimizer: optax.GradientTransformation, key: jax.Array,
+                 num_steps: int) -> jax.Array:
+    """The RMS over all parameters of each of the ``num_steps`` updates of
+    :func:`run_training`'s run (same initial parameters and batches)."""
+    return _run(task, optimizer, key, num_steps, record=_update_rms)[0]
 
 
 def train_losses(task: Task, optimizer: optax.GradientTransformation, key: jax.Array,

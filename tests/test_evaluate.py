@@ -4,7 +4,7 @@ import optax
 import pytest
 
 from selfopt.evaluate import (ADAM_LEARNING_RATES, final_loss, run_training, seed_keys,
-                              speedup_over, steps_to_reach, tune_adam)
+                              speedup_over, steps_to_reach, tune_adam, update_sizes)
 from selfopt.tasks import make_task
 
 QUAD = {"family": "quadratic", "seed": 5, "dim": 8, "log_condition": 1.0, "noise": 0.0}
@@ -162,3 +162,19 @@ def test_suites_are_the_held_out_configurations():
     assert all(c in heldout for c in quick)
     with pytest.raises(ValueError, match="unknown task suite"):
         suite("train")
+
+
+
+def test_update_sizes_are_the_rms_of_each_step_of_the_same_run():
+    # plain SGD on a noise-free quadratic: step t moves the parameters by lr * grad(params_t),
+    # recomputed here with jax.grad from the run's own initial parameters
+    task, key, lr, steps = make_task(QUAD), jax.random.key(3), 0.1, 6
+    sizes = np.asarray(update_sizes(task, optax.sgd(lr), key, steps))
+    losses = run_training(task, optax.sgd(lr), key, steps).train_losses
+    params = task.init(jax.random.split(key, 3)[0])  # run_training's initial-parameter key
+    batch = task.sample_batch(key, "test")  # no noise: every batch is this one
+    for t in range(steps):
+        loss, grad = jax.value_and_grad(task.loss)(params, batch)
+        assert losses[t] == pytest.approx(float(loss), rel=1e-5)
+        assert sizes[t] == pytest.approx(float(jnp.sqrt(jnp.mean((lr * grad) ** 2))), rel=1e-5)
+        params = params - lr * grad

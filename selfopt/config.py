@@ -44,6 +44,8 @@ class TrainConfig:
     outer_optimizer: str = "self"
     policy: str = "self"
     clip: float = 0.1
+    # clip is in units of the RMS of each member's ES estimate, not absolute (ours)
+    clip_relative: bool = False
     max_update: float = 0.003  # bound on the RMS of a member's step (ours: a trust region)
     # "step": max_update bounds the step; "proposal": it bounds the optimizer's proposal before
     # the PBT-tuned step multiplier scales it (so the multiplier sets the step length)
@@ -240,7 +242,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           ("meta_loss", LOSS_AVERAGES), ("meta_split", SPLITS)):
         value = getattr(c, name)
         _check(name, value in choices, f"one of {list(choices)}", value)
-    for name in ("explore_sigma", "stratify_slots", "restore_elite", "raw_adam_features",
+    for name in ("clip_relative", "explore_sigma", "stratify_slots", "restore_elite", "raw_adam_features",
                  "magnitude_features", "horizon_features", "tensor_features", "bias_correction",
                  "loss_features"):
         _check(name, isinstance(getattr(c, name), bool), "true or false", getattr(c, name))

@@ -42,7 +42,7 @@ from selfopt.evaluate import Candidate, default_cache_dir, evaluate, lopt_candid
 from selfopt.lopt import MLPLOpt
 from selfopt.population import PBT, AdamControl, Hyperparams, SelfTraining, score_members
 from selfopt.population.pbt import replace_failed
-from selfopt.population.self_training import member_rms
+from selfopt.population.self_training import clip_threshold, clipped_fraction, member_rms
 from selfopt.tasks import TaskDistribution, make_task
 
 
@@ -81,9 +81,10 @@ def build(cfg: TrainConfig) -> Components:
         normalization=cfg.normalization, loss_cap=cfg.loss_cap, meta_loss=cfg.meta_loss,
         meta_split=cfg.meta_split, log_floor=cfg.log_floor)
     outer = (SelfTraining(lopt, cfg.policy, cfg.clip, cfg.max_update, cfg.trust_region,
-                          cfg.outer_horizon)
+                          cfg.outer_horizon, cfg.clip_relative)
              if cfg.outer_optimizer == "self"
-             else AdamControl(cfg.adam_learning_rate, cfg.clip, cfg.max_update, cfg.trust_region))
+             else AdamControl(cfg.adam_learning_rate, cfg.clip, cfg.max_update, cfg.trust_region,
+                              cfg.clip_relative))
     pbt = PBT(interval=cfg.pbt_interval, exploit_fraction=cfg.exploit_fraction,
               resample_probability=cfg.resample_probability, step_mult_prior=cfg.step_mult_prior,
               sigma_prior=cfg.sigma_prior, explore_sigma=cfg.explore_sigma,
@@ -169,6 +170,8 @@ def outer_step(estimator, outer, thetas, outer_state, hparams, best, inner, task
         finite &= jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
     metrics = {"meta_loss": estimates.meta_loss, "finite": finite,
                "grad_rms": member_rms(estimates.grad),
+               "clipped": clipped_fraction(estimates.grad, clip_threshold(
+                   estimates.grad, outer.clip, outer.clip_relative)),
                "update_rms": member_rms(jax.tree.map(jnp.subtract, new_thetas, thetas)),
                "trust": shrink}
     return new_thetas, outer_state, inner, metrics
@@ -693,6 +696,7 @@ class Trainer:
             "id": ids[i], "generation": generation[i],
             "meta_loss": _finite_or_none(history["meta_loss"][j, i]),
             "grad_rms": _finite_or_none(history["grad_rms"][j, i]),
+            "clipped": _finite_or_none(history["clipped"][j, i]),
             "update_rms": _finite_or_none(history["update_rms"][j, i]),
             "trust": _finite_or_none(history["trust"][j, i]),
             "step_mult": float(np.exp(hparams.log_step_mult[i])),

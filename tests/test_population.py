@@ -6,7 +6,8 @@ import pytest
 
 from selfopt.lopt import MLPLOpt
 from selfopt.population import PBT, AdamControl, Hyperparams, SelfTraining, replace_failed
-from selfopt.population.self_training import scale_and_add
+from selfopt.population.self_training import (clip_estimate, clip_threshold, clipped_fraction,
+                                               member_rms, scale_and_add)
 from test_lopt import sgd_like_theta
 
 LOPT = MLPLOpt()
@@ -50,6 +51,44 @@ def test_self_policy_updates_each_member_with_its_own_optimizer():
         np.testing.assert_array_equal(a, b)
     # Member 1's own LO is normalised gradient descent: the known update.
     expected = expected_sgd_like_update(member(grads, 1), 3.0, 0.1, 0.7)
+    for got, th, exp in zip(jax.tree.leaves(member(new, 1)), jax.tree.leaves(known),
+                            jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(got) - np.asarray(th), exp, rtol=1e-4, atol=1e-9)
+
+
+def test_relative_clip_scales_with_each_members_estimate_where_an_absolute_one_makes_sign_es():
+    thetas = stack(LOPT.init(jax.random.key(0)), LOPT.init(jax.random.key(1)))
+    # member 0's estimate is exactly 100x member 1's
+    one = member(grads_for(thetas), 1)
+    grads = stack(jax.tree.map(lambda g: 100.0 * g, one), one)
+    rms = np.asarray(member_rms(grads))
+    np.testing.assert_allclose(clip_threshold(grads, 2.0, relative=True), 2.0 * rms, rtol=1e-6)
+    np.testing.assert_allclose(clip_threshold(grads, 0.1), [0.1, 0.1], rtol=1e-7)
+    flat = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(member(grads, i))]) for i in (0, 1)]
+    # relative: the same fraction of each member is clipped (only the tails beyond 2 RMS) ...
+    frac = np.asarray(clipped_fraction(grads, clip_threshold(grads, 2.0, relative=True)))
+    for i in (0, 1):
+        assert frac[i] == pytest.approx(np.mean(np.abs(flat[i]) > 2.0 * rms[i]), abs=1e-6)
+    assert 0.01 < frac[0] < 0.1 and frac[0] == pytest.approx(frac[1], abs=1e-6)
+    # ... absolute 0.1: nearly all of the large member (sign-ES), a part of the small one
+    frac = np.asarray(clipped_fraction(grads, clip_threshold(grads, 0.1)))
+    assert frac[0] > 0.99 and frac[1] == pytest.approx(np.mean(np.abs(flat[1]) > 0.1), abs=1e-6)
+    clipped = clip_estimate(grads, clip_threshold(grads, 2.0, relative=True))
+    for i in (0, 1):
+        got = np.concatenate([np.ravel(x) for x in jax.tree.leaves(member(clipped, i))])
+        np.testing.assert_allclose(got, np.clip(flat[i], -2.0 * rms[i], 2.0 * rms[i]), rtol=1e-6)
+
+
+def test_the_self_update_reads_the_relatively_clipped_estimate():
+    known = sgd_like_theta(LOPT, scale=3.0)
+    thetas = stack(known, known)
+    grads = grads_for(thetas)  # RMS 0.3 per weight
+    outer = SelfTraining(LOPT, policy="self", clip=1.0, clip_relative=True)
+    new, _, _ = outer.update(thetas, outer.init(thetas), grads, jnp.array([0.0, 0.0]),
+                             jnp.asarray(0), jax.random.key(0))
+    # clip at 1 RMS of the member's own estimate: the known update of that clipped estimate
+    threshold = float(member_rms(grads)[1])
+    expected = expected_sgd_like_update(member(grads, 1), 3.0, threshold, 0.0)
     for got, th, exp in zip(jax.tree.leaves(member(new, 1)), jax.tree.leaves(known),
                             jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(got) - np.asarray(th), exp, rtol=1e-4, atol=1e-9)

@@ -176,6 +176,7 @@ def test_pbt_rounds_record_lineage_and_copy_weights(tmp_path):
     (["--population", "1"], "population"),
     (["--set", "num_pairs=0"], "num_pairs"),
     (["--set", "families=[\"autoencoder\"]"], "families"),
+    (["--set", "clip_relative=1"], "clip_relative"),
     (["--set", "clip=-1"], "clip"),
     (["--set", "no_such_field=3"], "no_such_field"),
     (["--outer-optimizer", "sgd"], "outer-optimizer"),

@@ -27,17 +27,43 @@ from selfopt.lopt.base import LearnedOptimizer, Theta
 POLICIES = ("self", "best", "random")
 
 
-def clip_estimate(grads: Theta, clip: float) -> Theta:
-    """Elementwise clip of an ES estimate to ``[-clip, clip]`` (method.md section 3)."""
-    return jax.tree.map(lambda g: jnp.clip(g, -clip, clip), grads)
-
-
 def member_rms(tree: Theta) -> jax.Array:
     """``(K,)`` root mean square over all weights of each member (leading axis K)."""
     leaves = jax.tree.leaves(tree)
     num = leaves[0].shape[0]
     total = sum(jnp.sum(jnp.square(x.reshape(num, -1)), axis=1) for x in leaves)
     return jnp.sqrt(total / sum(x[0].size for x in leaves))
+
+
+def clip_threshold(grads: Theta, clip: float, relative: bool = False) -> jax.Array:
+    """``(K,)`` each member's elementwise clip threshold for its ES estimate (method.md
+    section 3): ``clip`` itself, or with ``relative`` **(ours)** ``clip`` times the RMS of the
+    member's estimate over all its weights. An absolute threshold turns ES into sign-ES once
+    the estimate's scale grows past it (the issue's pitfall; on a laptop run at the defaults the
+    median member's estimate has RMS 0.1-0.4 after the first 100 outer steps); a relative one
+    cuts only the outliers, whatever the scale."""
+    num = jax.tree.leaves(grads)[0].shape[0]
+    return clip * member_rms(grads) if relative else jnp.full((num,), clip, jnp.float32)
+
+
+def _per_member(value: jax.Array, like: jax.Array) -> jax.Array:
+    """``(K,)`` ``value`` reshaped to broadcast against ``like`` (leading axis K)."""
+    return value.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def clip_estimate(grads: Theta, threshold: jax.Array) -> Theta:
+    """Elementwise clip of each member's ES estimate to ``[-t_i, t_i]``, ``threshold`` ``(K,)``."""
+    return jax.tree.map(lambda g: jnp.clip(g, -_per_member(threshold, g),
+                                           _per_member(threshold, g)), grads)
+
+
+def clipped_fraction(grads: Theta, threshold: jax.Array) -> jax.Array:
+    """``(K,)`` the fraction of each member's estimate that :func:`clip_estimate` changes."""
+    leaves = jax.tree.leaves(grads)
+    num = leaves[0].shape[0]
+    over = sum(jnp.sum((jnp.abs(g) > _per_member(threshold, g)).reshape(num, -1), axis=1)
+               for g in leaves)
+    return over / sum(g[0].size for g in leaves)
 
 
 #: What the trust region bounds: the ``step`` itself, or the optimizer's ``proposal`` before
@@ -82,6 +108,7 @@ class SelfTraining:
       lopt: the architecture of every member (and so of every outer optimizer).
       policy: whose weights update member i: ``self``, ``best`` or ``random``.
       clip: elementwise clip of the ES estimate before it is used.
+      clip_relative: ``clip`` is in units of the estimate's RMS (see :func:`clip_threshold`).
       max_update: bound on the RMS of a member's step (see :func:`scale_and_add`).
       trust_region: what ``max_update`` bounds (see :func:`scale_and_add`).
       horizon: the number of outer steps the members' optimizers are told self-training takes
@@ -96,6 +123,7 @@ class SelfTraining:
     max_update: float = 0.01
     trust_region: str = "step"
     horizon: int = 10_000
+    clip_relative: bool = False
 
     label = "self-training"
 
@@ -136,7 +164,7 @@ class SelfTraining:
         num = log_step_mult.shape[0]
         extra = {} if losses is None else {"loss": losses}
         donors = jax.tree.map(lambda t: t[self.donors(num, best, key)], thetas)
-        grads = clip_estimate(grads, self.clip)
+        grads = clip_estimate(grads, clip_threshold(grads, self.clip, self.clip_relative))
 
         def one(theta_i, state_i, grad_i, theta_j, extra_i):
             return self.lopt.optimizer(theta_j).update(grad_i, state_i, theta_i, **extra_i)
@@ -159,12 +187,14 @@ class AdamControl:
       clip: elementwise clip of the ES estimate before it is used.
       max_update: bound on the RMS of a member's step, as for self-training.
       trust_region: what ``max_update`` bounds, as for self-training.
+      clip_relative: ``clip`` is in units of the estimate's RMS, as for self-training.
     """
 
     learning_rate: float = 1e-3
     clip: float = 0.1
     max_update: float = 0.01
     trust_region: str = "step"
+    clip_relative: bool = False
 
     label = "adam-control"
 
@@ -177,7 +207,7 @@ class AdamControl:
         """One Adam step of every member; arguments as :meth:`SelfTraining.update`."""
         del best, key, losses
         adam = optax.adam(self.learning_rate)
-        grads = clip_estimate(grads, self.clip)
+        grads = clip_estimate(grads, clip_threshold(grads, self.clip, self.clip_relative))
         updates, outer_state = jax.vmap(adam.update)(grads, outer_state, thetas)
         new, shrink = scale_and_add(thetas, updates, log_step_mult, self.max_update,
                                    self.trust_region)

@@ -43,9 +43,10 @@ class TrainConfig:
     # who trains the members: "self" (learned optimizers of the population) or "adam" (control)
     outer_optimizer: str = "self"
     policy: str = "self"
-    clip: float = 0.1
-    # clip is in units of the RMS of each member's ES estimate, not absolute (ours)
-    clip_relative: bool = False
+    # elementwise clip of each member's ES estimate, in units of its RMS with clip_relative
+    # (ours; the paper's is absolute, 0.1, which makes ES sign-ES once estimates grow)
+    clip: float = 3.0
+    clip_relative: bool = True
     max_update: float = 0.003  # bound on the RMS of a member's step (ours: a trust region)
     # "step": max_update bounds the step; "proposal": it bounds the optimizer's proposal before
     # the PBT-tuned step multiplier scales it (so the multiplier sets the step length)
@@ -158,7 +159,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 #: Fields added after runs were already stored, with the value a stored configuration that lacks
 #: one had in effect (where that differs from today's default): an old run resumes unchanged.
 STORED_DEFAULTS: dict[str, Any] = {"raw_adam_features": False, "reparam_scale": 1.0,
-                                   "width_base": 0}
+                                   "width_base": 0, "clip_relative": False}
 
 
 def _is_int(v) -> bool:

@@ -261,7 +261,8 @@ def tiny_valid_configs(draw):
         "resample_probability": draw(st.floats(0, 1)), "explore_sigma": draw(st.booleans()),
         "step_mult_prior": [draw(st.floats(1e-3, hi)), hi],
         "sigma_prior": sorted([draw(st.floats(1e-4, 1.0)), draw(st.floats(1e-4, 1.0))]),
-        "clip": draw(st.floats(1e-3, 10)), "max_update": draw(st.floats(1e-4, 1.0)),
+        "clip": draw(st.floats(1e-3, 10)), "clip_relative": draw(st.booleans()),
+        "max_update": draw(st.floats(1e-4, 1.0)),
         "loss_cap": draw(st.floats(1.5, 100)), "checkpoint_seconds": 0, "eval_minutes": 0,
         "seed": draw(st.integers(0, 2**31 - 1)),
     }

@@ -243,9 +243,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           ("meta_loss", LOSS_AVERAGES), ("meta_split", SPLITS)):
         value = getattr(c, name)
         _check(name, value in choices, f"one of {list(choices)}", value)
-    for name in ("clip_relative", "explore_sigma", "stratify_slots", "restore_elite", "raw_adam_features",
-                 "magnitude_features", "horizon_features", "tensor_features", "bias_correction",
-                 "loss_features"):
+    for name in ("clip_relative", "explore_sigma", "stratify_slots", "restore_elite",
+                 "raw_adam_features", "magnitude_features", "horizon_features", "tensor_features",
+                 "bias_correction", "loss_features"):
         _check(name, isinstance(getattr(c, name), bool), "true or false", getattr(c, name))
     _check("hidden", isinstance(c.hidden, tuple) and 1 <= len(c.hidden) <= 4
            and all(_is_int(w) and 1 <= w <= 1024 for w in c.hidden),

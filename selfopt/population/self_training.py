@@ -27,12 +27,23 @@ from selfopt.lopt.base import LearnedOptimizer, Theta
 POLICIES = ("self", "best", "random")
 
 
-def member_rms(tree: Theta) -> jax.Array:
-    """``(K,)`` root mean square over all weights of each member (leading axis K)."""
+def _member_mean(tree: Theta, fn) -> jax.Array:
+    """``(K,)`` the mean of elementwise ``fn`` over all weights of each member (leading axis
+    K); ``fn`` sees each leaf as ``(K, size)``."""
     leaves = jax.tree.leaves(tree)
     num = leaves[0].shape[0]
-    total = sum(jnp.sum(jnp.square(x.reshape(num, -1)), axis=1) for x in leaves)
-    return jnp.sqrt(total / sum(x[0].size for x in leaves))
+    total = sum(jnp.sum(fn(x.reshape(num, -1)), axis=1) for x in leaves)
+    return total / sum(x[0].size for x in leaves)
+
+
+def _per_member(value: jax.Array, like: jax.Array) -> jax.Array:
+    """``(K,)`` ``value`` reshaped to broadcast against ``like`` (leading axis K)."""
+    return value.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def member_rms(tree: Theta) -> jax.Array:
+    """``(K,)`` root mean square over all weights of each member (leading axis K)."""
+    return jnp.sqrt(_member_mean(tree, jnp.square))
 
 
 def clip_threshold(grads: Theta, clip: float, relative: bool = False) -> jax.Array:
@@ -46,11 +57,6 @@ def clip_threshold(grads: Theta, clip: float, relative: bool = False) -> jax.Arr
     return clip * member_rms(grads) if relative else jnp.full((num,), clip, jnp.float32)
 
 
-def _per_member(value: jax.Array, like: jax.Array) -> jax.Array:
-    """``(K,)`` ``value`` reshaped to broadcast against ``like`` (leading axis K)."""
-    return value.reshape((-1,) + (1,) * (like.ndim - 1))
-
-
 def clip_estimate(grads: Theta, threshold: jax.Array) -> Theta:
     """Elementwise clip of each member's ES estimate to ``[-t_i, t_i]``, ``threshold`` ``(K,)``."""
     return jax.tree.map(lambda g: jnp.clip(g, -_per_member(threshold, g),
@@ -59,11 +65,7 @@ def clip_estimate(grads: Theta, threshold: jax.Array) -> Theta:
 
 def clipped_fraction(grads: Theta, threshold: jax.Array) -> jax.Array:
     """``(K,)`` the fraction of each member's estimate that :func:`clip_estimate` changes."""
-    leaves = jax.tree.leaves(grads)
-    num = leaves[0].shape[0]
-    over = sum(jnp.sum((jnp.abs(g) > _per_member(threshold, g)).reshape(num, -1), axis=1)
-               for g in leaves)
-    return over / sum(g[0].size for g in leaves)
+    return _member_mean(grads, lambda g: jnp.abs(g) > _per_member(threshold, g))
 
 
 #: What the trust region bounds: the ``step`` itself, or the optimizer's ``proposal`` before
@@ -92,11 +94,10 @@ def scale_and_add(thetas: Theta, updates: Theta, log_step_mult: jax.Array,
     if trust_region not in TRUST_REGIONS:
         raise ValueError(f"trust_region must be one of {TRUST_REGIONS}, got {trust_region!r}")
     mult = jnp.exp(log_step_mult)
-    steps = jax.tree.map(lambda u: mult.reshape((-1,) + (1,) * (u.ndim - 1)) * u, updates)
+    steps = jax.tree.map(lambda u: _per_member(mult, u) * u, updates)
     bounded = member_rms(steps if trust_region == "step" else updates)
     shrink = jnp.minimum(1.0, max_update / jnp.maximum(bounded, 1e-30))
-    new = jax.tree.map(lambda t, u: t + shrink.reshape((-1,) + (1,) * (u.ndim - 1)) * u,
-                       thetas, steps)
+    new = jax.tree.map(lambda t, u: t + _per_member(shrink, u) * u, thetas, steps)
     return new, shrink
 
 

@@ -70,6 +70,10 @@ class TrainConfig:
     # the LO reads the trend of the loss it is given (MLPLOpt.loss_features): the inner loss,
     # and the meta-loss in its self-update
     loss_features: bool = False
+    # the LO reads the model's depth, 1 / (1 + number of weight matrices) (MLPLOpt.depth_features):
+    # tuned Adam's rate falls with depth, and a logistic regression's weights look like an
+    # MLP's last layer to the per-parameter features
+    depth_features: bool = False
     # decay of the LO's squared-gradient accumulator (MLPLOpt.rms_decay)
     rms_decay: float = 0.999
     # epsilon of the LO's Adam-like ratios and per-tensor normalisation (MLPLOpt.eps): 1e-8
@@ -245,7 +249,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check(name, value in choices, f"one of {list(choices)}", value)
     for name in ("clip_relative", "explore_sigma", "stratify_slots", "restore_elite",
                  "raw_adam_features", "magnitude_features", "horizon_features", "tensor_features",
-                 "bias_correction", "loss_features"):
+                 "bias_correction", "loss_features", "depth_features"):
         _check(name, isinstance(getattr(c, name), bool), "true or false", getattr(c, name))
     _check("hidden", isinstance(c.hidden, tuple) and 1 <= len(c.hidden) <= 4
            and all(_is_int(w) and 1 <= w <= 1024 for w in c.hidden),

@@ -71,7 +71,8 @@ def build(cfg: TrainConfig) -> Components:
                   magnitude_features=cfg.magnitude_features,
                   horizon_features=cfg.horizon_features, tensor_features=cfg.tensor_features,
                   bias_correction=cfg.bias_correction, rms_decay=cfg.rms_decay,
-                  loss_features=cfg.loss_features, eps=cfg.feature_eps,
+                  loss_features=cfg.loss_features, depth_features=cfg.depth_features,
+                  eps=cfg.feature_eps,
                   width_base=cfg.width_base,
                   exp_mult=cfg.exp_mult)
     estimator_cls = PES if cfg.estimator == "pes" else TruncatedES

@@ -243,6 +243,36 @@ def test_tensor_features_are_the_log_fans_and_tell_a_bias_from_a_weight():
         assert np.allclose(jnp.ravel(as_matrix), as_vector, rtol=1e-6) == same
 
 
+def test_depth_features_count_the_weight_tensors_and_tell_a_logistic_from_an_mlp():
+    lopt = MLPLOpt(depth_features=True)
+    assert lopt.num_features == MLPLOpt().num_features + 1
+    assert lopt.num_shared_features == MLPLOpt().num_shared_features + 1
+    assert MLPLOpt.depth([(), (5,), (3, 4), (3, 3, 2, 4)]) == 2
+    theta = lopt.init(jax.random.key(9))
+    opt = lopt.optimizer(theta)
+    grads = grads_like(PARAMS)
+    updates, state = opt.update(grads, opt.init(PARAMS), PARAMS)
+    # PARAMS has two tensors of two or more dimensions (dense and conv): the last column is
+    # 1 / (1 + 2) for every parameter, and the update is the MLP on all features
+    feats = lopt.features(jnp.ravel(grads["dense"]), jnp.ravel(PARAMS["dense"]),
+                          state.momenta["dense"].reshape(-1, len(lopt.decays)),
+                          jnp.ravel(state.rms["dense"]), state.step, depth=2)
+    np.testing.assert_allclose(feats[:, -1], 1 / 3, rtol=1e-6)
+    assert_update_is_the_mlp(lopt, theta, updates["dense"], feats)
+    # one weight matrix alone (a logistic regression) and the same matrix beside a second one
+    # (an MLP's last layer, same gradient, parameter and state) step differently only with
+    # the depth feature
+    alone = {"w": PARAMS["dense"]}
+    deeper = {"w": PARAMS["dense"], "v": jnp.ones((4, 2))}
+    for flag, same in ((True, False), (False, True)):
+        lo = MLPLOpt(depth_features=flag)
+        o = lo.optimizer(lo.init(jax.random.key(9)))
+        step_alone = o.update({"w": grads["dense"]}, o.init(alone), alone)[0]["w"]
+        step_deeper = o.update({"w": grads["dense"], "v": jnp.ones((4, 2))}, o.init(deeper),
+                               deeper)[0]["w"]
+        assert np.allclose(step_alone, step_deeper, rtol=1e-6) == same
+
+
 def test_bias_correction_reads_adams_corrected_moments_and_keeps_the_state_raw():
     grads = grads_like(PARAMS)
     # After one update from zero, every corrected momentum is g and the corrected accumulator

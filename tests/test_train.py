@@ -71,9 +71,10 @@ def test_the_learned_optimizer_fields_of_the_config_build_it():
     comps = build(tiny(hidden=[8, 4], raw_adam_features=False, magnitude_features=False,
                        horizon_features=True, tensor_features=True, outer_horizon=500,
                        bias_correction=True, rms_decay=0.99, exp_mult=0.1,
-                       loss_features=True, feature_eps=1e-20, width_base=16))
+                       loss_features=True, feature_eps=1e-20, width_base=16,
+                       depth_features=True))
     lopt = comps.lopt
-    assert (lopt.eps, lopt.width_base) == (1e-20, 16)
+    assert (lopt.eps, lopt.width_base, lopt.depth_features) == (1e-20, 16, True)
     assert (lopt.hidden, lopt.raw_adam_features, lopt.magnitude_features, lopt.horizon_features,
             lopt.tensor_features, lopt.bias_correction, lopt.rms_decay, lopt.exp_mult,
             lopt.loss_features) == ((8, 4), False, False, True, True, True, 0.99, 0.1, True)

@@ -9,7 +9,8 @@ tensors, so one set of weights ``theta`` (2,018 floats at the defaults) optimise
 
 Features of one parameter tensor, in order (``F = 2 + 2 * len(decays) + 1 + 3 + len(timescales)``
 ``+ len(decays)`` with ``raw_adam_features``, less 3 without ``magnitude_features``, plus 2 each
-with ``horizon_features``, ``tensor_features`` and ``loss_features``; 27 at the defaults):
+with ``horizon_features``, ``tensor_features`` and ``loss_features``, plus 1 with
+``depth_features``; 27 at the defaults):
 
 1. gradient ``g`` and parameter ``p``;
 2. momenta ``m_k <- b_k m_k + (1 - b_k) g`` at each decay ``b_k``;
@@ -47,7 +48,17 @@ with ``horizon_features``, ``tensor_features`` and ``loss_features``; 27 at the 
    ``[-feature_clip, feature_clip]``. They let the optimizer see what a per-task learning-rate
    search sees, whether its steps make progress on this task, and adapt its step to it.
 
-Features 7-9 are the same for every parameter (the *shared* features).
+10. with ``depth_features`` **(ours)**: the model's depth as ``1 / (1 + K)``, with ``K`` the number
+   of its parameter tensors of two or more dimensions (its weight matrices and kernels: 0 for a
+   quadratic, 1 for a logistic regression, 3 for an MLP with two hidden layers; the reciprocal
+   keeps deeper models than the training ones near the trained range). Tuned Adam's
+   rate falls with depth (0.24 for the held-out logistic regression, 0.03 for the one-hidden-layer
+   training MLPs, 0.007 for the held-out 128-64 MLP), and the per-parameter features of a
+   logistic regression's weights look like those of an MLP's last layer; a learned optimizer
+   trained on logistic regression alone wins it, one trained on the mix steps a compromise
+   between the two (``docs/results.md``, runs 91-92).
+
+Features 7-10 are the same for every parameter (the *shared* features).
 """
 from __future__ import annotations
 
@@ -114,6 +125,8 @@ class MLPLOpt:
         (up to the epsilon in ``sqrt(v + eps)``).
       loss_features: read the trend of the training loss (feature 9); every update then needs
         ``loss=``, the loss at ``params``.
+      depth_features: read the model's depth, ``1 / (1 + K)`` for ``K`` tensors of two or more
+        dimensions (feature 10), from the shapes of ``params``.
       width_base: 0 (off) or a width ``b``: the step of every tensor with two or more
         dimensions is multiplied by ``min(1, b / fan_in)`` (``fan_in``: the product of all but
         its last dimension, as in feature 6b), as maximal update parametrisation scales Adam's
@@ -137,6 +150,7 @@ class MLPLOpt:
     tensor_features: bool = False
     bias_correction: bool = False
     loss_features: bool = False
+    depth_features: bool = False
     width_base: int = 32
 
     def __post_init__(self):
@@ -158,7 +172,12 @@ class MLPLOpt:
         return (2 + 2 * len(self.decays) + 1 + (3 if self.magnitude_features else 0)
                 + len(self.timescales) + (len(self.decays) if self.raw_adam_features else 0)
                 + (2 if self.horizon_features else 0) + (2 if self.tensor_features else 0)
-                + (2 if self.loss_features else 0))
+                + (2 if self.loss_features else 0) + (1 if self.depth_features else 0))
+
+    @staticmethod
+    def depth(shapes) -> int:
+        """``K`` of feature 10: how many of ``shapes`` have two or more dimensions."""
+        return sum(len(shape) >= 2 for shape in shapes)
 
     def init(self, key: jax.Array) -> Theta:
         """Random LO weights: fan-in scaled normal weights and zero biases.
@@ -205,17 +224,18 @@ class MLPLOpt:
 
     @property
     def num_shared_features(self) -> int:
-        """Features that are the same for every parameter (7-9 of the module docstring)."""
+        """Features that are the same for every parameter (7-10 of the module docstring)."""
         return (len(self.timescales) + (2 if self.horizon_features else 0)
-                + (2 if self.loss_features else 0))
+                + (2 if self.loss_features else 0) + (1 if self.depth_features else 0))
 
     def shared_features(self, step: jax.Array, horizon: jax.Array | None = None,
-                      loss_stats: jax.Array | None = None, loss: jax.Array | None = None
-                      ) -> jax.Array:
+                      loss_stats: jax.Array | None = None, loss: jax.Array | None = None,
+                      depth: int = 0) -> jax.Array:
         """The shared features: ``tanh(step / s)`` for every timescale ``s``; with
         ``horizon_features`` the fraction ``f = step / horizon`` (clipped to [0, 1]) and
         ``f ** 3``; with ``loss_features`` the loss trend of feature 9, from ``loss_stats`` (the
-        state's, updated with ``loss``) at ``step``."""
+        state's, updated with ``loss``) at ``step``; with ``depth_features`` ``1 / (1 + depth)``
+        (feature 10; ``depth``: :meth:`depth` of the parameters' shapes)."""
         step = step.astype(jnp.float32)
         parts = [jnp.tanh(step / jnp.asarray(self.timescales))]
         if self.horizon_features:
@@ -230,21 +250,23 @@ class MLPLOpt:
             scale = 1.0 / (deviation + 1e-12 + 1e-7 * jnp.abs(slow))
             parts.append(jnp.clip(jnp.stack([fast - slow, loss - slow]) * scale,
                                   -self.feature_clip, self.feature_clip))
+        if self.depth_features:
+            parts.append(jnp.full((1,), 1.0 / (1 + depth), jnp.float32))
         return jnp.concatenate(parts)
 
     def features(self, g: jax.Array, p: jax.Array, m: jax.Array, v: jax.Array,
                  step: jax.Array, horizon: jax.Array | None = None,
                  shape: tuple[int, ...] = (), loss_stats: jax.Array | None = None,
-                 loss: jax.Array | None = None) -> jax.Array:
+                 loss: jax.Array | None = None, depth: int = 0) -> jax.Array:
         """All ``(n, num_features)`` inputs of one tensor, in the order of the module docstring
         (the update computes the same thing without materialising the shared columns)."""
-        time = jnp.broadcast_to(self.shared_features(step, horizon, loss_stats, loss),
+        time = jnp.broadcast_to(self.shared_features(step, horizon, loss_stats, loss, depth),
                                 (g.shape[0], self.num_shared_features))
         return jnp.concatenate([self.param_features(g, p, m, v, shape), time], axis=1)
 
     def apply_mlp(self, theta: Theta, x: jax.Array, step: jax.Array | None = None,
                   horizon: jax.Array | None = None, loss_stats: jax.Array | None = None,
-                  loss: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                  loss: jax.Array | None = None, depth: int = 0) -> tuple[jax.Array, jax.Array]:
         """Runs the shared MLP; returns direction and magnitude, each ``(n,)``.
 
         Args:
@@ -257,14 +279,15 @@ class MLPLOpt:
           horizon: the run's number of updates (with ``horizon_features`` and ``step``).
           loss_stats, loss: the updated loss statistics and the loss (with ``loss_features``
             and ``step``).
+          depth: the model's depth (with ``depth_features`` and ``step``; :meth:`depth`).
         """
         first, *hidden, last = theta["layers"]
         if step is None:
             x = x @ first["w"] + first["b"]
         else:
             split = x.shape[1]
-            x = x @ first["w"][:split] + (self.shared_features(step, horizon, loss_stats, loss)
-                                           @ first["w"][split:] + first["b"])
+            shared = self.shared_features(step, horizon, loss_stats, loss, depth)
+            x = x @ first["w"][:split] + (shared @ first["w"][split:] + first["b"])
         x = jax.nn.relu(x)
         for layer in hidden:
             x = jax.nn.relu(x @ layer["w"] + layer["b"])
@@ -358,8 +381,9 @@ class MLPLOpt:
                 new_v.append(flat_v.reshape(v.shape))
 
             # One MLP call over the parameters of all tensors at once (one matmul, not one per leaf).
+            depth = self.depth(jnp.shape(p) for p in p_leaves)
             direction, magnitude = self.apply_mlp(theta, jnp.concatenate(feats), step,
-                                                  state.horizon, loss_stats, loss)
+                                                  state.horizon, loss_stats, loss, depth)
             steps = -direction * jnp.exp(self.exp_mult * magnitude) * self.step_mult
 
             updates, offset = [], 0

@@ -83,6 +83,9 @@ class TrainConfig:
     # b / fan_in, as muP scales Adam's rate with width (MLPLOpt.width_base; 32, the training
     # MLPs' width: runs 54-57 of docs/results.md against 45/48-51, four seeds each)
     width_base: int = 32
+    # 0 (off) or a power a: the LO's step on a model with K >= 1 weight matrices is scaled by
+    # K ** -a, as tuned Adam's rate falls with depth (MLPLOpt.depth_power)
+    depth_power: float = 0.0
     # with horizon_features: the outer steps self-training's LOs are told their own training
     # takes (nominal: self-training is open-ended)
     outer_horizon: int = 10_000
@@ -256,6 +259,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
            "1 to 4 layer widths, each in [1, 1024]", c.hidden)
     _check("reparam_scale", _is_number(c.reparam_scale) and 1 <= c.reparam_scale <= 1e3,
            "a number in [1, 1000] (1: off)", c.reparam_scale)
+    _check("depth_power", _is_number(c.depth_power) and 0 <= c.depth_power <= 4,
+           "a number in [0, 4] (0: off)", c.depth_power)
     _check("rms_decay", _is_number(c.rms_decay) and 0 < c.rms_decay < 1, "a number in (0, 1)",
            c.rms_decay)
     for name, hi in (("step_mult_prior", 1000), ("sigma_prior", 1)):

@@ -73,7 +73,7 @@ def build(cfg: TrainConfig) -> Components:
                   bias_correction=cfg.bias_correction, rms_decay=cfg.rms_decay,
                   loss_features=cfg.loss_features, depth_features=cfg.depth_features,
                   eps=cfg.feature_eps,
-                  width_base=cfg.width_base,
+                  width_base=cfg.width_base, depth_power=cfg.depth_power,
                   exp_mult=cfg.exp_mult)
     estimator_cls = PES if cfg.estimator == "pes" else TruncatedES
     estimator = estimator_cls(

@@ -170,6 +170,33 @@ def test_width_base_scales_the_step_of_wide_tensors_only():
         MLPLOpt(width_base=-1)
 
 
+def test_depth_power_scales_every_step_of_a_deep_model_and_not_a_shallow_one():
+    # K ** -a for a model of K >= 1 tensors of two or more dimensions, the biases included;
+    # a model of vectors only (a quadratic) is not scaled. The same theta with and without it.
+    theta = MLPLOpt().init(jax.random.key(5))
+    models = {
+        "quadratic": {"x": jnp.linspace(-1.0, 1.0, 7)},
+        "logistic": {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones(4)},
+        "mlp": {"w1": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones(4),
+                "w2": jnp.linspace(-1.0, 1.0, 8).reshape(4, 2),
+                "conv": jnp.linspace(-2.0, 2.0, 72).reshape(3, 3, 2, 4)},
+    }
+    for name, params in models.items():
+        grads = grads_like(params, seed=4)
+        steps = {}
+        for power in (0.0, 1.5):
+            opt = MLPLOpt(width_base=0, depth_power=power).optimizer(theta)
+            steps[power] = opt.update(grads, opt.init(params), params)[0]
+        factor = {"quadratic": 1.0, "logistic": 1.0, "mlp": 3 ** -1.5}[name]
+        for key in params:
+            np.testing.assert_allclose(steps[1.5][key], steps[0.0][key] * factor, rtol=1e-6)
+        assert MLPLOpt(depth_power=1.5).depth_factor(MLPLOpt.depth(
+            jnp.shape(p) for p in params.values())) == factor
+    for bad in (-1.0, 5.0, True, "1"):
+        with pytest.raises(ValueError, match="depth_power"):
+            MLPLOpt(depth_power=bad)
+
+
 def all_features(lopt, grads, state, name):
     """The full ``(n, num_features)`` matrix of ``PARAMS[name]`` (the module docstring's
     order), from the gradients and the state after the update that used them."""

@@ -49,15 +49,16 @@ with ``horizon_features``, ``tensor_features`` and ``loss_features``, plus 1 wit
    ``[-feature_clip, feature_clip]``. They let the optimizer see what a per-task learning-rate
    search sees, whether its steps make progress on this task, and adapt its step to it.
 
-10. with ``depth_features`` **(ours)**: the model's depth as ``1 / (1 + K)``, with ``K`` the number
-   of its parameter tensors of two or more dimensions (its weight matrices and kernels: 0 for a
-   quadratic, 1 for a logistic regression, 3 for an MLP with two hidden layers; the reciprocal
-   keeps deeper models than the training ones near the trained range). Tuned Adam's
-   rate falls with depth (0.24 for the held-out logistic regression, 0.03 for the one-hidden-layer
-   training MLPs, 0.007 for the held-out 128-64 MLP), and the per-parameter features of a
-   logistic regression's weights look like those of an MLP's last layer; a learned optimizer
-   trained on logistic regression alone wins it, one trained on the mix steps a compromise
-   between the two (``docs/results.md``, runs 91-92).
+10. with ``depth_features`` **(ours)**: the model's depth as ``1 / (1 + K)``, with ``K`` the
+   number of its parameter tensors of two or more dimensions (its weight matrices and
+   kernels: 0 for a quadratic, 1 for a logistic regression, 3 for an MLP with two hidden
+   layers; the reciprocal keeps models deeper than the training ones near the trained range).
+   Tuned Adam's rate falls with depth (0.24 for the held-out logistic regression, 0.03 for the
+   one-hidden-layer training MLPs, 0.007 for the held-out 128-64 MLP), and the per-parameter
+   features of a logistic regression's weights look like those of an MLP's last layer: a
+   learned optimizer trained on logistic regression alone wins it, one trained on the mix
+   steps a compromise between the two (``docs/results.md``, run 92; runs 93-100 measure this
+   feature and ``depth_power``).
 
 Features 7-10 are the same for every parameter (the *shared* features).
 """

@@ -197,13 +197,14 @@ def test_depth_power_scales_every_step_of_a_deep_model_and_not_a_shallow_one():
             MLPLOpt(depth_power=bad)
 
 
-def all_features(lopt, grads, state, name):
+def all_features(lopt, grads, state, name, depth=0):
     """The full ``(n, num_features)`` matrix of ``PARAMS[name]`` (the module docstring's
-    order), from the gradients and the state after the update that used them."""
+    order), from the gradients and the state after the update that used them; ``depth``: the
+    model's (with ``depth_features``)."""
     return lopt.features(jnp.ravel(grads[name]), jnp.ravel(PARAMS[name]),
                          state.momenta[name].reshape(-1, len(lopt.decays)),
                          jnp.ravel(state.rms[name]), state.step, state.horizon,
-                         jnp.shape(PARAMS[name]))
+                         jnp.shape(PARAMS[name]), depth=depth)
 
 
 def assert_update_is_the_mlp(lopt, theta, update, feats):
@@ -281,9 +282,7 @@ def test_depth_features_count_the_weight_tensors_and_tell_a_logistic_from_an_mlp
     updates, state = opt.update(grads, opt.init(PARAMS), PARAMS)
     # PARAMS has two tensors of two or more dimensions (dense and conv): the last column is
     # 1 / (1 + 2) for every parameter, and the update is the MLP on all features
-    feats = lopt.features(jnp.ravel(grads["dense"]), jnp.ravel(PARAMS["dense"]),
-                          state.momenta["dense"].reshape(-1, len(lopt.decays)),
-                          jnp.ravel(state.rms["dense"]), state.step, depth=2)
+    feats = all_features(lopt, grads, state, "dense", depth=2)
     np.testing.assert_allclose(feats[:, -1], 1 / 3, rtol=1e-6)
     assert_update_is_the_mlp(lopt, theta, updates["dense"], feats)
     # one weight matrix alone (a logistic regression) and the same matrix beside a second one

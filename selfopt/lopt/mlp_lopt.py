@@ -407,10 +407,11 @@ class MLPLOpt:
             steps = -direction * jnp.exp(self.exp_mult * magnitude) * self.step_mult
 
             updates, offset = [], 0
+            depth_factor = self.depth_factor(depth)
             for p in p_leaves:
                 size = jnp.size(p)
                 update = steps[offset:offset + size].reshape(jnp.shape(p))
-                factor = self.width_factor(jnp.shape(p)) * self.depth_factor(depth)
+                factor = self.width_factor(jnp.shape(p)) * depth_factor
                 if factor != 1.0:
                     update = update * factor
                 updates.append(update.astype(jnp.result_type(p)))

@@ -14,7 +14,7 @@ if it never did), the best margin reached (mean normalised loss of the learned o
 tuned Adam; below 1 is better than Adam) and the margin at 10, 30 and 60 minutes where the run got there. ``--control`` runs the
 Adam-meta-trained control with the same budget afterwards and reports it the same way;
 ``--heldout`` also evaluates each run's final elite on the whole held-out suite (12 tasks).
-``--grid mlp.hidden='[[32],[32,32]]'`` replaces the values one field of a family draws from in
+``--grid mlp.hidden='[[32]]'`` replaces the values one field of a family draws from in
 the compact task grid (``selfopt.tasks.distribution.COMPACT_GRIDS``, the default ``task_grid``),
 for this process only: a run resumed later with ``selfopt train --resume`` uses the shipped
 grid. Each value is checked by building its task before anything trains.

@@ -84,8 +84,9 @@ class TrainConfig:
     # MLPs' width: runs 54-57 of docs/results.md against 45/48-51, four seeds each)
     width_base: int = 32
     # 0 (off) or a power a: the LO's step on a model with K >= 1 weight matrices is scaled by
-    # K ** -a, as tuned Adam's rate falls with depth (MLPLOpt.depth_power)
-    depth_power: float = 0.0
+    # K ** -a, as tuned Adam's rate falls with depth (MLPLOpt.depth_power; 1 with the compact
+    # grid's two-layer MLPs: runs 101-104 of docs/results.md against 72-75, four seeds each)
+    depth_power: float = 1.0
     # with horizon_features: the outer steps self-training's LOs are told their own training
     # takes (nominal: self-training is open-ended)
     outer_horizon: int = 10_000
@@ -166,7 +167,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 #: Fields added after runs were already stored, with the value a stored configuration that lacks
 #: one had in effect (where that differs from today's default): an old run resumes unchanged.
 STORED_DEFAULTS: dict[str, Any] = {"raw_adam_features": False, "reparam_scale": 1.0,
-                                   "width_base": 0, "clip_relative": False}
+                                   "width_base": 0, "clip_relative": False,
+                                   "depth_power": 0.0}
 
 
 def _is_int(v) -> bool:

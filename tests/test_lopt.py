@@ -43,9 +43,10 @@ def test_sgd_like_theta_gives_normalised_gradient_step_on_mixed_pytree():
     opt = as_optax(lopt, sgd_like_theta(lopt, scale=2.0))
     grads = grads_like(PARAMS)
     updates, _ = opt.update(grads, opt.init(PARAMS), PARAMS)
+    depth = 0.5  # the default depth rule: two weight tensors (dense, conv) halve every step
     for name, g in grads.items():
         rms = np.sqrt(np.mean(np.square(g)) + 1e-8)
-        expected = -lopt.step_mult * 2.0 * np.clip(np.asarray(g) / rms, -5, 5)
+        expected = -lopt.step_mult * 2.0 * depth * np.clip(np.asarray(g) / rms, -5, 5)
         assert updates[name].shape == PARAMS[name].shape
         np.testing.assert_allclose(updates[name], expected, rtol=1e-5, atol=1e-9)
 
@@ -207,10 +208,13 @@ def all_features(lopt, grads, state, name, depth=0):
                          jnp.shape(PARAMS[name]), depth=depth)
 
 
-def assert_update_is_the_mlp(lopt, theta, update, feats):
-    """``update`` is the plain MLP's step ``-d * exp(c_m * m) * c_s`` on ``feats``."""
+def assert_update_is_the_mlp(lopt, theta, update, feats, params=PARAMS):
+    """``update`` is the plain MLP's step ``-d * exp(c_m * m) * c_s`` on ``feats``, times the
+    depth rule's factor for the model ``params`` (the tensors here are too narrow to scale)."""
     d, m = lopt.apply_mlp(theta, feats)
-    np.testing.assert_allclose(jnp.ravel(update), -d * jnp.exp(lopt.exp_mult * m) * lopt.step_mult,
+    depth = lopt.depth_factor(MLPLOpt.depth(jnp.shape(x) for x in jax.tree.leaves(params)))
+    np.testing.assert_allclose(jnp.ravel(update),
+                               -d * jnp.exp(lopt.exp_mult * m) * lopt.step_mult * depth,
                                rtol=1e-5, atol=1e-10)
 
 
@@ -287,11 +291,11 @@ def test_depth_features_count_the_weight_tensors_and_tell_a_logistic_from_an_mlp
     assert_update_is_the_mlp(lopt, theta, updates["dense"], feats)
     # one weight matrix alone (a logistic regression) and the same matrix beside a second one
     # (an MLP's last layer, same gradient, parameter and state) step differently only with
-    # the depth feature
+    # the depth feature (the depth rule, which scales the steps too, is off here)
     alone = {"w": PARAMS["dense"]}
     deeper = {"w": PARAMS["dense"], "v": jnp.ones((4, 2))}
     for flag, same in ((True, False), (False, True)):
-        lo = MLPLOpt(depth_features=flag)
+        lo = MLPLOpt(depth_features=flag, depth_power=0)
         o = lo.optimizer(lo.init(jax.random.key(9)))
         step_alone = o.update({"w": grads["dense"]}, o.init(alone), alone)[0]["w"]
         step_deeper = o.update({"w": grads["dense"], "v": jnp.ones((4, 2))}, o.init(deeper),

@@ -50,20 +50,23 @@ def test_a_run_stored_before_raw_adam_features_resumes_and_opens_as_it_was(tmp_p
     # today's default, whose weights have another shape).
     run_dir = tmp_path / "old"
     Trainer(tiny(max_steps=2, raw_adam_features=False, width_base=0, clip_relative=False,
-                 clip=0.1), run_dir).run()
+                 clip=0.1, depth_power=0), run_dir).run()
     stored = json.loads((run_dir / "config.json").read_text())
-    del stored["raw_adam_features"], stored["width_base"], stored["clip_relative"]
+    for field in ("raw_adam_features", "width_base", "clip_relative", "depth_power"):
+        del stored[field]
     (run_dir / "config.json").write_text(json.dumps(stored))
     assert main(["train", "--resume", str(run_dir), "--set", "max_steps=4", "--quiet"]) == 0
     trainer, state, path = open_checkpoint(run_dir)
     assert not trainer.cfg.raw_adam_features and state.step == 4
     assert trainer.cfg.width_base == 0 and trainer.comps.lopt.width_base == 0  # nor width scaling
+    assert trainer.cfg.depth_power == 0 and trainer.comps.lopt.depth_power == 0  # nor depth
     assert not trainer.comps.outer.clip_relative and trainer.comps.outer.clip == 0.1  # absolute
     assert trainer.comps.lopt.num_features == MLPLOpt(raw_adam_features=False).num_features
     assert load_file(path)["['thetas']['layers'][0]['w']"].shape == (4, 22, 8)
     # a fresh configuration takes today's default
     assert make_config({}).raw_adam_features and MLPLOpt().raw_adam_features
     assert make_config({}).width_base == MLPLOpt().width_base == 32
+    assert make_config({}).depth_power == MLPLOpt().depth_power == 1
     assert make_config({}).clip_relative and make_config({}).clip == 3.0
 
 

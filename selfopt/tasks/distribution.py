@@ -9,7 +9,7 @@ reproducible training run.
 
 :class:`TaskDistribution` samples configurations from finite grids (:data:`TRAIN_GRIDS`): every
 distinct combination of static fields is one more JIT compilation, so the grids keep that number
-bounded (63 shapes for all training families; 13 with :data:`COMPACT_GRIDS`, the default of
+bounded (63 shapes for all training families; 17 with :data:`COMPACT_GRIDS`, the default of
 ``selfopt train``). Training seeds are below
 :data:`HELDOUT_SEED_START`. The held-out set (:data:`HELDOUT_CONFIGS`, method.md section 6) is
 disjoint from anything :meth:`TaskDistribution.sample` can return three ways: every held-out seed
@@ -74,15 +74,15 @@ TRAIN_GRIDS: dict[str, dict[str, tuple]] = {
 }
 
 #: The compact grids: the families' variety in conditioning, noise, functions, data sets and
-#: activations, but few *shapes* (13 for the default families, against 38): each new shape
+#: activations, but few *shapes* (17 for the default families, against 38): each new shape
 #: costs a compilation of 8-19 s on a 2-core CPU, which in a 6-minute run on the full grid was
 #: 80% of the training time. Families not listed use their full grid.
 COMPACT_GRIDS: dict[str, dict[str, tuple]] = {
     **TRAIN_GRIDS,
     "quadratic": {**TRAIN_GRIDS["quadratic"], "dim": (16, 64)},
     "logistic": {"dataset": ("fashion_mnist8", "digits8"), "batch_size": (128,)},
-    "mlp": {"dataset": ("fashion_mnist8", "digits8"), "batch_size": (128,), "hidden": ((32,),),
-            "activation": ("relu", "tanh")},
+    "mlp": {"dataset": ("fashion_mnist8", "digits8"), "batch_size": (128,),
+            "hidden": ((32,), (32, 32)), "activation": ("relu", "tanh")},
 }
 #: Grids by name (the ``task_grid`` of a run's configuration).
 GRIDS = {"compact": COMPACT_GRIDS, "full": TRAIN_GRIDS}

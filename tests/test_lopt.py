@@ -208,11 +208,12 @@ def all_features(lopt, grads, state, name, depth=0):
                          jnp.shape(PARAMS[name]), depth=depth)
 
 
-def assert_update_is_the_mlp(lopt, theta, update, feats, params=PARAMS):
-    """``update`` is the plain MLP's step ``-d * exp(c_m * m) * c_s`` on ``feats``, times the
-    depth rule's factor for the model ``params`` (the tensors here are too narrow to scale)."""
+def assert_update_is_the_mlp(lopt, theta, update, feats):
+    """``update`` (a tensor of :data:`PARAMS`) is the plain MLP's step ``-d * exp(c_m * m) *
+    c_s`` on ``feats``, times the depth rule's factor for :data:`PARAMS` (two weight tensors;
+    all are too narrow for the width rule)."""
     d, m = lopt.apply_mlp(theta, feats)
-    depth = lopt.depth_factor(MLPLOpt.depth(jnp.shape(x) for x in jax.tree.leaves(params)))
+    depth = lopt.depth_factor(MLPLOpt.depth(jnp.shape(x) for x in PARAMS.values()))
     np.testing.assert_allclose(jnp.ravel(update),
                                -d * jnp.exp(lopt.exp_mult * m) * lopt.step_mult * depth,
                                rtol=1e-5, atol=1e-10)

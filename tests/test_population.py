@@ -41,7 +41,7 @@ def expected_sgd_like_update(grad, scale, clip, log_mult):
 
 def assert_step_equal(got, before, expected):
     """``got - before`` equals ``expected`` up to float32 rounding of the weights (an ulp of a
-    weight of 3, ``sgd_like_theta``'s largest, is 2.4e-7: about 1e-4 of the smallest steps)."""
+    weight of 3, ``sgd_like_theta``'s largest, is 2.4e-7: about 1e-4 of a typical step)."""
     np.testing.assert_allclose(np.asarray(got) - np.asarray(before), expected, rtol=1e-4,
                                atol=np.spacing(np.float32(np.max(np.abs(before)))))
 

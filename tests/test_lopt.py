@@ -14,6 +14,9 @@ PARAMS = {
     "dense": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4),
     "conv": jnp.linspace(-2.0, 2.0, 72).reshape(3, 3, 2, 4),
 }
+#: The default depth rule's step factor for ``PARAMS``: two weight tensors (dense, conv) halve
+#: every step (its tensors are too narrow for the width rule).
+PARAMS_DEPTH_FACTOR = 0.5
 
 
 def sgd_like_theta(lopt: MLPLOpt, scale: float = 1.0):
@@ -43,10 +46,10 @@ def test_sgd_like_theta_gives_normalised_gradient_step_on_mixed_pytree():
     opt = as_optax(lopt, sgd_like_theta(lopt, scale=2.0))
     grads = grads_like(PARAMS)
     updates, _ = opt.update(grads, opt.init(PARAMS), PARAMS)
-    depth = 0.5  # the default depth rule: two weight tensors (dense, conv) halve every step
     for name, g in grads.items():
         rms = np.sqrt(np.mean(np.square(g)) + 1e-8)
-        expected = -lopt.step_mult * 2.0 * depth * np.clip(np.asarray(g) / rms, -5, 5)
+        expected = -lopt.step_mult * 2.0 * PARAMS_DEPTH_FACTOR * np.clip(np.asarray(g) / rms,
+                                                                        -5, 5)
         assert updates[name].shape == PARAMS[name].shape
         np.testing.assert_allclose(updates[name], expected, rtol=1e-5, atol=1e-9)
 
@@ -209,14 +212,14 @@ def all_features(lopt, grads, state, name, depth=0):
 
 
 def assert_update_is_the_mlp(lopt, theta, update, feats):
-    """``update`` (a tensor of :data:`PARAMS`) is the plain MLP's step ``-d * exp(c_m * m) *
-    c_s`` on ``feats``, times the depth rule's factor for :data:`PARAMS` (two weight tensors;
-    all are too narrow for the width rule)."""
+    """``update`` (a tensor of :data:`PARAMS`, from an LO with the default depth rule) is the
+    plain MLP's step ``-d * exp(c_m * m) * c_s`` on ``feats``, times
+    :data:`PARAMS_DEPTH_FACTOR`."""
+    assert lopt.depth_power == 1
     d, m = lopt.apply_mlp(theta, feats)
-    depth = lopt.depth_factor(MLPLOpt.depth(jnp.shape(x) for x in PARAMS.values()))
-    np.testing.assert_allclose(jnp.ravel(update),
-                               -d * jnp.exp(lopt.exp_mult * m) * lopt.step_mult * depth,
-                               rtol=1e-5, atol=1e-10)
+    np.testing.assert_allclose(
+        jnp.ravel(update), -d * jnp.exp(lopt.exp_mult * m) * lopt.step_mult * PARAMS_DEPTH_FACTOR,
+        rtol=1e-5, atol=1e-10)
 
 
 def test_update_equals_the_mlp_on_all_features():

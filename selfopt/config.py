@@ -84,9 +84,10 @@ class TrainConfig:
     # MLPs' width: runs 54-57 of docs/results.md against 45/48-51, four seeds each)
     width_base: int = 32
     # 0 (off) or a power a: the LO's step on a model with K >= 1 weight matrices is scaled by
-    # K ** -a, as tuned Adam's rate falls with depth (MLPLOpt.depth_power; 1 with the compact
-    # grid's two-layer MLPs: runs 101-104 of docs/results.md against 72-75, four seeds each)
-    depth_power: float = 1.0
+    # K ** -a, as tuned Adam's rate falls with depth (MLPLOpt.depth_power; 1.5 with the compact
+    # grid's two-layer MLPs: runs 118-121 of docs/results.md against 101-104 (1) and 113-116
+    # (2), four seeds each)
+    depth_power: float = 1.5
     # with horizon_features: the outer steps self-training's LOs are told their own training
     # takes (nominal: self-training is open-ended)
     outer_horizon: int = 10_000

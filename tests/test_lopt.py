@@ -14,9 +14,9 @@ PARAMS = {
     "dense": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4),
     "conv": jnp.linspace(-2.0, 2.0, 72).reshape(3, 3, 2, 4),
 }
-#: The default depth rule's step factor for ``PARAMS``: two weight tensors (dense, conv) halve
-#: every step (its tensors are too narrow for the width rule).
-PARAMS_DEPTH_FACTOR = 0.5
+#: The default depth rule's step factor for ``PARAMS``: two weight tensors (dense, conv) scale
+#: every step by ``2 ** -1.5`` (its tensors are too narrow for the width rule).
+PARAMS_DEPTH_FACTOR = 2.0 ** -1.5
 
 
 def sgd_like_theta(lopt: MLPLOpt, scale: float = 1.0):
@@ -215,7 +215,7 @@ def assert_update_is_the_mlp(lopt, theta, update, feats):
     """``update`` (a tensor of :data:`PARAMS`, from an LO with the default depth rule) is the
     plain MLP's step ``-d * exp(c_m * m) * c_s`` on ``feats``, times
     :data:`PARAMS_DEPTH_FACTOR`."""
-    assert lopt.depth_power == 1
+    assert lopt.depth_power == 1.5
     d, m = lopt.apply_mlp(theta, feats)
     np.testing.assert_allclose(
         jnp.ravel(update), -d * jnp.exp(lopt.exp_mult * m) * lopt.step_mult * PARAMS_DEPTH_FACTOR,

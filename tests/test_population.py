@@ -30,12 +30,12 @@ def grads_for(thetas, seed=0):
 
 def expected_sgd_like_update(grad, scale, clip, log_mult):
     """-exp(log_mult) * step_mult * scale * clip(g)/rms(clip(g)) per tensor, clipped to 5, and
-    times 1/3 (the depth rule: a learned optimizer's weights are three matrices)."""
+    times 3 ** -1.5 (the depth rule: a learned optimizer's weights are three matrices)."""
     assert MLPLOpt.depth(np.shape(x) for x in jax.tree.leaves(grad)) == 3
     def leaf(g):
         g = np.clip(np.asarray(g), -clip, clip)
         rms = np.sqrt(np.mean(g**2) + 1e-8)
-        return -np.exp(log_mult) * LOPT.step_mult * scale * np.clip(g / rms, -5, 5) / 3
+        return -np.exp(log_mult) * LOPT.step_mult * scale * np.clip(g / rms, -5, 5) * 3.0 ** -1.5
     return jax.tree.map(leaf, grad)
 
 

@@ -66,7 +66,7 @@ def test_a_run_stored_before_raw_adam_features_resumes_and_opens_as_it_was(tmp_p
     # a fresh configuration takes today's default
     assert make_config({}).raw_adam_features and MLPLOpt().raw_adam_features
     assert make_config({}).width_base == MLPLOpt().width_base == 32
-    assert make_config({}).depth_power == MLPLOpt().depth_power == 1
+    assert make_config({}).depth_power == MLPLOpt().depth_power == 1.5
     assert make_config({}).clip_relative and make_config({}).clip == 3.0
 
 

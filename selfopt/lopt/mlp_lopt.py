@@ -141,8 +141,8 @@ class MLPLOpt:
         tuned Adam's rate falls with depth (0.24 for the held-out logistic regression, ``K =
         1``; 0.03 for the training MLPs, ``K = 2``; 0.007 for the held-out 128-64 MLP, ``K =
         3``). A rule, like ``width_base``: nothing to learn, where ``depth_features`` leaves
-        the learned optimizer to find the dependence. Default 1 (a training grid with one- and
-        two-layer MLPs; runs 101-104 of docs/results.md).
+        the learned optimizer to find the dependence. Default 1.5 (a training grid with one-
+        and two-layer MLPs; runs 118-121 of docs/results.md, against 1 and 2).
     """
 
     hidden: tuple[int, ...] = (32, 32)
@@ -161,7 +161,7 @@ class MLPLOpt:
     loss_features: bool = False
     depth_features: bool = False
     width_base: int = 32
-    depth_power: float = 1.0
+    depth_power: float = 1.5
 
     def __post_init__(self):
         if not self.hidden or any(not isinstance(w, int) or w < 1 for w in self.hidden):

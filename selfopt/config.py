@@ -88,6 +88,9 @@ class TrainConfig:
     # grid's two-layer MLPs: runs 118-121 of docs/results.md against 101-104 (1) and 113-116
     # (2), four seeds each)
     depth_power: float = 1.5
+    # each tensor's step times the RMS of its Adam-like ratio m / sqrt(v) at decay 0.9
+    # (MLPLOpt.ratio_step_scale): the step shrinks near a minimum, as Adam's does
+    ratio_step_scale: bool = False
     # with horizon_features: the outer steps self-training's LOs are told their own training
     # takes (nominal: self-training is open-ended)
     outer_horizon: int = 10_000
@@ -255,7 +258,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check(name, value in choices, f"one of {list(choices)}", value)
     for name in ("clip_relative", "explore_sigma", "stratify_slots", "restore_elite",
                  "raw_adam_features", "magnitude_features", "horizon_features", "tensor_features",
-                 "bias_correction", "loss_features", "depth_features"):
+                 "bias_correction", "loss_features", "depth_features", "ratio_step_scale"):
         _check(name, isinstance(getattr(c, name), bool), "true or false", getattr(c, name))
     _check("hidden", isinstance(c.hidden, tuple) and 1 <= len(c.hidden) <= 4
            and all(_is_int(w) and 1 <= w <= 1024 for w in c.hidden),

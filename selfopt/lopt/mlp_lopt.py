@@ -4,7 +4,8 @@ The small MLP of the learned-optimizer literature (learned_optimization's ``MLPL
 al. 2020/2021): for every scalar parameter it reads features built from the gradient, the
 parameter and a few accumulators, and emits a direction ``d`` and a log-magnitude ``m``; the
 step is ``-d * exp(exp_mult * m) * step_mult`` (with ``width_base``, times a per-tensor width
-factor; with ``depth_power``, times a per-model depth factor). The MLP is shared by all
+factor; with ``depth_power``, times a per-model depth factor; with ``ratio_step_scale``, times
+a per-tensor factor that shrinks as the gradient does). The MLP is shared by all
 parameters of all tensors, so one set of weights ``theta`` (2,018 floats at the defaults)
 optimises any model.
 
@@ -79,6 +80,9 @@ from selfopt.lopt.base import Theta, check_float_params
 _EPS = 1e-8
 #: Decays of the loss trend's fast and slow moving averages (feature 9).
 LOSS_DECAYS = (0.9, 0.99)
+#: The momentum decay whose Adam-like ratio sets the step's scale with ``ratio_step_scale``
+#: (Adam's own ``b1``).
+RATIO_DECAY = 0.9
 
 
 class MLPLOptState(NamedTuple):
@@ -143,6 +147,15 @@ class MLPLOpt:
         3``). A rule, like ``width_base``: nothing to learn, where ``depth_features`` leaves
         the learned optimizer to find the dependence. Default 1.5 (a training grid with one-
         and two-layer MLPs; runs 118-121 of docs/results.md, against 1 and 2).
+      ratio_step_scale: multiply the step of every tensor by ``r``, the root mean square over
+        the tensor of the Adam-like ratio ``m / sqrt(v + eps)`` at decay :data:`RATIO_DECAY`
+        (clipped as feature 6). The features the MLP reads are mostly scale free, so its
+        output, and the step, stay as large near a minimum as far from it: on a deterministic
+        problem the learned optimizer hovers where Adam, whose ``v`` remembers the larger
+        gradients of the past, keeps converging (Himmelblau, the noise-free quadratic). ``r``
+        is about 1 while the gradient is large and consistent, falls with the gradient once it
+        shrinks below its remembered size, and falls to about 0.2-0.5 where noise dominates:
+        the step's scale that Adam's own step has, with the direction left to the MLP.
     """
 
     hidden: tuple[int, ...] = (32, 32)
@@ -162,6 +175,7 @@ class MLPLOpt:
     depth_features: bool = False
     width_base: int = 32
     depth_power: float = 1.5
+    ratio_step_scale: bool = False
 
     def __post_init__(self):
         if not self.hidden or any(not isinstance(w, int) or w < 1 for w in self.hidden):
@@ -174,6 +188,9 @@ class MLPLOpt:
                 or not 0 <= self.depth_power <= 4):
             raise ValueError(f"MLPLOpt.depth_power must be a number in [0, 4] (0: off), "
                              f"got {self.depth_power!r}")
+        if self.ratio_step_scale and RATIO_DECAY not in self.decays:
+            raise ValueError(f"MLPLOpt.ratio_step_scale needs the momentum decay {RATIO_DECAY} "
+                             f"in decays, got {self.decays}")
 
     def width_factor(self, shape: tuple[int, ...]) -> float:
         """The step multiplier of a tensor of ``shape`` (``width_base``; 1 when off)."""
@@ -187,6 +204,14 @@ class MLPLOpt:
         if not self.depth_power or depth < 1:
             return 1.0
         return float(depth) ** -self.depth_power
+
+    def ratio_scale(self, m: jax.Array, v: jax.Array) -> jax.Array:
+        """``r`` of ``ratio_step_scale``: the RMS of the clipped ratio ``m / sqrt(v + eps)`` of
+        one tensor's momentum at :data:`RATIO_DECAY` (``m``: ``(n, len(decays))``, ``v``:
+        ``(n,)``, as the features read them)."""
+        ratio = m[:, self.decays.index(RATIO_DECAY)] / jnp.sqrt(v + self.eps)
+        ratio = jnp.clip(ratio, -self.feature_clip, self.feature_clip)
+        return jnp.sqrt(jnp.mean(jnp.square(ratio)))
 
     @property
     def num_features(self) -> int:
@@ -390,7 +415,7 @@ class MLPLOpt:
             m_leaves = treedef.flatten_up_to(state.momenta)
             v_leaves = treedef.flatten_up_to(state.rms)
 
-            new_m, new_v, feats = [], [], []
+            new_m, new_v, feats, ratio_scales = [], [], [], []
             for g, p, m, v in zip(g_leaves, p_leaves, m_leaves, v_leaves):
                 flat_g = jnp.ravel(g).astype(jnp.float32)
                 flat_m = decays * m.reshape(-1, len(self.decays)) + (1 - decays) * flat_g[:, None]
@@ -398,6 +423,8 @@ class MLPLOpt:
                 feats.append(self.param_features(flat_g, jnp.ravel(p).astype(jnp.float32),
                                                  flat_m / m_scale, flat_v / v_scale,
                                                  jnp.shape(p)))
+                if self.ratio_step_scale:
+                    ratio_scales.append(self.ratio_scale(flat_m / m_scale, flat_v / v_scale))
                 new_m.append(flat_m.reshape(m.shape))
                 new_v.append(flat_v.reshape(v.shape))
 
@@ -409,12 +436,14 @@ class MLPLOpt:
 
             updates, offset = [], 0
             depth_factor = self.depth_factor(depth)
-            for p in p_leaves:
+            for i, p in enumerate(p_leaves):
                 size = jnp.size(p)
                 update = steps[offset:offset + size].reshape(jnp.shape(p))
                 factor = self.width_factor(jnp.shape(p)) * depth_factor
                 if factor != 1.0:
                     update = update * factor
+                if self.ratio_step_scale:
+                    update = update * ratio_scales[i]
                 updates.append(update.astype(jnp.result_type(p)))
                 offset += size
             new_state = MLPLOptState(

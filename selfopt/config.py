@@ -89,7 +89,8 @@ class TrainConfig:
     # (2), four seeds each)
     depth_power: float = 1.5
     # each tensor's step times the RMS of its Adam-like ratio m / sqrt(v) at decay 0.9
-    # (MLPLOpt.ratio_step_scale): the step shrinks near a minimum, as Adam's does
+    # (MLPLOpt.ratio_step_scale): the step shrinks near a minimum, as Adam's does (off: runs
+    # 122-125 of docs/results.md came closer on the precision tasks and lost the learning ones)
     ratio_step_scale: bool = False
     # with horizon_features: the outer steps self-training's LOs are told their own training
     # takes (nominal: self-training is open-ended)

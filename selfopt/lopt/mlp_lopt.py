@@ -153,7 +153,7 @@ class MLPLOpt:
         output, and the step, stay as large near a minimum as far from it: on a deterministic
         problem the learned optimizer hovers where Adam, whose ``v`` remembers the larger
         gradients of the past, keeps converging (Himmelblau, the noise-free quadratic). For a
-        constant gradient ``r`` is 5 (the clip) up to step 50 or so and then falls towards 1
+        constant gradient ``r`` is 5 (the clip) up to step 40 and then falls towards 1
         (2.0 at step 300, 1.3 at 1,000: ``v`` starts at zero); for pure noise it is 1.3 at
         step 30, 0.46 at 300, 0.29 at 1,000; and it falls with the gradient once that shrinks
         below its remembered size: the step's scale that Adam's own step has (without bias

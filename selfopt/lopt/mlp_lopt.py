@@ -422,11 +422,11 @@ class MLPLOpt:
                 flat_g = jnp.ravel(g).astype(jnp.float32)
                 flat_m = decays * m.reshape(-1, len(self.decays)) + (1 - decays) * flat_g[:, None]
                 flat_v = self.rms_decay * jnp.ravel(v) + (1 - self.rms_decay) * jnp.square(flat_g)
+                read_m, read_v = flat_m / m_scale, flat_v / v_scale  # as the features read them
                 feats.append(self.param_features(flat_g, jnp.ravel(p).astype(jnp.float32),
-                                                 flat_m / m_scale, flat_v / v_scale,
-                                                 jnp.shape(p)))
+                                                 read_m, read_v, jnp.shape(p)))
                 if self.ratio_step_scale:
-                    ratio_scales.append(self.ratio_scale(flat_m / m_scale, flat_v / v_scale))
+                    ratio_scales.append(self.ratio_scale(read_m, read_v))
                 new_m.append(flat_m.reshape(m.shape))
                 new_v.append(flat_v.reshape(v.shape))
 
@@ -438,7 +438,7 @@ class MLPLOpt:
 
             updates, offset = [], 0
             depth_factor = self.depth_factor(depth)
-            for i, p in enumerate(p_leaves):
+            for i, p in enumerate(p_leaves):  # i: the leaf's index into ratio_scales
                 size = jnp.size(p)
                 update = steps[offset:offset + size].reshape(jnp.shape(p))
                 factor = self.width_factor(jnp.shape(p)) * depth_factor

@@ -92,6 +92,9 @@ class TrainConfig:
     # (MLPLOpt.ratio_step_scale): the step shrinks near a minimum, as Adam's does (off: runs
     # 122-125 of docs/results.md came closer on the precision tasks and lost the learning ones)
     ratio_step_scale: bool = False
+    # with ratio_step_scale: 0 (the factor is r) or a knee k, the factor min(1, r / k): only a
+    # step whose r fell below k shrinks (MLPLOpt.ratio_step_knee)
+    ratio_step_knee: float = 0.0
     # with horizon_features: the outer steps self-training's LOs are told their own training
     # takes (nominal: self-training is open-ended)
     outer_horizon: int = 10_000
@@ -268,6 +271,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
            "a number in [1, 1000] (1: off)", c.reparam_scale)
     _check("depth_power", _is_number(c.depth_power) and 0 <= c.depth_power <= 4,
            "a number in [0, 4] (0: off)", c.depth_power)
+    _check("ratio_step_knee", _is_number(c.ratio_step_knee) and 0 <= c.ratio_step_knee <= 5
+           and (c.ratio_step_scale or not c.ratio_step_knee),
+           "a number in [0, 5] (0: the factor is r), and above 0 only with ratio_step_scale",
+           c.ratio_step_knee)
     _check("rms_decay", _is_number(c.rms_decay) and 0 < c.rms_decay < 1, "a number in (0, 1)",
            c.rms_decay)
     for name, hi in (("step_mult_prior", 1000), ("sigma_prior", 1)):

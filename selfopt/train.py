@@ -74,7 +74,7 @@ def build(cfg: TrainConfig) -> Components:
                   loss_features=cfg.loss_features, depth_features=cfg.depth_features,
                   eps=cfg.feature_eps,
                   width_base=cfg.width_base, depth_power=cfg.depth_power,
-                  ratio_step_scale=cfg.ratio_step_scale,
+                  ratio_step_scale=cfg.ratio_step_scale, ratio_step_knee=cfg.ratio_step_knee,
                   exp_mult=cfg.exp_mult)
     estimator_cls = PES if cfg.estimator == "pes" else TruncatedES
     estimator = estimator_cls(

@@ -227,6 +227,36 @@ def test_ratio_step_scale_shrinks_each_step_with_its_tensors_adam_ratio():
         MLPLOpt(ratio_step_scale=True, decays=(0.5, 0.99))
 
 
+def test_ratio_step_knee_leaves_steps_alone_until_r_falls_below_it():
+    # With a knee k the factor is min(1, r / k): at unit gradients (r = 5, the clip, at step
+    # 10) the step is the plain LO's, not 5 times it; after the gradient falls 1e4-fold it is
+    # the plain step times r / k, r computed with NumPy from the state.
+    theta = MLPLOpt().init(jax.random.key(8))
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones(4)}
+    plain, kneed = (MLPLOpt(ratio_step_scale=flag, ratio_step_knee=0.25 if flag else 0.0)
+                    .optimizer(theta) for flag in (False, True))
+    state_p, state_k = plain.init(params), kneed.init(params)
+    grads = grads_like(params, seed=9)
+    index = MLPLOpt().decays.index(0.9)
+    for i, size in enumerate([1.0] * 40 + [1e-4] * 100):
+        g = jax.tree.map(lambda x: x * size, grads)
+        step_p, state_p = plain.update(g, state_p, params)
+        step_k, state_k = kneed.update(g, state_k, params)
+        if i in (9, 139):
+            for key in params:
+                m = np.asarray(state_k.momenta[key])[..., index]
+                v = np.asarray(state_k.rms[key])
+                r = np.sqrt(np.mean(np.clip(m / np.sqrt(v + 1e-8), -5.0, 5.0) ** 2))
+                assert (r > 1) if i == 9 else (0 < r < 0.01)
+                np.testing.assert_allclose(step_k[key], step_p[key] * min(1.0, r / 0.25),
+                                           rtol=1e-5)
+    for bad in (-0.1, 6.0, True):
+        with pytest.raises(ValueError, match="ratio_step_knee"):
+            MLPLOpt(ratio_step_scale=True, ratio_step_knee=bad)
+    with pytest.raises(ValueError, match="ratio_step_knee needs ratio_step_scale"):
+        MLPLOpt(ratio_step_knee=0.25)
+
+
 def all_features(lopt, grads, state, name, depth=0):
     """The full ``(n, num_features)`` matrix of ``PARAMS[name]`` (the module docstring's
     order), from the gradients and the state after the update that used them; ``depth``: the

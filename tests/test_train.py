@@ -75,10 +75,11 @@ def test_the_learned_optimizer_fields_of_the_config_build_it():
                        horizon_features=True, tensor_features=True, outer_horizon=500,
                        bias_correction=True, rms_decay=0.99, exp_mult=0.1,
                        loss_features=True, feature_eps=1e-20, width_base=16,
-                       depth_features=True, depth_power=0.5, ratio_step_scale=True))
+                       depth_features=True, depth_power=0.5, ratio_step_scale=True,
+                       ratio_step_knee=0.3))
     lopt = comps.lopt
     assert (lopt.eps, lopt.width_base, lopt.depth_features, lopt.depth_power,
-            lopt.ratio_step_scale) == (1e-20, 16, True, 0.5, True)
+            lopt.ratio_step_scale, lopt.ratio_step_knee) == (1e-20, 16, True, 0.5, True, 0.3)
     assert (lopt.hidden, lopt.raw_adam_features, lopt.magnitude_features, lopt.horizon_features,
             lopt.tensor_features, lopt.bias_correction, lopt.rms_decay, lopt.exp_mult,
             lopt.loss_features) == ((8, 4), False, False, True, True, True, 0.99, 0.1, True)
@@ -89,7 +90,8 @@ def test_the_learned_optimizer_fields_of_the_config_build_it():
     with pytest.raises(ConfigError, match="rms_decay"):
         make_config({"rms_decay": 1.0})
     for field, bad in (("width_base", -1), ("width_base", 1.5), ("feature_eps", 0.0),
-                       ("depth_power", -0.5), ("depth_power", 9), ("ratio_step_scale", 1)):
+                       ("depth_power", -0.5), ("depth_power", 9), ("ratio_step_scale", 1),
+                       ("ratio_step_knee", 0.3), ("ratio_step_knee", -1)):
         with pytest.raises(ConfigError, match=field):
             make_config({field: bad})
 

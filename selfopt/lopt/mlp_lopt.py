@@ -158,6 +158,11 @@ class MLPLOpt:
         step 30, 0.46 at 300, 0.29 at 1,000; and it falls with the gradient once that shrinks
         below its remembered size: the step's scale that Adam's own step has (without bias
         correction), with the direction left to the MLP.
+      ratio_step_knee: with ``ratio_step_scale``, 0 (the factor is ``r``) or a level ``k``: the
+        factor is ``min(1, r / k)``, so a step shrinks only once ``r`` falls below ``k``. With
+        ``k`` below the noise level of ``r`` (0.46 at step 300), a stochastic problem keeps the
+        learned optimizer's own step, and a deterministic one whose gradient falls below what
+        ``v`` remembers still converges.
     """
 
     hidden: tuple[int, ...] = (32, 32)
@@ -178,6 +183,7 @@ class MLPLOpt:
     width_base: int = 32
     depth_power: float = 1.5
     ratio_step_scale: bool = False
+    ratio_step_knee: float = 0.0
 
     def __post_init__(self):
         if not self.hidden or any(not isinstance(w, int) or w < 1 for w in self.hidden):
@@ -193,6 +199,12 @@ class MLPLOpt:
         if self.ratio_step_scale and RATIO_DECAY not in self.decays:
             raise ValueError(f"MLPLOpt.ratio_step_scale needs the momentum decay {RATIO_DECAY} "
                              f"in decays, got {self.decays}")
+        if (not isinstance(self.ratio_step_knee, numbers.Real)
+                or isinstance(self.ratio_step_knee, bool) or not 0 <= self.ratio_step_knee <= 5):
+            raise ValueError(f"MLPLOpt.ratio_step_knee must be a number in [0, 5] (0: the "
+                             f"factor is r itself), got {self.ratio_step_knee!r}")
+        if self.ratio_step_knee and not self.ratio_step_scale:
+            raise ValueError("MLPLOpt.ratio_step_knee needs ratio_step_scale=True")
 
     def width_factor(self, shape: tuple[int, ...]) -> float:
         """The step multiplier of a tensor of ``shape`` (``width_base``; 1 when off)."""
@@ -208,12 +220,14 @@ class MLPLOpt:
         return float(depth) ** -self.depth_power
 
     def ratio_scale(self, m: jax.Array, v: jax.Array) -> jax.Array:
-        """``r`` of ``ratio_step_scale``: the RMS of the clipped ratio ``m / sqrt(v + eps)`` of
+        """The step factor of ``ratio_step_scale``: ``r``, or ``min(1, r / ratio_step_knee)``
+        with a knee. ``r`` is the RMS of the clipped ratio ``m / sqrt(v + eps)`` of
         one tensor's momentum at :data:`RATIO_DECAY` (``m``: ``(n, len(decays))``, ``v``:
         ``(n,)``, as the features read them)."""
         ratio = m[:, self.decays.index(RATIO_DECAY)] / jnp.sqrt(v + self.eps)
         ratio = jnp.clip(ratio, -self.feature_clip, self.feature_clip)
-        return jnp.sqrt(jnp.mean(jnp.square(ratio)))
+        r = jnp.sqrt(jnp.mean(jnp.square(ratio)))
+        return jnp.minimum(1.0, r / self.ratio_step_knee) if self.ratio_step_knee else r
 
     @property
     def num_features(self) -> int:

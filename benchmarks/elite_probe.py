@@ -3,7 +3,7 @@
     python benchmarks/elite_probe.py heldin RUN [--tasks 12]
     python benchmarks/elite_probe.py continue RUN [--steps 200] [--every 50] [--set k=v ...]
     python benchmarks/elite_probe.py population RUN
-    python benchmarks/elite_probe.py scale RUN [--factors 0.5 1 2]
+    python benchmarks/elite_probe.py scale RUN [--factors 0.5 1 2] [--lopt k=v ...]
     python benchmarks/elite_probe.py curve RUN [--task 11] [--factors 0.5 1]
     python benchmarks/elite_probe.py updates RUN
     python benchmarks/elite_probe.py fresh RUN [RUN ...]
@@ -30,7 +30,10 @@ all members' weights and of the mean of the best half on validation (a weight av
 ``scale``: the elite with its whole step multiplied by each of ``--factors`` (``MLPLOpt.step_mult``)
 on the quick suite, per task as a ratio to tuned Adam's loss. A task whose ratio falls at
 another factor wants a different step size, which the learned optimizer did not adapt to; a
-task whose ratio stays put loses for another reason than the step size.
+task whose ratio stays put loses for another reason than the step size. ``--lopt`` changes
+fields of the learned optimizer's architecture that leave its weights' shapes alone before
+scaling (for example ``ratio_step_scale=true ratio_step_knee=0.1``): what a rule would do to
+weights trained without it.
 
 ``curve``: the elite's mean training loss (the evaluation's seeds and 300 steps) on one
 held-out task (``--task``, an index into the held-out suite; 11 is the digits autoencoder) at
@@ -168,9 +171,20 @@ def scaled(lopt, factor: float):
     return dataclasses.replace(lopt, step_mult=lopt.step_mult * factor)
 
 
-def scale(run: Path, factors: list[float]) -> dict:
+class LoptChangeError(ValueError):
+    """``--lopt`` changes that the elite's learned optimizer cannot take."""
+
+
+def scale(run: Path, factors: list[float], changes: dict | None = None) -> dict:
     trainer, state, _ = open_checkpoint(run)
-    lopt = trainer.comps.lopt
+    try:
+        lopt = dataclasses.replace(trainer.comps.lopt, **(changes or {}))
+    except (TypeError, ValueError) as err:  # an unknown field, a bad value
+        raise LoptChangeError(str(err)) from None
+    shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
+    if shapes(jax.eval_shape(lopt.init, jax.random.key(0))) != shapes(state.elite["theta"]):
+        raise LoptChangeError(f"{changes} changes the shapes of the learned optimizer's "
+                              f"weights; the elite's cannot be read by it")
     by_factor = {}
     for factor in factors:
         result = on_quick_suite(trainer, scaled(lopt, factor), state.elite["theta"],
@@ -181,7 +195,8 @@ def scale(run: Path, factors: list[float]) -> dict:
             "ratio_by_task": {t.label: ratio_to_adam(t) for t in result.tasks}}
         print(json.dumps({"factor": factor, "margin": summary["margin"]}), file=sys.stderr,
               flush=True)
-    return {"run": str(run), "elite_id": state.elite_id, "by_factor": by_factor}
+    return {"run": str(run), "elite_id": state.elite_id, "lopt_changes": changes or {},
+            "by_factor": by_factor}
 
 
 CURVE_STEPS = (0, 10, 20, 40, 60, 100, 150, 200, 250, 299)
@@ -242,6 +257,8 @@ def main() -> None:
     p = sub.add_parser("scale", help="the elite with its step scaled, per task")
     p.add_argument("run", type=Path)
     p.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.0, 2.0])
+    p.add_argument("--lopt", type=parse_assignment, nargs="+", default=[],
+                   help="MLPLOpt fields to change first, FIELD=VALUE (value as JSON)")
     p = sub.add_parser("curve", help="the elite's loss curve on one held-out task, and Adam's")
     p.add_argument("run", type=Path)
     p.add_argument("--task", type=int, default=11, help="index into the held-out suite (0-11)")
@@ -260,7 +277,11 @@ def main() -> None:
     elif args.probe == "population":
         print(json.dumps(population(args.run), indent=1))
     elif args.probe == "scale":
-        print(json.dumps(scale(args.run, args.factors), indent=1))
+        try:
+            result = scale(args.run, args.factors, dict(args.lopt))
+        except LoptChangeError as err:
+            parser.error(f"--lopt: {err}")
+        print(json.dumps(result, indent=1))
     elif args.probe == "curve":
         print(json.dumps(curve(args.run, args.task, args.factors), indent=1))
     elif args.probe == "updates":

@@ -201,6 +201,14 @@ def test_depth_power_scales_every_step_of_a_deep_model_and_not_a_shallow_one():
             MLPLOpt(depth_power=bad)
 
 
+def ratio_rms(state, key):
+    """``r`` of ``ratio_step_scale`` for ``state``'s tensor ``key``, with NumPy: the RMS of the
+    clipped ``m / sqrt(v + 1e-8)`` at decay 0.9."""
+    m = np.asarray(state.momenta[key])[..., MLPLOpt().decays.index(0.9)]
+    v = np.asarray(state.rms[key])
+    return np.sqrt(np.mean(np.clip(m / np.sqrt(v + 1e-8), -5.0, 5.0) ** 2))
+
+
 def test_ratio_step_scale_shrinks_each_step_with_its_tensors_adam_ratio():
     # Each tensor's step is the plain LO's times r, the RMS of its clipped m / sqrt(v + eps) at
     # decay 0.9, computed here from the state with NumPy. After 40 steps of unit gradients and
@@ -216,11 +224,8 @@ def test_ratio_step_scale_shrinks_each_step_with_its_tensors_adam_ratio():
         g = jax.tree.map(lambda x: x * size, grads)
         step_p, state_p = plain.update(g, state_p, params)
         step_s, state_s = scaled.update(g, state_s, params)
-    index = MLPLOpt().decays.index(0.9)
     for key in params:
-        m = np.asarray(state_s.momenta[key])[..., index]
-        v = np.asarray(state_s.rms[key])
-        r = np.sqrt(np.mean(np.clip(m / np.sqrt(v + 1e-8), -5.0, 5.0) ** 2))
+        r = ratio_rms(state_s, key)
         assert 0 < r < 0.01
         np.testing.assert_allclose(step_s[key], step_p[key] * r, rtol=1e-5)
     with pytest.raises(ValueError, match="ratio_step_scale"):
@@ -237,16 +242,13 @@ def test_ratio_step_knee_leaves_steps_alone_until_r_falls_below_it():
                     .optimizer(theta) for flag in (False, True))
     state_p, state_k = plain.init(params), kneed.init(params)
     grads = grads_like(params, seed=9)
-    index = MLPLOpt().decays.index(0.9)
     for i, size in enumerate([1.0] * 40 + [1e-4] * 100):
         g = jax.tree.map(lambda x: x * size, grads)
         step_p, state_p = plain.update(g, state_p, params)
         step_k, state_k = kneed.update(g, state_k, params)
         if i in (9, 139):
             for key in params:
-                m = np.asarray(state_k.momenta[key])[..., index]
-                v = np.asarray(state_k.rms[key])
-                r = np.sqrt(np.mean(np.clip(m / np.sqrt(v + 1e-8), -5.0, 5.0) ** 2))
+                r = ratio_rms(state_k, key)
                 assert (r > 1) if i == 9 else (0 < r < 0.01)
                 np.testing.assert_allclose(step_k[key], step_p[key] * min(1.0, r / 0.25),
                                            rtol=1e-5)

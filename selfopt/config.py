@@ -156,6 +156,11 @@ class TrainConfig:
     # of each family from the task grid, one problem each (same cost, more variety); "full":
     # the same from the full grids (with the compact grid: sizes the population trains without)
     validate_problems: str = "defaults"
+    # false: the same problems at every validation (scores comparable across rounds); true:
+    # new problems each validation (a new training seed and draw), the elite re-scored beside
+    # the members on them, so it is replaced only by a member that beats it on the same
+    # problems, not by one that fits the fixed problems' noise best
+    validate_fresh: bool = False
     # when no member validates as well as the elite, the elite replaces the worst member
     restore_elite: bool = True
     # evaluation during training: the best member against tuned Adam on the "quick" held-out
@@ -262,7 +267,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check(name, value in choices, f"one of {list(choices)}", value)
     for name in ("clip_relative", "explore_sigma", "stratify_slots", "restore_elite",
                  "raw_adam_features", "magnitude_features", "horizon_features", "tensor_features",
-                 "bias_correction", "loss_features", "depth_features", "ratio_step_scale"):
+                 "bias_correction", "loss_features", "depth_features", "ratio_step_scale",
+                 "validate_fresh"):
         _check(name, isinstance(getattr(c, name), bool), "true or false", getattr(c, name))
     _check("hidden", isinstance(c.hidden, tuple) and 1 <= len(c.hidden) <= 4
            and all(_is_int(w) and 1 <= w <= 1024 for w in c.hidden),

@@ -43,7 +43,7 @@ from selfopt.lopt import MLPLOpt
 from selfopt.population import PBT, AdamControl, Hyperparams, SelfTraining, score_members
 from selfopt.population.pbt import replace_failed
 from selfopt.population.self_training import clip_threshold, clipped_fraction, member_rms
-from selfopt.tasks import TaskDistribution, make_task
+from selfopt.tasks import HELDOUT_SEED_START, TaskDistribution, make_task
 
 
 #: Fields of an ``eval.jsonl`` row that the run summary repeats for the last evaluation.
@@ -510,9 +510,17 @@ class Trainer:
         elite (its weights and outer state are copied). If none does and ``restore_elite`` is
         on, the elite replaces the member that validated worst (lineage kind ``restore_elite``;
         it keeps that position's PBT hyperparameters), so that a population that drifted away
-        from its best point is pulled back. Logged to ``validation.jsonl``.
+        from its best point is pulled back. With ``validate_fresh`` the problems are new each
+        round (:meth:`validation_scores`) and the elite is scored on them beside the members:
+        its score is this round's, and a member replaces it only by beating it on the same
+        problems. Logged to ``validation.jsonl``.
         """
-        scores = np.nan_to_num(self.validation_scores(state.thetas), nan=np.inf)
+        fresh = self.cfg.validate_fresh and state.elite is not None
+        thetas = (jax.tree.map(lambda x, e: jnp.concatenate([x, e[None]]), state.thetas,
+                               state.elite["theta"]) if fresh else state.thetas)
+        scores = np.nan_to_num(self.validation_scores(thetas, state.step), nan=np.inf)
+        if fresh:  # the elite's score on this round's problems, beside the members'
+            scores, state.elite_score = scores[:-1], float(scores[-1])
         best, restored = int(np.argmin(scores)), None
         if scores[best] < state.elite_score:
             state.elite = member_slice({"theta": state.thetas, "outer_state": state.outer_state},
@@ -535,13 +543,20 @@ class Trainer:
             "elite_score": _finite_or_none(state.elite_score), "elite_id": state.elite_id,
             "elite_step": state.elite_step, "restored": restored}])
 
-    def validation_scores(self, thetas) -> np.ndarray:
+    def validation_scores(self, thetas, step: int = 0) -> np.ndarray:
         """``(K,)`` held-in validation scores of members ``thetas`` (what :meth:`validate`
         ranks): :meth:`held_in_meta_loss` on the ``validate_problems``, ``validate_steps``
-        steps each, scored by ``score_loss``."""
+        steps each, scored by ``score_loss``. The problems are the fixed ones of
+        ``HELD_IN_SEED``, or with ``validate_fresh`` those of outer step ``step``: a training
+        seed (below ``HELDOUT_SEED_START``) and a draw that are a pure function of the run's
+        seed and ``step``, so a resumed run validates as the uninterrupted one."""
         cfg = self.cfg
-        return self.held_in_meta_loss(thetas, cfg.validate_steps, loss=cfg.score_loss,
-                                      problems=cfg.validate_problems)
+        seed, key = HELD_IN_SEED, None
+        if cfg.validate_fresh:
+            seed = int(step_rng(cfg.seed, step, 3).integers(HELDOUT_SEED_START))
+            key = jax.random.key(seed)
+        return self.held_in_meta_loss(thetas, cfg.validate_steps, key=key, seed=seed,
+                                      loss=cfg.score_loss, problems=cfg.validate_problems)
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:

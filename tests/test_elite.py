@@ -102,6 +102,43 @@ def test_the_elite_survives_a_checkpoint_exactly_and_is_what_evaluation_takes(tm
                                rtol=1e-6)
 
 
+def test_fresh_validation_rescores_the_elite_on_each_rounds_new_problems(tmp_path):
+    trainer = Trainer(tiny(max_steps=4, validate_interval=2, validate_fresh=True),
+                      tmp_path / "run")
+    trainer.run()
+    state = trainer.load_latest()
+    # new problems each round, the same ones for the same step (a resumed run agrees)
+    at_4, at_6 = trainer.validation_scores(state.thetas, 4), trainer.validation_scores(
+        state.thetas, 6)
+    assert not np.allclose(at_4, at_6)
+    np.testing.assert_array_equal(at_4, trainer.validation_scores(state.thetas, 4))
+    # the fixed problems' trainer ignores the step
+    fixed = Trainer(tiny(max_steps=4, validate_interval=2), tmp_path / "fixed")
+    np.testing.assert_array_equal(fixed.validation_scores(state.thetas, 4),
+                                  fixed.validation_scores(state.thetas, 6))
+    # a round: the elite scored on this round's problems, by the member score function alone
+    state.step, old_elite = 6, jax.tree.map(np.asarray, state.elite["theta"])
+    elite_alone = trainer.validation_scores(jax.tree.map(lambda x: x[None], old_elite), 6)[0]
+    trainer.validate(state)
+    row = validation_rows(tmp_path / "run")[-1]
+    if min(at_6) < elite_alone:  # a member beat it on the same problems: the new elite
+        assert row["restored"] is None and state.elite_id == state.member_ids[int(np.argmin(at_6))]
+        np.testing.assert_allclose(state.elite_score, min(at_6), rtol=1e-5)
+    else:  # none did: it stays, with this round's score, and is restored into the population
+        assert row["restored"] == int(np.argmax(at_6))
+        np.testing.assert_allclose(state.elite_score, elite_alone, rtol=1e-5)
+    np.testing.assert_allclose(row["scores"], at_6, rtol=1e-5)
+    # the elite is re-scored even when it is far better than every member
+    state.thetas, state.step = wreck(state.thetas), 8
+    before = jax.tree.map(np.asarray, state.elite["theta"])
+    expected = trainer.validation_scores(jax.tree.map(lambda x: x[None], before), 8)[0]
+    trainer.validate(state)
+    np.testing.assert_allclose(state.elite_score, expected, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.elite["theta"])):
+        np.testing.assert_array_equal(a, b)
+    assert validation_rows(tmp_path / "run")[-1]["restored"] is not None
+
+
 def test_a_run_without_validation_has_no_elite_and_answers_with_its_best_member(tmp_path):
     trainer = Trainer(tiny(max_steps=2, validate_interval=0), tmp_path / "run")
     trainer.run()

@@ -122,7 +122,8 @@ def test_fresh_validation_rescores_the_elite_on_each_rounds_new_problems(tmp_pat
     trainer.validate(state)
     row = validation_rows(tmp_path / "run")[-1]
     if min(at_6) < elite_alone:  # a member beat it on the same problems: the new elite
-        assert row["restored"] is None and state.elite_id == state.member_ids[int(np.argmin(at_6))]
+        assert row["restored"] is None
+        assert state.elite_id == state.member_ids[int(np.argmin(at_6))]
         np.testing.assert_allclose(state.elite_score, min(at_6), rtol=1e-5)
     else:  # none did: it stays, with this round's score, and is restored into the population
         assert row["restored"] == int(np.argmax(at_6))

@@ -160,7 +160,7 @@ class TrainConfig:
     # new problems each validation (a new training seed and draw), the elite re-scored beside
     # the members on them, so it is replaced only by a member that beats it on the same
     # problems, not by one that fits the fixed problems' noise best (off: worse answers in
-    # docs/results.md, the elite changed by chance two to three times as often)
+    # docs/results.md; the elite changed by chance more often)
     validate_fresh: bool = False
     # when no member validates as well as the elite, the elite replaces the worst member
     restore_elite: bool = True

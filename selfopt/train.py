@@ -551,11 +551,9 @@ class Trainer:
         seed (below ``HELDOUT_SEED_START``) and a draw that are a pure function of the run's
         seed and ``step``, so a resumed run validates as the uninterrupted one."""
         cfg = self.cfg
-        seed, key = HELD_IN_SEED, None
-        if cfg.validate_fresh:
-            seed = int(step_rng(cfg.seed, step, 3).integers(HELDOUT_SEED_START))
-            key = jax.random.key(seed)
-        return self.held_in_meta_loss(thetas, cfg.validate_steps, key=key, seed=seed,
+        seed = (int(step_rng(cfg.seed, step, 3).integers(HELDOUT_SEED_START))
+                if cfg.validate_fresh else HELD_IN_SEED)  # the draw's key follows the seed
+        return self.held_in_meta_loss(thetas, cfg.validate_steps, seed=seed,
                                       loss=cfg.score_loss, problems=cfg.validate_problems)
 
     # -- the loop -----------------------------------------------------------------------------

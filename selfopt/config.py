@@ -95,6 +95,10 @@ class TrainConfig:
     # with ratio_step_scale: 0 (the factor is r) or a knee k, the factor min(1, r / k): only a
     # step whose r fell below k shrinks (MLPLOpt.ratio_step_knee)
     ratio_step_knee: float = 0.0
+    # 0 (off) or a rate: each tensor's step scale, exp(s), with s moved by rate * tanh(the mean
+    # of a third LO output over the tensor) every step, so the LO can raise or lower a task's
+    # step over the run as a per-task rate search would (MLPLOpt.step_adaptation)
+    step_adaptation: float = 0.0
     # with horizon_features: the outer steps self-training's LOs are told their own training
     # takes (nominal: self-training is open-ended)
     outer_horizon: int = 10_000
@@ -282,6 +286,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
            and (c.ratio_step_scale or not c.ratio_step_knee),
            "a number in [0, 5] (0: the factor is r), and above 0 only with ratio_step_scale",
            c.ratio_step_knee)
+    _check("step_adaptation", _is_number(c.step_adaptation) and 0 <= c.step_adaptation <= 1,
+           "a number in [0, 1] (0: off)", c.step_adaptation)
     _check("rms_decay", _is_number(c.rms_decay) and 0 < c.rms_decay < 1, "a number in (0, 1)",
            c.rms_decay)
     for name, hi in (("step_mult_prior", 1000), ("sigma_prior", 1)):

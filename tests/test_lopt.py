@@ -259,6 +259,73 @@ def test_ratio_step_knee_leaves_steps_alone_until_r_falls_below_it():
         MLPLOpt(ratio_step_knee=0.25)
 
 
+def with_rate_output(theta, w_col, b):
+    """``theta`` of a plain LO with a third output column (weights ``w_col``, bias ``b``)."""
+    theta = jax.tree.map(lambda x: x, theta)
+    last = theta["layers"][-1]
+    last["w"] = jnp.concatenate([last["w"], jnp.reshape(w_col, (-1, 1))], axis=1)
+    last["b"] = jnp.concatenate([last["b"], jnp.asarray([b], jnp.float32)])
+    return theta
+
+
+def test_step_adaptation_scales_each_tensor_by_its_integrated_rate_output():
+    # The state's log scale s per tensor moves by eta * tanh(mean of the third output over the
+    # tensor) each step, clipped to [-5, 5], and the tensor's step is the plain LO's times
+    # exp(s). Checked against the plain LO (the same first two outputs) and NumPy.
+    plain_lopt, eta = MLPLOpt(), 0.1
+    lopt = MLPLOpt(step_adaptation=eta)
+    assert (lopt.num_outputs, plain_lopt.num_outputs) == (3, 2)
+    fresh = lopt.init(jax.random.key(3))  # a random LO starts without adaptation
+    assert fresh["layers"][-1]["w"].shape[1] == 3
+    assert not np.any(fresh["layers"][-1]["w"][:, 2]) and not np.any(fresh["layers"][-1]["b"])
+    theta = plain_lopt.init(jax.random.key(4))
+    width = theta["layers"][-1]["w"].shape[0]
+    grads = grads_like(PARAMS, seed=2)
+    cases = {"off": with_rate_output(theta, jnp.zeros(width), 0.0),
+             "up": with_rate_output(theta, jnp.zeros(width), 3.0),
+             "down": with_rate_output(theta, jnp.zeros(width), -0.5),
+             "features": with_rate_output(theta, jax.random.normal(jax.random.key(5), (width,)),
+                                          0.1)}
+    plain = plain_lopt.optimizer(theta)
+    plain_update = jax.jit(plain.update)
+    for name, adapted_theta in cases.items():
+        opt = lopt.optimizer(adapted_theta)
+        state_p, state_a = plain.init(PARAMS), opt.init(PARAMS)
+        adapted_update = jax.jit(opt.update)
+        s = {key: 0.0 for key in PARAMS}
+        for _ in range(60):
+            step_p, state_p = plain_update(grads, state_p, PARAMS)
+            step_a, state_a = adapted_update(grads, state_a, PARAMS)
+            for key in PARAMS:
+                if name == "features":  # the rate output on this step's features, by value
+                    depth = MLPLOpt.depth(jnp.shape(p) for p in PARAMS.values())
+                    rate = lopt.apply_mlp(adapted_theta,
+                                          all_features(lopt, grads, state_a, key, depth))[2]
+                    drift = np.tanh(np.mean(rate))
+                else:
+                    drift = np.tanh(float(adapted_theta["layers"][-1]["b"][2]))
+                s[key] = float(np.clip(s[key] + eta * drift, -5.0, 5.0))
+                np.testing.assert_allclose(state_a.log_scales[key], s[key], rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(step_a[key], step_p[key] * np.exp(s[key]),
+                                           rtol=2e-4, atol=1e-9)
+        if name == "up":  # 60 steps of 0.1 * tanh(3) reach the clip
+            assert all(v == 5.0 for v in s.values())
+        if name == "off":
+            assert all(v == 0.0 for v in s.values())
+        if name == "down":
+            assert all(-3.0 < v < -2.0 for v in s.values())
+    # jit and the optax API see the scales as ordinary state
+    opt = as_optax(lopt, cases["up"])
+    update = jax.jit(opt.update)
+    state = opt.init(PARAMS)
+    for _ in range(3):
+        _, state = update(grads, state, PARAMS)
+    assert float(state.log_scales["dense"]) == pytest.approx(3 * eta * np.tanh(3.0), rel=1e-5)
+    for bad in (-0.1, 1.5, True, "0.1"):
+        with pytest.raises(ValueError, match="step_adaptation"):
+            MLPLOpt(step_adaptation=bad)
+
+
 def all_features(lopt, grads, state, name, depth=0):
     """The full ``(n, num_features)`` matrix of ``PARAMS[name]`` (the module docstring's
     order), from the gradients and the state after the update that used them; ``depth``: the

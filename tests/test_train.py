@@ -76,10 +76,11 @@ def test_the_learned_optimizer_fields_of_the_config_build_it():
                        bias_correction=True, rms_decay=0.99, exp_mult=0.1,
                        loss_features=True, feature_eps=1e-20, width_base=16,
                        depth_features=True, depth_power=0.5, ratio_step_scale=True,
-                       ratio_step_knee=0.3))
+                       ratio_step_knee=0.3, step_adaptation=0.05))
     lopt = comps.lopt
     assert (lopt.eps, lopt.width_base, lopt.depth_features, lopt.depth_power,
-            lopt.ratio_step_scale, lopt.ratio_step_knee) == (1e-20, 16, True, 0.5, True, 0.3)
+            lopt.ratio_step_scale, lopt.ratio_step_knee,
+            lopt.step_adaptation) == (1e-20, 16, True, 0.5, True, 0.3, 0.05)
     assert (lopt.hidden, lopt.raw_adam_features, lopt.magnitude_features, lopt.horizon_features,
             lopt.tensor_features, lopt.bias_correction, lopt.rms_decay, lopt.exp_mult,
             lopt.loss_features) == ((8, 4), False, False, True, True, True, 0.99, 0.1, True)
@@ -91,7 +92,8 @@ def test_the_learned_optimizer_fields_of_the_config_build_it():
         make_config({"rms_decay": 1.0})
     for field, bad in (("width_base", -1), ("width_base", 1.5), ("feature_eps", 0.0),
                        ("depth_power", -0.5), ("depth_power", 9), ("ratio_step_scale", 1),
-                       ("ratio_step_knee", 0.3), ("ratio_step_knee", -1)):
+                       ("ratio_step_knee", 0.3), ("ratio_step_knee", -1),
+                       ("step_adaptation", -0.1), ("step_adaptation", 2), ("step_adaptation", True)):
         with pytest.raises(ConfigError, match=field):
             make_config({field: bad})
 
@@ -124,6 +126,25 @@ def test_a_loss_features_run_tracks_inner_and_meta_losses_and_resumes(tmp_path):
     for inner in state.slot_inner:
         stats = np.asarray(inner.opt_state.loss_stats)
         assert np.all(np.isfinite(stats)) and np.all(stats[..., 1] > 0)
+
+
+def test_a_step_adapting_run_carries_its_scales_and_resumes_bitwise(tmp_path):
+    # The inner problems' LOs and the members' own outer state hold a log step scale per
+    # tensor; it survives a checkpoint: stopped and resumed equals uninterrupted, bit for bit.
+    whole = Trainer(tiny(max_steps=4, step_adaptation=0.2), tmp_path / "whole").run()
+    Trainer(tiny(max_steps=2, step_adaptation=0.2), tmp_path / "split").run()
+    assert main(["train", "--resume", str(tmp_path / "split"), "--set", "max_steps=4",
+                 "--quiet"]) == 0
+    _, state, path = open_checkpoint(tmp_path / "split")
+    a, b = load_file(whole["checkpoint"]), load_file(path)
+    assert a.keys() == b.keys() and any("log_scales" in name for name in a)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    scales = [np.asarray(x) for inner in state.slot_inner
+              for x in jax.tree.leaves(inner.opt_state.log_scales)]
+    outer = [np.asarray(x) for x in jax.tree.leaves(state.outer_state.log_scales)]
+    assert scales and outer and all(np.all(np.abs(x) <= 5.0) for x in scales + outer)
+    assert state.thetas["layers"][-1]["w"].shape[-1] == 3
 
 
 def test_the_meta_loss_field_reaches_the_estimator_and_is_checked():

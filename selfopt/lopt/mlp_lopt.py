@@ -83,6 +83,9 @@ LOSS_DECAYS = (0.9, 0.99)
 #: The momentum decay whose Adam-like ratio sets the step's scale with ``ratio_step_scale``
 #: (Adam's own ``b1``).
 RATIO_DECAY = 0.9
+#: With ``step_adaptation``: the bound on each tensor's log step scale (``e ** 5``, about 150x,
+#: either way: a wider range than tuned Adam's rates span on the quick suite, 0.007 to 1).
+ADAPTATION_CLIP = 5.0
 
 
 class MLPLOptState(NamedTuple):
@@ -96,6 +99,9 @@ class MLPLOptState(NamedTuple):
     # float32 (3,): the loss's fast and slow moving averages and its mean absolute deviation
     # from the slow one (with loss_features; else None, no leaf)
     loss_stats: Any = None
+    # pytree like params, one float32 scalar per tensor: the log of the tensor's step scale
+    # (with step_adaptation; else None, no leaf)
+    log_scales: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +169,16 @@ class MLPLOpt:
         ``k`` below the noise level of ``r`` (0.46 at step 300), a stochastic problem keeps the
         learned optimizer's own step, and a deterministic one whose gradient falls below what
         ``v`` remembers still converges.
+      step_adaptation: 0 (off) or a rate ``eta`` **(ours)**: the MLP has a third output ``a``
+        and every tensor a log step scale ``s`` in the state (0 at the start of a run), updated
+        before each step as ``s <- clip(s + eta * tanh(mean(a)), -ADAPTATION_CLIP,
+        ADAPTATION_CLIP)`` with the mean over the tensor's parameters; the tensor's step is
+        multiplied by ``exp(s)``. The features give the optimizer one step size with little
+        adaptation (3- to 4-fold over the quick suite, where tuned Adam's rates span 140-fold:
+        docs/results.md); the scale lets it raise or lower a tensor's step over the run as a
+        per-task rate search would, integrating a small output over many steps. The third
+        output's last-layer weights start at zero (the rest of the weights are random), so a
+        random optimizer starts without adaptation, which ES then has to find useful.
     """
 
     hidden: tuple[int, ...] = (32, 32)
@@ -184,6 +200,7 @@ class MLPLOpt:
     depth_power: float = 1.5
     ratio_step_scale: bool = False
     ratio_step_knee: float = 0.0
+    step_adaptation: float = 0.0
 
     def __post_init__(self):
         if not self.hidden or any(not isinstance(w, int) or w < 1 for w in self.hidden):
@@ -205,6 +222,10 @@ class MLPLOpt:
                              f"factor is r itself), got {self.ratio_step_knee!r}")
         if self.ratio_step_knee and not self.ratio_step_scale:
             raise ValueError("MLPLOpt.ratio_step_knee needs ratio_step_scale=True")
+        if (not isinstance(self.step_adaptation, numbers.Real)
+                or isinstance(self.step_adaptation, bool) or not 0 <= self.step_adaptation <= 1):
+            raise ValueError(f"MLPLOpt.step_adaptation must be a number in [0, 1] (0: off), "
+                             f"got {self.step_adaptation!r}")
 
     def width_factor(self, shape: tuple[int, ...]) -> float:
         """The step multiplier of a tensor of ``shape`` (``width_base``; 1 when off)."""
@@ -246,15 +267,23 @@ class MLPLOpt:
 
         Returns:
           ``{"layers": [{"w": (fan_in, fan_out), "b": (fan_out,)}, ...]}``; the last layer has
-          two outputs, direction and log-magnitude.
+          two outputs, direction and log-magnitude, and with ``step_adaptation`` a third, the
+          step scale's rate, whose weights start at zero.
         """
-        sizes = (self.num_features, *self.hidden, 2)
+        sizes = (self.num_features, *self.hidden, self.num_outputs)
         keys = jax.random.split(key, len(sizes) - 1)
         layers = [
             {"w": jax.random.normal(k, (n_in, n_out)) / jnp.sqrt(n_in), "b": jnp.zeros(n_out)}
             for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:])
         ]
+        layers[-1]["w"] = layers[-1]["w"].at[:, 2:].set(0.0)
         return {"layers": layers}
+
+    @property
+    def num_outputs(self) -> int:
+        """Outputs per parameter: direction and log-magnitude, and the step scale's rate with
+        ``step_adaptation``."""
+        return 3 if self.step_adaptation else 2
 
     def param_features(self, g: jax.Array, p: jax.Array, m: jax.Array, v: jax.Array,
                        shape: tuple[int, ...] = ()) -> jax.Array:
@@ -328,8 +357,9 @@ class MLPLOpt:
 
     def apply_mlp(self, theta: Theta, x: jax.Array, step: jax.Array | None = None,
                   horizon: jax.Array | None = None, loss_stats: jax.Array | None = None,
-                  loss: jax.Array | None = None, depth: int = 0) -> tuple[jax.Array, jax.Array]:
-        """Runs the shared MLP; returns direction and magnitude, each ``(n,)``.
+                  loss: jax.Array | None = None, depth: int = 0) -> tuple[jax.Array, ...]:
+        """Runs the shared MLP; returns direction and magnitude, each ``(n,)``, and with
+        ``step_adaptation`` the step scale's rate ``a`` (``(n,)``) as a third.
 
         Args:
           theta: the LO weights.
@@ -354,7 +384,7 @@ class MLPLOpt:
         for layer in hidden:
             x = jax.nn.relu(x @ layer["w"] + layer["b"])
         out = x @ last["w"] + last["b"]
-        return out[:, 0], out[:, 1]
+        return tuple(out[:, i] for i in range(self.num_outputs))
 
     @staticmethod
     def update_loss_stats(stats: jax.Array, loss: jax.Array, step: jax.Array
@@ -397,12 +427,15 @@ class MLPLOpt:
                 horizon = jnp.asarray(num_steps, jnp.float32)
             k = len(self.decays)
             loss_stats = jnp.zeros(3, jnp.float32) if self.loss_features else None
+            log_scales = (jax.tree.map(lambda p: jnp.zeros([], jnp.float32), params)
+                          if self.step_adaptation else None)
             return MLPLOptState(
                 momenta=jax.tree.map(lambda p: jnp.zeros((*jnp.shape(p), k), jnp.float32), params),
                 rms=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
                 step=jnp.zeros([], jnp.int32),
                 horizon=horizon,
                 loss_stats=loss_stats,
+                log_scales=log_scales,
             )
 
         def update_fn(grads, state, params=None, **extra_args):
@@ -446,13 +479,15 @@ class MLPLOpt:
 
             # One MLP call over the parameters of all tensors at once (one matmul, not one per leaf).
             depth = self.depth(jnp.shape(p) for p in p_leaves)
-            direction, magnitude = self.apply_mlp(theta, jnp.concatenate(feats), step,
-                                                  state.horizon, loss_stats, loss, depth)
+            direction, magnitude, *rate = self.apply_mlp(theta, jnp.concatenate(feats), step,
+                                                         state.horizon, loss_stats, loss, depth)
             steps = -direction * jnp.exp(self.exp_mult * magnitude) * self.step_mult
+            s_leaves = (treedef.flatten_up_to(state.log_scales) if self.step_adaptation
+                        else [None] * len(p_leaves))
 
-            updates, offset = [], 0
+            updates, new_s, offset = [], [], 0
             depth_factor = self.depth_factor(depth)
-            for i, p in enumerate(p_leaves):  # i: the leaf's index into ratio_scales
+            for i, p in enumerate(p_leaves):  # i: the leaf's index into ratio_scales, s_leaves
                 size = jnp.size(p)
                 update = steps[offset:offset + size].reshape(jnp.shape(p))
                 factor = self.width_factor(jnp.shape(p)) * depth_factor
@@ -460,6 +495,12 @@ class MLPLOpt:
                     update = update * factor
                 if self.ratio_step_scale:
                     update = update * ratio_scales[i]
+                if self.step_adaptation:
+                    drift = jnp.tanh(jnp.mean(rate[0][offset:offset + size]))
+                    s = jnp.clip(s_leaves[i] + self.step_adaptation * drift, -ADAPTATION_CLIP,
+                                 ADAPTATION_CLIP)
+                    update = update * jnp.exp(s)
+                    new_s.append(s)
                 updates.append(update.astype(jnp.result_type(p)))
                 offset += size
             new_state = MLPLOptState(
@@ -468,6 +509,8 @@ class MLPLOpt:
                 step=step,
                 horizon=state.horizon,
                 loss_stats=loss_stats,
+                log_scales=(jax.tree_util.tree_unflatten(treedef, new_s) if self.step_adaptation
+                            else None),
             )
             return jax.tree_util.tree_unflatten(treedef, updates), new_state
 

@@ -179,6 +179,8 @@ class MLPLOpt:
         per-task rate search would, integrating a small output over many steps. The third
         output's last-layer weights start at zero (the rest of the weights are random), so a
         random optimizer starts without adaptation, which ES then has to find useful.
+        Self-training's members update each other without it
+        (:attr:`~selfopt.population.self_training.SelfTraining.outer_lopt`).
     """
 
     hidden: tuple[int, ...] = (32, 32)
@@ -372,6 +374,10 @@ class MLPLOpt:
           loss_stats, loss: the updated loss statistics and the loss (with ``loss_features``
             and ``step``).
           depth: the model's depth (with ``depth_features`` and ``step``; :meth:`depth`).
+
+        Weights with more outputs than :attr:`num_outputs` (a step-adapting LO's, read by the
+        same LO without adaptation, as self-training's members update each other) are read for
+        their first :attr:`num_outputs`.
         """
         first, *hidden, last = theta["layers"]
         if step is None:

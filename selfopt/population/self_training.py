@@ -132,9 +132,20 @@ class SelfTraining:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
 
+    @property
+    def outer_lopt(self) -> LearnedOptimizer:
+        """The LO as it updates the members: without ``step_adaptation`` (its first two outputs
+        only). On the noisy ES estimates a member's step scale integrated down to its bound
+        within 600 outer steps and froze self-training (docs/results.md); the trust region and
+        PBT's step multiplier set the length of the members' steps instead."""
+        if getattr(self.lopt, "step_adaptation", 0):
+            return dataclasses.replace(self.lopt, step_adaptation=0.0)
+        return self.lopt
+
     def init(self, thetas: Theta) -> Any:
         """Per-member outer state: the LO's state for member i's weights (leading axis K)."""
-        return jax.vmap(lambda theta: self.lopt.optimizer(theta, self.horizon).init(theta))(thetas)
+        return jax.vmap(lambda theta: self.outer_lopt.optimizer(theta, self.horizon).init(theta))(
+            thetas)
 
     def donors(self, num_members: int, best: jax.Array, key: jax.Array) -> jax.Array:
         """Index ``j`` of the member whose LO updates each member ``i``."""
@@ -168,7 +179,7 @@ class SelfTraining:
         grads = clip_estimate(grads, clip_threshold(grads, self.clip, self.clip_relative))
 
         def one(theta_i, state_i, grad_i, theta_j, extra_i):
-            return self.lopt.optimizer(theta_j).update(grad_i, state_i, theta_i, **extra_i)
+            return self.outer_lopt.optimizer(theta_j).update(grad_i, state_i, theta_i, **extra_i)
 
         updates, outer_state = jax.vmap(one)(thetas, outer_state, grads, donors, extra)
         new, shrink = scale_and_add(thetas, updates, log_step_mult, self.max_update,

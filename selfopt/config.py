@@ -97,7 +97,9 @@ class TrainConfig:
     ratio_step_knee: float = 0.0
     # 0 (off) or a rate: each tensor's step scale, exp(s), with s moved by rate * tanh(the mean
     # of a third LO output over the tensor) every step, so the LO can raise or lower a task's
-    # step over the run as a per-task rate search would (MLPLOpt.step_adaptation)
+    # step over the run as a per-task rate search would (MLPLOpt.step_adaptation); members
+    # update each other without it (off: 0.05 and 0.01 stalled, the scales ran to their bound,
+    # docs/results.md)
     step_adaptation: float = 0.0
     # with horizon_features: the outer steps self-training's LOs are told their own training
     # takes (nominal: self-training is open-ended)

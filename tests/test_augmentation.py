@@ -112,7 +112,7 @@ def test_the_config_field_reaches_the_distribution_and_is_checked():
             make_config({"reparam_scale": bad})
 
 
-@pytest.mark.parametrize("stratify", [False, True])
+@pytest.mark.parametrize("stratify", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_an_augmented_run_trains_on_reparametrized_tasks_and_resumes(tmp_path, stratify):
     from selfopt.cli import main
     from selfopt.train import Trainer, open_checkpoint

@@ -488,8 +488,7 @@ class MLPLOpt:
             direction, magnitude, *rate = self.apply_mlp(theta, jnp.concatenate(feats), step,
                                                          state.horizon, loss_stats, loss, depth)
             steps = -direction * jnp.exp(self.exp_mult * magnitude) * self.step_mult
-            s_leaves = (treedef.flatten_up_to(state.log_scales) if self.step_adaptation
-                        else [None] * len(p_leaves))
+            s_leaves = treedef.flatten_up_to(state.log_scales) if self.step_adaptation else None
 
             updates, new_s, offset = [], [], 0
             depth_factor = self.depth_factor(depth)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from selfopt.estimators.inner_problem import LOSS_AVERAGES, NORMALIZATIONS
+from selfopt.lopt.mlp_lopt import STEP_SCHEDULES
 from selfopt.population.self_training import POLICIES, TRUST_REGIONS
 from selfopt.tasks.base import SPLITS
 from selfopt.tasks.distribution import GRIDS, HELDOUT_FAMILIES, TRAIN_FAMILIES
@@ -101,6 +102,9 @@ class TrainConfig:
     # update each other without it (off: 0.05 and 0.01 stalled, the scales ran to their bound,
     # docs/results.md)
     step_adaptation: float = 0.0
+    # "constant" or "linear": the LO's step decays linearly to 0 over each inner run (a fixed
+    # rule, MLPLOpt.step_schedule; members update each other without it)
+    step_schedule: str = "constant"
     # with horizon_features: the outer steps self-training's LOs are told their own training
     # takes (nominal: self-training is open-ended)
     outer_horizon: int = 10_000
@@ -269,7 +273,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           ("score_loss", LOSS_AVERAGES), ("task_grid", tuple(GRIDS)),
                           ("validate_problems", VALIDATE_PROBLEMS),
                           ("estimator", ESTIMATORS), ("normalization", NORMALIZATIONS),
-                          ("meta_loss", LOSS_AVERAGES), ("meta_split", SPLITS)):
+                          ("meta_loss", LOSS_AVERAGES), ("meta_split", SPLITS),
+                          ("step_schedule", STEP_SCHEDULES)):
         value = getattr(c, name)
         _check(name, value in choices, f"one of {list(choices)}", value)
     for name in ("clip_relative", "explore_sigma", "stratify_slots", "restore_elite",

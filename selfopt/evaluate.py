@@ -312,7 +312,7 @@ def suite(name: str = "heldout") -> list[dict[str, Any]]:
     """The task configurations of a named suite.
 
     ``heldout``: the 12 held-out configurations (:data:`HELDOUT_CONFIGS`). ``quick``: those
-    minus the slow families (:data:`SLOW_FAMILIES`): 8 tasks, seconds each; what ``selfopt
+    minus the slow families (:data:`SLOW_FAMILIES`): 9 tasks, seconds each; what ``selfopt
     train`` evaluates during a run.
 
     Raises:

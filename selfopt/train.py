@@ -75,7 +75,8 @@ def build(cfg: TrainConfig) -> Components:
                   eps=cfg.feature_eps,
                   width_base=cfg.width_base, depth_power=cfg.depth_power,
                   ratio_step_scale=cfg.ratio_step_scale, ratio_step_knee=cfg.ratio_step_knee,
-                  step_adaptation=cfg.step_adaptation, exp_mult=cfg.exp_mult)
+                  step_adaptation=cfg.step_adaptation, step_schedule=cfg.step_schedule,
+                  exp_mult=cfg.exp_mult)
     estimator_cls = PES if cfg.estimator == "pes" else TruncatedES
     estimator = estimator_cls(
         lopt, num_pairs=cfg.num_pairs, truncation_length=cfg.truncation_length,

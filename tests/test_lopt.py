@@ -268,6 +268,27 @@ def with_rate_output(theta, w_col, b):
     return theta
 
 
+def test_linear_step_schedule_decays_the_plain_step_to_zero_over_the_horizon():
+    # The same weights with and without the schedule: update t of a T-update run is the
+    # constant schedule's times 1 - (t - 1) / T, and nothing after the last.
+    theta, horizon = MLPLOpt().init(jax.random.key(6)), 5
+    grads = grads_like(PARAMS, seed=3)
+    plain = MLPLOpt().optimizer(theta)
+    decayed = MLPLOpt(step_schedule="linear").optimizer(theta, num_steps=horizon)
+    state_p, state_d = plain.init(PARAMS), decayed.init(PARAMS)
+    for t in range(1, horizon + 3):
+        step_p, state_p = plain.update(grads, state_p, PARAMS)
+        step_d, state_d = decayed.update(grads, state_d, PARAMS)
+        factor = max(0.0, 1.0 - (t - 1) / horizon)
+        for key in PARAMS:
+            assert np.any(step_p[key])
+            np.testing.assert_allclose(step_d[key], step_p[key] * factor, rtol=1e-5, atol=1e-12)
+    with pytest.raises(ValueError, match="step_schedule='linear'.*num_steps"):
+        MLPLOpt(step_schedule="linear").optimizer(theta).init(PARAMS)
+    with pytest.raises(ValueError, match="step_schedule must be one of"):
+        MLPLOpt(step_schedule="cosine")
+
+
 def test_step_adaptation_scales_each_tensor_by_its_integrated_rate_output():
     # The state's log scale s per tensor moves by eta * tanh(mean of the third output over the
     # tensor) each step, clipped to [-5, 5], and the tensor's step is the plain LO's times

@@ -130,6 +130,25 @@ def test_members_update_each_other_without_step_adaptation():
     np.testing.assert_allclose(ratio, np.exp(0.5 * np.tanh(-4.0)), rtol=1e-4)
 
 
+def test_members_update_each_other_without_a_step_schedule():
+    # Told a horizon of 2 outer steps, a linear schedule would halve the second self-update
+    # and zero the third; the members' self-updates are the constant schedule's.
+    thetas = stack(MLPLOpt(hidden=(8,)).init(jax.random.key(1)),
+                   MLPLOpt(hidden=(8,)).init(jax.random.key(2)))
+    scheduled, plain = (SelfTraining(MLPLOpt(hidden=(8,), step_schedule="linear"), horizon=2),
+                        SelfTraining(MLPLOpt(hidden=(8,)), horizon=2))
+    state, plain_state = scheduled.init(thetas), plain.init(thetas)
+    new, plain_new = thetas, thetas
+    for step in range(3):
+        args = (jnp.zeros(2), jnp.asarray(step), jax.random.key(step))
+        new, state, _ = scheduled.update(new, state, grads_for(new, step), *args)
+        plain_new, plain_state, _ = plain.update(plain_new, plain_state,
+                                                 grads_for(plain_new, step), *args)
+        for got, want in zip(jax.tree.leaves(new), jax.tree.leaves(plain_new)):
+            np.testing.assert_array_equal(got, want)
+    assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(thetas)))
+
+
 def test_a_loss_reading_lo_is_given_each_members_meta_loss_in_its_self_update():
     lopt = MLPLOpt(hidden=(8,), loss_features=True)
     thetas = stack(lopt.init(jax.random.key(1)), lopt.init(jax.random.key(2)))

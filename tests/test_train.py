@@ -76,11 +76,11 @@ def test_the_learned_optimizer_fields_of_the_config_build_it():
                        bias_correction=True, rms_decay=0.99, exp_mult=0.1,
                        loss_features=True, feature_eps=1e-20, width_base=16,
                        depth_features=True, depth_power=0.5, ratio_step_scale=True,
-                       ratio_step_knee=0.3, step_adaptation=0.05))
+                       ratio_step_knee=0.3, step_adaptation=0.05, step_schedule="linear"))
     lopt = comps.lopt
     assert (lopt.eps, lopt.width_base, lopt.depth_features, lopt.depth_power,
-            lopt.ratio_step_scale, lopt.ratio_step_knee,
-            lopt.step_adaptation) == (1e-20, 16, True, 0.5, True, 0.3, 0.05)
+            lopt.ratio_step_scale, lopt.ratio_step_knee, lopt.step_adaptation,
+            lopt.step_schedule) == (1e-20, 16, True, 0.5, True, 0.3, 0.05, "linear")
     assert (lopt.hidden, lopt.raw_adam_features, lopt.magnitude_features, lopt.horizon_features,
             lopt.tensor_features, lopt.bias_correction, lopt.rms_decay, lopt.exp_mult,
             lopt.loss_features) == ((8, 4), False, False, True, True, True, 0.99, 0.1, True)
@@ -93,11 +93,13 @@ def test_the_learned_optimizer_fields_of_the_config_build_it():
     for field, bad in (("width_base", -1), ("width_base", 1.5), ("feature_eps", 0.0),
                        ("depth_power", -0.5), ("depth_power", 9), ("ratio_step_scale", 1),
                        ("ratio_step_knee", 0.3), ("ratio_step_knee", -1),
-                       ("step_adaptation", -0.1), ("step_adaptation", 2), ("step_adaptation", True)):
+                       ("step_adaptation", -0.1), ("step_adaptation", 2), ("step_adaptation", True),
+                       ("step_schedule", "cosine"), ("step_schedule", 1)):
         with pytest.raises(ConfigError, match=field):
             make_config({field: bad})
 
 
+@pytest.mark.slow  # an option that is off by default (its unit tests are not slow)
 def test_a_horizon_run_tells_each_inner_problem_its_length_and_resumes(tmp_path):
     # Each inner problem's optimizer state holds its own sampled length as the horizon; the
     # members' own outer state holds outer_horizon. The extra state survives a checkpoint.
@@ -111,6 +113,7 @@ def test_a_horizon_run_tells_each_inner_problem_its_length_and_resumes(tmp_path)
         np.testing.assert_array_equal(inner.opt_state.horizon, inner.length.astype(np.float32))
 
 
+@pytest.mark.slow  # an option that is off by default (its unit tests are not slow)
 def test_a_loss_features_run_tracks_inner_and_meta_losses_and_resumes(tmp_path):
     # The inner problems' LOs track their training loss; the members' own outer state tracks
     # their meta-losses (log-normalised: below 0 once a member makes progress). Both survive
@@ -128,6 +131,7 @@ def test_a_loss_features_run_tracks_inner_and_meta_losses_and_resumes(tmp_path):
         assert np.all(np.isfinite(stats)) and np.all(stats[..., 1] > 0)
 
 
+@pytest.mark.slow  # an option that is off by default (its unit tests are not slow)
 def test_a_step_adapting_run_carries_its_scales_and_resumes_bitwise(tmp_path):
     # The inner problems' LOs hold a log step scale per tensor; it survives a checkpoint:
     # stopped and resumed equals uninterrupted, bit for bit. The members update each other

@@ -135,12 +135,16 @@ class SelfTraining:
     @property
     def outer_lopt(self) -> LearnedOptimizer:
         """The LO as it updates the members: without ``step_adaptation`` (its first two outputs
-        only). On the noisy ES estimates a member's step scale integrated down to its bound
-        within 600 outer steps and froze self-training (docs/results.md); the trust region and
-        PBT's step multiplier set the length of the members' steps instead."""
+        only) and with a constant ``step_schedule``. On the noisy ES estimates a member's step
+        scale integrated down to its bound within 600 outer steps and froze self-training
+        (docs/results.md); the trust region and PBT's step multiplier set the length of the
+        members' steps instead. Self-training is open-ended: no schedule decays its steps."""
+        changes = {}
         if getattr(self.lopt, "step_adaptation", 0):
-            return dataclasses.replace(self.lopt, step_adaptation=0.0)
-        return self.lopt
+            changes["step_adaptation"] = 0.0
+        if getattr(self.lopt, "step_schedule", "constant") != "constant":
+            changes["step_schedule"] = "constant"
+        return dataclasses.replace(self.lopt, **changes) if changes else self.lopt
 
     def init(self, thetas: Theta) -> Any:
         """Per-member outer state: the LO's state for member i's weights (leading axis K)."""

@@ -75,7 +75,8 @@ def as_optax(lopt: LearnedOptimizer, theta: Theta, num_steps: int | None = None
     Use it like any optax optimizer: ``opt = as_optax(lopt, theta, num_steps=1000); state =
     opt.init(params); updates, state = opt.update(grads, state, params, loss=loss)``.
     ``num_steps`` (the number of updates the run will take) is required by a learned optimizer
-    that reads the fraction of training done (``MLPLOpt(horizon_features=True)``).
+    that reads the fraction of training done (``MLPLOpt(horizon_features=True)``) or decays
+    its step over the run (``MLPLOpt(step_schedule="linear")``).
     """
     check_theta(lopt, theta)
     return lopt.optimizer(theta, num_steps)

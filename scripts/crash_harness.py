@@ -46,9 +46,11 @@ from safetensors.numpy import load_file
 from selfopt import checkpoint as ckpt
 
 #: The small, fast configuration every process of the harness runs.
-CONFIG = {"num_pairs": 1, "truncation_length": 2, "families": ["quadratic"], "hidden": [4],
-          "num_slots": 1, "pbt_interval": 3, "score_steps": 2, "summary_steps": 2,
-          "validate_interval": 7, "validate_steps": 2, "min_inner_length": 4, "max_inner_length": 8, "checkpoint_seconds": 0,
+CONFIG = {"estimator.num_pairs": 1, "estimator.truncation_length": 2,
+          "tasks.families": ["quadratic"], "lopt.hidden": [4], "num_slots": 1, "pbt.interval": 3,
+          "pbt.score_steps": 2, "summary_steps": 2, "validate_interval": 7, "validate_steps": 2,
+          "estimator.min_inner_length": 4, "estimator.max_inner_length": 8,
+          "checkpoint_seconds": 0,
           "keep_checkpoints": 2, "eval_minutes": 0, "minutes": 600}
 #: Fields of log rows and checkpoint metadata that measure wall time (they may differ).
 WALL_TIME_FIELDS = ("elapsed",)

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="self-train a population of randomly initialised learned optimizers",
         description="Self-train a population of randomly initialised learned optimizers with "
                     "ES meta-gradients and PBT. Flags override --config; see "
-                    "selfopt/config.py for every field.")
+                    "selfopt/config.py for every field (sections lopt, estimator, outer, pbt, "
+                    "tasks: --set lopt.hidden=[64,64]).")
     train.add_argument("--config", type=Path, help="JSON file of config fields")
     train.add_argument("--out", type=Path, help="run directory (default runs/<label>-<time>)")
     train.add_argument("--resume", type=Path, metavar="RUN",
@@ -97,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--policy", help="whose LO updates a member: self, best or random")
     train.add_argument("--estimator", help="es or pes")
     train.add_argument("--set", type=parse_assignment, action="append", default=[],
-                       metavar="FIELD=VALUE", help="any config field, value as JSON")
+                       metavar="FIELD=VALUE",
+                       help="any config field, dotted (outer.max_update=0.01), value as JSON")
     train.add_argument("--quiet", action="store_true", help="no live view")
 
     ev = commands.add_parser(
@@ -161,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 def train_overrides(args: argparse.Namespace) -> dict[str, object]:
     """Config fields given on the command line (flags, then --set)."""
     flags = {"population": args.population, "minutes": args.minutes, "max_steps": args.max_steps,
-             "seed": args.seed, "outer_optimizer": args.outer_optimizer, "policy": args.policy,
-             "estimator": args.estimator}
+             "seed": args.seed, "outer.kind": args.outer_optimizer, "outer.policy": args.policy,
+             "estimator.kind": args.estimator}
     overrides = {k: v for k, v in flags.items() if v is not None}
     overrides.update(dict(args.set))
     return overrides
@@ -184,10 +186,10 @@ def train(args: argparse.Namespace) -> int:
         config_file = run_dir / "config.json"
         if not config_file.is_file():
             raise ConfigError(f"{run_dir} is not a selfopt run directory (no config.json)")
-        cfg = make_config(overrides, config_file, stored=True)
+        cfg = make_config(overrides, config_file)
     else:
         cfg = make_config(overrides, args.config)
-        label = "adam-control" if cfg.outer_optimizer == "adam" else "self"
+        label = "adam-control" if cfg.outer.kind == "adam" else "self"
         run_dir = args.out or Path("runs") / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
         if run_dir.exists() and not run_dir.is_dir():
             raise ConfigError(f"--out {run_dir} is a file, not a directory")
@@ -198,7 +200,7 @@ def train(args: argparse.Namespace) -> int:
             raise ConfigError(f"{run_dir} already holds a run; resume it with --resume "
                               f"{run_dir}, or choose another --out")
 
-    with LiveView("Adam control" if cfg.outer_optimizer == "adam" else "self-training",
+    with LiveView("Adam control" if cfg.outer.kind == "adam" else "self-training",
                   60 * cfg.minutes) as view:
         trainer = Trainer(cfg, run_dir, on_step=None if args.quiet else view.update,
                           on_eval=lambda row: view.console.print(eval_line(row), highlight=False,

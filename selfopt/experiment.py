@@ -1,9 +1,9 @@
 """``selfopt experiment self-vs-adam``: the paper's headline comparison as one command.
 
 1. ``self/``: a population of randomly initialised learned optimizers trains itself
-   (``outer_optimizer="self"``), ``minutes`` of training;
+   (``outer.kind="self"``), ``minutes`` of training;
 2. ``control/``: the same architecture, population, tasks and budget, meta-trained by Adam
-   (``outer_optimizer="adam"``, the conventional control);
+   (``outer.kind="adam"``, the conventional control);
 3. the elite of each (its best held-in validation), and Adam tuned per task over 14 learning
    rates, on the whole held-out suite (same seeds, initialisations and batches);
 4. ``report.html`` (both runs side by side, self-contained) and ``results.json``.
@@ -27,7 +27,7 @@ from selfopt.live_view import LiveView
 from selfopt.report import comparison_page, figure_html, table
 from selfopt.train import Trainer, open_checkpoint, read_jsonl
 
-#: The two arms: run folder, config value of ``outer_optimizer``, label.
+#: The two arms: run folder, config value of ``outer.kind``, label.
 ARMS = (("self", "self", "self-training (no hand-designed optimizer)"),
         ("control", "adam", "CONTROL: meta-trained by Adam"))
 
@@ -35,7 +35,7 @@ ARMS = (("self", "self", "self-training (no hand-designed optimizer)"),
 def train_arm(run_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """One run with a live view on stderr; returns its summary."""
     cfg = make_config(overrides)
-    label = "Adam control" if cfg.outer_optimizer == "adam" else "self-training"
+    label = "Adam control" if cfg.outer.kind == "adam" else "self-training"
     with LiveView(label, 60 * cfg.minutes) as view:
         return Trainer(cfg, run_dir, on_step=view.update).run()
 
@@ -84,7 +84,7 @@ def self_vs_adam(out: Path, minutes: float, seed: int = 0, num_steps: int = 300,
         run_dir = out / folder
         print(f"== {name}: {minutes:g} minutes -> {run_dir}", file=sys.stderr)
         summaries[folder] = train_arm(run_dir, {**(overrides or {}), "minutes": minutes,
-                                                "seed": seed, "outer_optimizer": outer})
+                                                "seed": seed, "outer.kind": outer})
         runs.append((name, run_dir))
     for (folder, _, name), (_, run_dir) in zip(ARMS, runs):
         print(f"== evaluating {name} on the held-out suite", file=sys.stderr)

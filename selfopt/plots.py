@@ -53,8 +53,9 @@ class RunData:
         self.config = json.loads(path.read_text()) if path.is_file() else {}
         path = self.run_dir / "summary.json"  # written when a run ends
         self.summary = json.loads(path.read_text()) if path.is_file() else None
-        self.label = ("CONTROL (meta-trained by Adam)" if self.config.get("outer_optimizer") ==
-                      "adam" else "self-training")
+        self.label = ("CONTROL (meta-trained by Adam)"
+                      if (self.config.get("outer") or {}).get("kind") == "adam"
+                      else "self-training")
 
     def meta_loss_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(steps,)`` outer steps, ``(steps,)`` training minutes and ``(steps, K)`` meta-loss

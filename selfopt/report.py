@@ -150,8 +150,10 @@ def run_sections(data: RunData, heading_level: int = 2) -> str:
                      + table(("lineage id", "born at step", "how", "parent", "step mult",
                               "sigma"), rows))
     if data.config:
-        parts.append(f"<{h}>Configuration</{h}>"
-                     + table(("field", "value"), sorted(data.config.items())))
+        flat = [(f"{k}.{f}" if isinstance(v, dict) else k, x)
+                for k, v in data.config.items()
+                for f, x in (v.items() if isinstance(v, dict) else [(None, v)])]
+        parts.append(f"<{h}>Configuration</{h}>" + table(("field", "value"), flat))
     return "\n".join(parts)
 
 

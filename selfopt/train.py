@@ -4,7 +4,7 @@ One outer step, for every member at once (:func:`outer_step`, one jitted call pe
 
     population -> ES/PES unrolls on the step's task -> meta-gradients -> self-update
 
-and every ``pbt_interval`` steps, on the host, PBT: score every member on the same fresh
+and every ``pbt.interval`` steps, on the host, PBT: score every member on the same fresh
 problems with unperturbed weights, exploit and explore, record the lineage. Members with
 non-finite weights or meta-loss are replaced at once.
 
@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,14 +36,12 @@ import numpy as np
 
 from selfopt import checkpoint as ckpt
 from selfopt.config import ConfigError, TrainConfig, make_config
-from selfopt.estimators import PES, LogUniformLength, TruncatedES
 from selfopt.estimators.inner_problem import ratio_scale
 from selfopt.evaluate import Candidate, default_cache_dir, evaluate, lopt_candidate, suite
-from selfopt.lopt import MLPLOpt
-from selfopt.population import PBT, AdamControl, Hyperparams, SelfTraining, score_members
+from selfopt.population import Hyperparams, score_members
 from selfopt.population.pbt import replace_failed
 from selfopt.population.self_training import clip_threshold, clipped_fraction, member_rms
-from selfopt.tasks import HELDOUT_SEED_START, TaskDistribution, make_task
+from selfopt.tasks import make_task
 
 
 #: Fields of an ``eval.jsonl`` row that the run summary repeats for the last evaluation.
@@ -51,49 +49,6 @@ EVAL_SUMMARY_FIELDS = ("step", "elapsed", "mean_normalized", "adam_mean_normaliz
                        "tasks", "beats_adam")
 #: Seed of the fixed held-in problems of the run summary (inside the training seed range).
 HELD_IN_SEED = 424_242
-#: Instance seed of the held-in problems of PBT's ``held_in`` score (training seed range).
-PBT_SEED = 424_243
-
-
-class Components(NamedTuple):
-    """The run's algorithms, built from its configuration (all static and hashable)."""
-
-    lopt: MLPLOpt
-    estimator: TruncatedES
-    outer: SelfTraining | AdamControl
-    pbt: PBT
-    distribution: TaskDistribution
-
-
-def build(cfg: TrainConfig) -> Components:
-    """The algorithms a configuration describes."""
-    lopt = MLPLOpt(hidden=cfg.hidden, raw_adam_features=cfg.raw_adam_features,
-                  magnitude_features=cfg.magnitude_features,
-                  horizon_features=cfg.horizon_features, tensor_features=cfg.tensor_features,
-                  bias_correction=cfg.bias_correction, rms_decay=cfg.rms_decay,
-                  loss_features=cfg.loss_features, depth_features=cfg.depth_features,
-                  eps=cfg.feature_eps,
-                  width_base=cfg.width_base, depth_power=cfg.depth_power,
-                  ratio_step_scale=cfg.ratio_step_scale, ratio_step_knee=cfg.ratio_step_knee,
-                  step_adaptation=cfg.step_adaptation, step_schedule=cfg.step_schedule,
-                  exp_mult=cfg.exp_mult)
-    estimator_cls = PES if cfg.estimator == "pes" else TruncatedES
-    estimator = estimator_cls(
-        lopt, num_pairs=cfg.num_pairs, truncation_length=cfg.truncation_length,
-        schedule=LogUniformLength(cfg.min_inner_length, cfg.max_inner_length),
-        normalization=cfg.normalization, loss_cap=cfg.loss_cap, meta_loss=cfg.meta_loss,
-        meta_split=cfg.meta_split, log_floor=cfg.log_floor)
-    outer = (SelfTraining(lopt, cfg.policy, cfg.clip, cfg.max_update, cfg.trust_region,
-                          cfg.outer_horizon, cfg.clip_relative)
-             if cfg.outer_optimizer == "self"
-             else AdamControl(cfg.adam_learning_rate, cfg.clip, cfg.max_update, cfg.trust_region,
-                              cfg.clip_relative))
-    pbt = PBT(interval=cfg.pbt_interval, exploit_fraction=cfg.exploit_fraction,
-              resample_probability=cfg.resample_probability, step_mult_prior=cfg.step_mult_prior,
-              sigma_prior=cfg.sigma_prior, explore_sigma=cfg.explore_sigma,
-              score_steps=cfg.score_steps)
-    distribution = TaskDistribution(cfg.families, cfg.task_grid, cfg.reparam_scale)
-    return Components(lopt, estimator, outer, pbt, distribution)
 
 
 @dataclasses.dataclass
@@ -145,15 +100,15 @@ def step_rng(seed: int, step: int, purpose: int) -> np.random.Generator:
     return np.random.default_rng([seed, step, purpose])
 
 
-@functools.partial(jax.jit, static_argnames=("estimator",))
-def init_inner(estimator, task, thetas, key):
+@functools.partial(jax.jit, static_argnames=("lopt", "estimator"))
+def init_inner(lopt, estimator, task, thetas, key):
     """Fresh inner problems for every member on ``task`` (leading axes K, pairs)."""
     keys = jax.random.split(key, jax.tree.leaves(thetas)[0].shape[0])
-    return jax.vmap(estimator.init_state, in_axes=(None, 0, 0))(task, thetas, keys)
+    return jax.vmap(estimator.init_state, in_axes=(None, None, 0, 0))(lopt, task, thetas, keys)
 
 
-@functools.partial(jax.jit, static_argnames=("estimator", "outer"))
-def outer_step(estimator, outer, thetas, outer_state, hparams, best, inner, task, key):
+@functools.partial(jax.jit, static_argnames=("lopt", "estimator", "outer"))
+def outer_step(lopt, estimator, outer, thetas, outer_state, hparams, best, inner, task, key):
     """One outer step of the whole population: ES/PES estimates, then the self-update.
 
     Returns:
@@ -163,9 +118,9 @@ def outer_step(estimator, outer, thetas, outer_state, hparams, best, inner, task
     """
     num = jax.tree.leaves(thetas)[0].shape[0]
     es_key, update_key = jax.random.split(key)
-    estimates, inner = jax.vmap(estimator.estimate, in_axes=(None, 0, 0, 0, 0))(
-        task, thetas, jnp.exp(hparams.log_sigma), inner, jax.random.split(es_key, num))
-    new_thetas, outer_state, shrink = outer.update(thetas, outer_state, estimates.grad,
+    estimates, inner = jax.vmap(estimator.estimate, in_axes=(None, None, 0, 0, 0, 0))(
+        lopt, task, thetas, jnp.exp(hparams.log_sigma), inner, jax.random.split(es_key, num))
+    new_thetas, outer_state, shrink = outer.update(lopt, thetas, outer_state, estimates.grad,
                                                    hparams.log_step_mult, best, update_key,
                                                    estimates.meta_loss)
     finite = jnp.isfinite(estimates.meta_loss)
@@ -180,8 +135,8 @@ def outer_step(estimator, outer, thetas, outer_state, hparams, best, inner, task
     return new_thetas, outer_state, inner, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("estimator", "outer", "num_steps"))
-def outer_steps(estimator, outer, thetas, outer_state, hparams, best, inner, task, seed,
+@functools.partial(jax.jit, static_argnames=("lopt", "estimator", "outer", "num_steps"))
+def outer_steps(lopt, estimator, outer, thetas, outer_state, hparams, best, inner, task, seed,
                 first_step, num_steps):
     """``num_steps`` outer steps on one task in one compiled call (``lax.scan`` over
     :func:`outer_step`), with no trip to the host in between: what a GPU needs, where one outer
@@ -194,7 +149,7 @@ def outer_steps(estimator, outer, thetas, outer_state, hparams, best, inner, tas
         thetas, outer_state, inner = carry
         key = step_key(seed, first_step + i, 0)
         thetas, outer_state, inner, metrics = outer_step(
-            estimator, outer, thetas, outer_state, hparams, best, inner, task, key)
+            lopt, estimator, outer, thetas, outer_state, hparams, best, inner, task, key)
         return (thetas, outer_state, inner), metrics
 
     (thetas, outer_state, inner), metrics = jax.lax.scan(
@@ -245,7 +200,6 @@ class Trainer:
                  on_step: Callable[[dict[str, Any]], None] | None = None,
                  on_eval: Callable[[dict[str, Any]], None] | None = None):
         self.cfg, self.run_dir, self.on_step, self.on_eval = cfg, Path(run_dir), on_step, on_eval
-        self.comps = build(cfg)
         self._tasks: dict[str, Any] = {}
         self._replacements: dict[str, int] = {}  # a resumed run loads them (:meth:`load`)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -266,35 +220,28 @@ class Trainer:
         return (step + offset) // self.cfg.task_steps
 
     def slot_config(self, slot: int, step: int) -> dict:
-        """The task slot ``slot`` holds at ``step``: drawn from the whole distribution, or with
-        ``stratify_slots`` from the slot's own family (``families[slot % len(families)]``), so
-        that every family comes round every ``num_slots`` steps."""
-        key = step_key(self.cfg.seed, self.slot_epoch(slot, step), 1000 + slot)
-        distribution = self.comps.distribution
-        if self.cfg.stratify_slots:
-            families = distribution.families
-            distribution = dataclasses.replace(distribution,
-                                               families=(families[slot % len(families)],))
-        return distribution.sample(key)
+        """The task slot ``slot`` holds at ``step``, drawn from the task distribution."""
+        return self.cfg.tasks.sample(step_key(self.cfg.seed, self.slot_epoch(slot, step),
+                                              1000 + slot))
 
     def fresh_slot(self, slot: int, step: int, thetas) -> tuple[dict, Any]:
         config = self.slot_config(slot, step)
         key = step_key(self.cfg.seed, step, 2000 + slot)
-        return config, init_inner(self.comps.estimator, self.task(config), thetas, key)
+        return config, init_inner(self.cfg.lopt, self.cfg.estimator, self.task(config), thetas, key)
 
     # -- state ------------------------------------------------------------------------------
     def initial_thetas(self):
         """The members' random initial weights (a function of the seed only)."""
         keys = jax.random.split(step_key(self.cfg.seed, 0, 1), self.cfg.population)
-        return jax.vmap(self.comps.lopt.init)(keys)
+        return jax.vmap(self.cfg.lopt.init)(keys)
 
     def initial_state(self) -> RunState:
-        cfg, comps = self.cfg, self.comps
+        cfg = self.cfg
         thetas = self.initial_thetas()  # random initialisation, nothing else
-        hparams = comps.pbt.initial(step_rng(cfg.seed, 0, 1), cfg.population)
+        hparams = cfg.pbt.initial(step_rng(cfg.seed, 0, 1), cfg.population)
         slots = [self.fresh_slot(s, 0, thetas) for s in range(cfg.num_slots)]
         return RunState(
-            step=0, thetas=thetas, outer_state=comps.outer.init(thetas),
+            step=0, thetas=thetas, outer_state=cfg.outer.init(cfg.lopt, thetas),
             hparams=Hyperparams(*map(jnp.asarray, hparams)),
             slot_configs=[c for c, _ in slots], slot_inner=[s for _, s in slots],
             member_ids=list(range(cfg.population)), generation=[0] * cfg.population,
@@ -304,12 +251,12 @@ class Trainer:
     def template(self, slot_configs: list[dict], elite: bool) -> dict[str, Any]:
         """A state with the structure a checkpoint of these slot tasks (and an elite, or not)
         must have."""
-        cfg, comps = self.cfg, self.comps
-        thetas = jax.vmap(comps.lopt.init)(jax.random.split(jax.random.key(0), cfg.population))
+        cfg = self.cfg
+        thetas = jax.vmap(cfg.lopt.init)(jax.random.split(jax.random.key(0), cfg.population))
         hparams = Hyperparams(*[jnp.zeros(cfg.population, jnp.float32)] * 2)
-        inner = [init_inner(comps.estimator, self.task(c), thetas, jax.random.key(0))
+        inner = [init_inner(cfg.lopt, cfg.estimator, self.task(c), thetas, jax.random.key(0))
                  for c in slot_configs]
-        outer_state = comps.outer.init(thetas)
+        outer_state = cfg.outer.init(cfg.lopt, thetas)
         template = {"thetas": thetas, "outer_state": outer_state, "hparams": hparams,
                     "slots": inner}
         if elite:
@@ -488,16 +435,13 @@ class Trainer:
         return event
 
     def pbt_round(self, state: RunState, task) -> None:
-        cfg, comps = self.cfg, self.comps
-        key = step_key(cfg.seed, state.step, 3)
-        if cfg.pbt_score == "held_in":
-            scores = self.held_in_meta_loss(state.thetas, cfg.score_steps, key, PBT_SEED,
-                                            cfg.score_loss)
-        else:
-            scores = np.asarray(score(comps.lopt, state.thetas, task, key, cfg.score_steps,
-                                      loss=cfg.score_loss))
+        """Scores every member on the step's task (the same fresh problems, unperturbed
+        weights), then exploit and explore (method.md section 5)."""
+        cfg = self.cfg
+        scores = np.asarray(score(cfg.lopt, state.thetas, task, step_key(cfg.seed, state.step, 3),
+                                  cfg.pbt.score_steps, loss=cfg.pbt.score_loss))
         state.scores = [float(s) for s in scores]
-        sources, hparams, copies = comps.pbt.exploit_and_explore(
+        sources, hparams, copies = cfg.pbt.exploit_and_explore(
             scores, jax.tree.map(np.asarray, state.hparams), step_rng(cfg.seed, state.step, 2))
         self.apply_copies(state, sources, copies, {c: "exploit" for c, _ in copies}, hparams)
         state.best = int(np.argmin(np.nan_to_num(state.scores, nan=np.inf)))
@@ -505,30 +449,24 @@ class Trainer:
     def validate(self, state: RunState) -> None:
         """Held-in validation of every member; keeps the best weights seen as the elite.
 
-        Every member trains the fixed held-in problems (:meth:`held_in_meta_loss` on the
-        ``validate_problems``: training families and seeds only) for ``validate_steps`` steps,
-        scored by ``score_loss``. A member that validates better than the elite becomes the
-        elite (its weights and outer state are copied). If none does and ``restore_elite`` is
-        on, the elite replaces the member that validated worst (lineage kind ``restore_elite``;
-        it keeps that position's PBT hyperparameters), so that a population that drifted away
-        from its best point is pulled back. With ``validate_fresh`` the problems are new each
-        round (:meth:`validation_scores`) and the elite is scored on them beside the members:
-        its score is this round's, and a member replaces it only by beating it on the same
-        problems. Logged to ``validation.jsonl``.
+        Every member trains the fixed held-in problems (:meth:`held_in_meta_loss`: training
+        families and seeds only) for ``validate_steps`` steps, scored by ``pbt.score_loss``. A
+        member that validates better than the elite becomes the elite (its weights and outer
+        state are copied). If none does and ``restore_elite`` is on, the elite replaces the
+        member that validated worst (lineage kind ``restore_elite``; it keeps that position's
+        PBT hyperparameters), so that a population that drifted away from its best point is
+        pulled back. Logged to ``validation.jsonl``.
         """
-        fresh = self.cfg.validate_fresh and state.elite is not None
-        thetas = (jax.tree.map(lambda x, e: jnp.concatenate([x, e[None]]), state.thetas,
-                               state.elite["theta"]) if fresh else state.thetas)
-        scores = np.nan_to_num(self.validation_scores(thetas, state.step), nan=np.inf)
-        if fresh:  # the elite's score on this round's problems, beside the members'
-            scores, state.elite_score = scores[:-1], float(scores[-1])
+        cfg = self.cfg
+        scores = np.nan_to_num(self.held_in_meta_loss(state.thetas, cfg.validate_steps,
+                                                      cfg.pbt.score_loss), nan=np.inf)
         best, restored = int(np.argmin(scores)), None
         if scores[best] < state.elite_score:
             state.elite = member_slice({"theta": state.thetas, "outer_state": state.outer_state},
                                        best)
             state.elite_score, state.elite_step = float(scores[best]), state.step
             state.elite_id, state.elite_generation = state.member_ids[best], state.generation[best]
-        elif self.cfg.restore_elite and state.elite is not None:
+        elif cfg.restore_elite and state.elite is not None:
             restored = int(np.argmax(scores))
             state.thetas = put_member(state.thetas, restored, state.elite["theta"])
             state.outer_state = put_member(state.outer_state, restored,
@@ -543,19 +481,6 @@ class Trainer:
             "scores": [_finite_or_none(x) for x in scores], "best": best,
             "elite_score": _finite_or_none(state.elite_score), "elite_id": state.elite_id,
             "elite_step": state.elite_step, "restored": restored}])
-
-    def validation_scores(self, thetas, step: int = 0) -> np.ndarray:
-        """``(K,)`` held-in validation scores of members ``thetas`` (what :meth:`validate`
-        ranks): :meth:`held_in_meta_loss` on the ``validate_problems``, ``validate_steps``
-        steps each, scored by ``score_loss``. The problems are the fixed ones of
-        ``HELD_IN_SEED``, or with ``validate_fresh`` those of outer step ``step``: a training
-        seed (below ``HELDOUT_SEED_START``) and a draw that are a pure function of the run's
-        seed and ``step``, so a resumed run validates as the uninterrupted one."""
-        cfg = self.cfg
-        seed = (int(step_rng(cfg.seed, step, 3).integers(HELDOUT_SEED_START))
-                if cfg.validate_fresh else HELD_IN_SEED)  # the draw's key follows the seed
-        return self.held_in_meta_loss(thetas, cfg.validate_steps, seed=seed,
-                                      loss=cfg.score_loss, problems=cfg.validate_problems)
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
@@ -584,7 +509,7 @@ class Trainer:
         # Training time excludes evaluations (measurement, not training): ``elapsed`` is what
         # the budget, the logs and time-to-beat-Adam count.
         session_start, session_elapsed0, evaluating = time.monotonic(), state.elapsed, 0.0
-        inner_per_call = (cfg.population * cfg.num_pairs * 2 * cfg.truncation_length
+        inner_per_call = (cfg.population * cfg.estimator.num_pairs * 2 * cfg.estimator.truncation_length
                           * cfg.steps_per_call)
         eval_every = 60.0 * cfg.eval_minutes
         next_eval = eval_every * (state.elapsed // eval_every + 1) if resume and eval_every else 0.0
@@ -655,8 +580,8 @@ class Trainer:
         else:
             theta, default_name = member_slice(state.thetas, source["member"]), (
                 f"member {source['member']} (id {source['member_id']}, step {state.step})")
-        return lopt_candidate(self.comps.lopt, theta,
-                              name or f"{self.comps.outer.label} {default_name}")
+        return lopt_candidate(self.cfg.lopt, theta,
+                              name or f"{self.cfg.outer.label} {default_name}")
 
     @staticmethod
     def member_source(state: RunState, member: int | None = None) -> dict[str, Any]:
@@ -681,14 +606,14 @@ class Trainer:
         """One call's outer steps (``steps_per_call``, all on one slot's task; then a PBT round
         when one is due); appends their metrics; advances ``state``. Returns the metrics of the
         call's last step."""
-        cfg, comps = self.cfg, self.comps
+        cfg = self.cfg
         n = cfg.steps_per_call
         slot = (state.step // n) % cfg.num_slots
         if self.slot_config(slot, state.step) != state.slot_configs[slot]:
             state.slot_configs[slot], state.slot_inner[slot] = self.fresh_slot(
                 slot, state.step, state.thetas)
         task = self.task(state.slot_configs[slot])
-        args = (comps.estimator, comps.outer, state.thetas, state.outer_state, state.hparams,
+        args = (cfg.lopt, cfg.estimator, cfg.outer, state.thetas, state.outer_state, state.hparams,
                 jnp.asarray(state.best), state.slot_inner[slot], task)
         if n == 1:  # the plain step (no scan around it)
             *new, metrics = outer_step(*args, step_key(cfg.seed, state.step, 0))
@@ -697,7 +622,7 @@ class Trainer:
             *new, metrics = outer_steps(*args, cfg.seed, state.step, n)
             history = {k: np.asarray(v) for k, v in metrics.items()}
         # logged, shown and checked on the ratio scale (1 = no progress)
-        history["meta_loss"] = ratio_scale(history["meta_loss"], cfg.normalization)
+        history["meta_loss"] = ratio_scale(history["meta_loss"], cfg.estimator.normalization)
         state.thetas, state.outer_state, state.slot_inner[slot] = new
         metrics = {k: v[-1] for k, v in history.items()}
         if state.start_meta_loss is None:
@@ -718,12 +643,12 @@ class Trainer:
             "step_mult": float(np.exp(hparams.log_step_mult[i])),
             "sigma": float(np.exp(hparams.log_sigma[i])),
             "task": state.slot_configs[slot]["family"],
-            "outer_optimizer": comps.outer.label,
+            "outer_optimizer": cfg.outer.label,
             # this member was replaced after this step (kind); replacement follows a call
             "replaced": replaced.get(i) if j == n - 1 else None,
         } for j in range(n) for i in range(cfg.population)])
         state.step += n
-        if crossed(state.step, n, cfg.pbt_interval):
+        if crossed(state.step, n, cfg.pbt.interval):
             self.pbt_round(state, task)
         if cfg.validate_interval and crossed(state.step, n, cfg.validate_interval):
             self.validate(state)
@@ -753,8 +678,8 @@ class Trainer:
         if not finite.any():
             raise FloatingPointError(
                 f"step {state.step}: every member's weights or meta-loss are not finite; "
-                "nothing is left to copy (try a smaller step_mult_prior, max_update or "
-                "sigma_prior)")
+                "nothing is left to copy (try a smaller pbt.step_mult_prior, outer.max_update "
+                "or pbt.sigma_prior)")
         sources, copies = replace_failed(healthy if healthy.any() else finite,
                                          np.asarray(state.scores),
                                          step_rng(self.cfg.seed, state.step, 4))
@@ -763,47 +688,24 @@ class Trainer:
         return kinds
 
     def held_in_meta_loss(self, thetas, num_steps: int | None = None,
-                          key: jax.Array | None = None, seed: int = HELD_IN_SEED,
-                          loss: str = "mean", problems: str = "defaults") -> np.ndarray:
-        """``(K,)`` meta-loss of each member on held-in problems, ``num_steps`` steps each,
-        unperturbed weights, the ``loss`` of ``score_members``; the mean over families.
-
-        ``problems``: ``defaults``, the default task of every training family (instance seed
-        ``seed``), two problems each (drawn by ``key``); ``grid``, two configurations of
-        every training family drawn from the run's task distribution (by ``seed``; differing
-        in more than their seed where the grid allows), one problem each: the same cost, more
-        of the variety the population trains on; or ``full``, the same from the full grids
-        (:data:`~selfopt.tasks.TRAIN_GRIDS`, no augmentation): with the compact grid, sizes
-        and batch sizes the population does not train on, meant to favour the members that
-        transfer (training families and seeds all the same; not better in the one run
-        measured, docs/results.md run 46).
-
-        The defaults (``summary_steps``, the fixed key of ``HELD_IN_SEED``) are the summary's
-        start/end comparison: the same problems at both ends, so they compare like with like.
-        PBT's ``held_in`` score (``pbt_score``) uses its own instances and a fresh key each
-        round. None of these is a held-out task."""
-        cfg = self.cfg
-        key = jax.random.key(seed) if key is None else key
-        if problems in ("grid", "full"):
-            distribution = (self.comps.distribution if problems == "grid"
-                            else TaskDistribution(cfg.families, "full"))
-            configs = [c for family in cfg.families
-                       for c in distribution.distinct_configs(family, 2, seed)]
-            num_problems = 1
-        else:
-            configs = [{"family": family, "seed": seed} for family in cfg.families]
-            num_problems = 2
-        per_config = [score(self.comps.lopt, thetas, self.task(config), key,
-                            num_steps or cfg.summary_steps, loss=loss, num_problems=num_problems)
-                      for config in configs]
-        return np.mean(np.stack([np.asarray(x) for x in per_config]), axis=0)
+                          loss: str = "mean") -> np.ndarray:
+        """``(K,)`` meta-loss of each member on the fixed held-in problems: every training
+        family's default task (instance seed ``HELD_IN_SEED``, training families and seeds
+        only), two problems each, ``num_steps`` steps (default ``summary_steps``), unperturbed
+        weights, the ``loss`` of :func:`score_members`; the mean over families. The same
+        problems every time, so scores compare like with like. None of them is held out."""
+        cfg, key = self.cfg, jax.random.key(HELD_IN_SEED)
+        per_family = [score(cfg.lopt, thetas, self.task({"family": family, "seed": HELD_IN_SEED}),
+                            key, num_steps or cfg.summary_steps, loss=loss)
+                      for family in cfg.tasks.families]
+        return np.mean(np.stack([np.asarray(x) for x in per_family]), axis=0)
 
     def summary(self, state: RunState, path: Path, interrupted: bool) -> dict[str, Any]:
         """Meta-loss at start and end, the best member, and the checkpoint written."""
         start = self.held_in_meta_loss(self.initial_thetas())
         end = self.held_in_meta_loss(state.thetas)
         evals = read_jsonl(self.run_dir / "eval.jsonl")
-        summary = {"outer_optimizer": self.comps.outer.label, "steps": state.step,
+        summary = {"outer_optimizer": self.cfg.outer.label, "steps": state.step,
                 "elapsed_s": round(state.elapsed, 1),
                 "held_in_start": {"median": float(np.median(start)), "best": float(start.min())},
                 "held_in_end": {"median": float(np.median(end)), "best": float(end.min())},
@@ -853,7 +755,7 @@ def open_checkpoint(target: Path) -> tuple[Trainer, RunState, Path]:
     if target.is_dir():
         if not (target / "config.json").is_file():
             raise ckpt.CheckpointError(f"{target} is not a selfopt run directory (no config.json)")
-        trainer = Trainer(make_config({}, target / "config.json", stored=True), target)
+        trainer = Trainer(make_config({}, target / "config.json"), target)
         paths = trainer.checkpoints()
         if not paths:
             raise ckpt.CheckpointError(f"{target} has no checkpoint yet")
@@ -862,7 +764,7 @@ def open_checkpoint(target: Path) -> tuple[Trainer, RunState, Path]:
         raise ckpt.CheckpointError(f"no run directory or checkpoint file at {target}")
     try:
         config = ckpt.read_metadata(target)["config"]
-        cfg = make_config(config, stored=True)
+        cfg = make_config(config)
     except (KeyError, TypeError, ConfigError) as err:
         raise ckpt.CheckpointError(f"{target} is not a selfopt training checkpoint ({err})") from None
     trainer = Trainer(cfg, target.parent.parent)

@@ -10,7 +10,6 @@ import pytest
 
 from selfopt.config import ConfigError, make_config
 from selfopt.tasks import Reparametrized, TaskDistribution, full_config, make_task
-from selfopt.train import build
 
 MLP = {"family": "mlp", "seed": 3, "hidden": [32, 16]}
 
@@ -85,7 +84,7 @@ def test_the_distribution_augments_training_tasks_only():
     assert all(c["reparam_scale"] == 10 for c in samples)
     assert all(isinstance(make_task(c), Reparametrized) for c in samples[:5])
     assert all("reparam_scale" not in c for c in distribution.heldout())
-    plain = TaskDistribution(("quadratic", "mlp"), "compact")
+    plain = TaskDistribution(("quadratic", "mlp"), "compact", reparam_scale=1)
     # the same draws otherwise: augmentation changes no other field
     assert [{**c, "reparam_scale": None} for c in samples] == [
         {**plain.sample(seed), "reparam_scale": None} for seed in range(50)]
@@ -102,27 +101,24 @@ def test_bad_scales_fail_in_one_line(bad):
 
 
 def test_the_config_field_reaches_the_distribution_and_is_checked():
-    assert build(make_config({"reparam_scale": 10})).distribution.reparam_scale == 10
-    assert build(make_config()).distribution.reparam_scale == 10
-    assert build(make_config({"reparam_scale": 1})).distribution.reparam_scale == 1
-    # a run stored before the field existed trained without augmentation, and resumes so
-    assert make_config({}, stored=True).reparam_scale == 1
-    for bad in (0.5, 1e4, "x"):
-        with pytest.raises(ConfigError, match="reparam_scale"):
-            make_config({"reparam_scale": bad})
+    assert make_config({"tasks.reparam_scale": 10}).tasks.reparam_scale == 10
+    assert make_config().tasks.reparam_scale == 10
+    assert make_config({"tasks.reparam_scale": 1}).tasks.reparam_scale == 1
+    for bad in (0.5, "x", float("nan")):
+        with pytest.raises(ConfigError, match="tasks.reparam_scale"):
+            make_config({"tasks.reparam_scale": bad})
 
 
-@pytest.mark.parametrize("stratify", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_an_augmented_run_trains_on_reparametrized_tasks_and_resumes(tmp_path, stratify):
+def test_an_augmented_run_trains_on_reparametrized_tasks_and_resumes(tmp_path):
     from selfopt.cli import main
     from selfopt.train import Trainer, open_checkpoint
-    cfg = make_config({"population": 4, "num_pairs": 1, "truncation_length": 5,
-                       "min_inner_length": 10, "max_inner_length": 30,
-                       "families": ["quadratic", "test_function"], "num_slots": 2,
-                       "task_steps": 3, "pbt_interval": 2, "score_steps": 5,
-                       "summary_steps": 5, "validate_steps": 5, "hidden": [8],
-                       "eval_minutes": 0, "max_steps": 3, "reparam_scale": 10,
-                       "stratify_slots": stratify})
+    cfg = make_config({"population": 4, "estimator.num_pairs": 1,
+                       "estimator.truncation_length": 5, "estimator.min_inner_length": 10,
+                       "estimator.max_inner_length": 30,
+                       "tasks.families": ["quadratic", "test_function"], "num_slots": 2,
+                       "task_steps": 3, "pbt.interval": 2, "pbt.score_steps": 5,
+                       "summary_steps": 5, "validate_steps": 5, "lopt.hidden": [8],
+                       "eval_minutes": 0, "max_steps": 3, "tasks.reparam_scale": 10})
     run_dir = tmp_path / "run"
     trainer = Trainer(cfg, run_dir)
     trainer.run()
@@ -131,6 +127,4 @@ def test_an_augmented_run_trains_on_reparametrized_tasks_and_resumes(tmp_path, s
     assert state.step == 4
     assert all(c["reparam_scale"] == 10 for c in state.slot_configs)
     assert all(isinstance(trainer.task(c), Reparametrized) for c in state.slot_configs)
-    if stratify:
-        assert [c["family"] for c in state.slot_configs] == ["quadratic", "test_function"]
     assert np.all(np.isfinite(np.asarray(jax.tree_util.tree_leaves(state.thetas)[0])))

@@ -7,10 +7,11 @@ import sys
 from safetensors.numpy import load_file
 
 TINY = ["--population", "2", "--max-steps", "2", "--quiet",
-        "--set", "num_pairs=1", "--set", "truncation_length=4", "--set", "min_inner_length=8",
-        "--set", "max_inner_length=16", "--set", 'families=["quadratic"]',
-        "--set", "num_slots=1", "--set", "hidden=[4]", "--set", "eval_minutes=0",
-        "--set", "score_steps=4", "--set", "summary_steps=4",
+        "--set", "estimator.num_pairs=1", "--set", "estimator.truncation_length=4",
+        "--set", "estimator.min_inner_length=8", "--set", "estimator.max_inner_length=16",
+        "--set", 'tasks.families=["quadratic"]', "--set", "num_slots=1",
+        "--set", "lopt.hidden=[4]", "--set", "eval_minutes=0", "--set", "pbt.score_steps=4",
+        "--set", "summary_steps=4",
         "--set", "validate_steps=4"]
 
 # ``selfopt train`` in a fresh process, counting JAX's persistent-cache hits.

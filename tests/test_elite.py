@@ -5,13 +5,8 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from selfopt import checkpoint as ckpt
-from selfopt.config import ConfigError
-from selfopt.population import score_members
-from selfopt.tasks import TaskDistribution, make_task
-from selfopt.tasks.distribution import COMPACT_GRIDS, HELDOUT_SEED_START
 from selfopt.train import Trainer, member_slice
 from test_train import log_rows, tiny
 
@@ -42,7 +37,7 @@ def test_the_elite_is_the_best_validation_so_far_and_its_weights_are_kept(tmp_pa
     one = jax.tree.map(lambda x: jnp.stack([x, x]), state.elite["theta"])
     cfg = trainer.cfg
     again = Trainer(tiny(population=2), tmp_path / "other").held_in_meta_loss(
-        one, cfg.validate_steps, loss=cfg.score_loss)
+        one, cfg.validate_steps, loss=cfg.pbt.score_loss)
     np.testing.assert_allclose(again, state.elite_score, rtol=1e-5)
 
 
@@ -53,7 +48,7 @@ def test_a_population_worse_than_the_elite_gets_it_back(tmp_path):
     # every member drifts into divergence: the next validation finds none as good as the elite
     state.thetas = wreck(state.thetas)
     scores = trainer.held_in_meta_loss(state.thetas, trainer.cfg.validate_steps,
-                                       loss=trainer.cfg.score_loss)
+                                       loss=trainer.cfg.pbt.score_loss)
     assert scores.min() > state.elite_score
     trainer.validate(state)
     worst = int(np.argmax(scores))
@@ -100,90 +95,3 @@ def test_the_elite_survives_a_checkpoint_exactly_and_is_what_evaluation_takes(tm
     one = jax.tree.map(lambda x: x[None], state.elite["theta"])
     np.testing.assert_allclose(summary["elite"]["held_in"], trainer.held_in_meta_loss(one)[0],
                                rtol=1e-6)
-
-
-def test_fresh_validation_rescores_the_elite_on_each_rounds_new_problems(tmp_path):
-    trainer = Trainer(tiny(max_steps=4, validate_interval=2, validate_fresh=True),
-                      tmp_path / "run")
-    trainer.run()
-    state = trainer.load_latest()
-    # new problems each round, the same ones for the same step (a resumed run agrees)
-    at_4, at_6 = trainer.validation_scores(state.thetas, 4), trainer.validation_scores(
-        state.thetas, 6)
-    assert not np.allclose(at_4, at_6)
-    np.testing.assert_array_equal(at_4, trainer.validation_scores(state.thetas, 4))
-    # the fixed problems' trainer ignores the step
-    fixed = Trainer(tiny(max_steps=4, validate_interval=2), tmp_path / "fixed")
-    np.testing.assert_array_equal(fixed.validation_scores(state.thetas, 4),
-                                  fixed.validation_scores(state.thetas, 6))
-    # a round: the elite scored on this round's problems, by the member score function alone
-    state.step, old_elite = 6, jax.tree.map(np.asarray, state.elite["theta"])
-    elite_alone = trainer.validation_scores(jax.tree.map(lambda x: x[None], old_elite), 6)[0]
-    trainer.validate(state)
-    row = validation_rows(tmp_path / "run")[-1]
-    if min(at_6) < elite_alone:  # a member beat it on the same problems: the new elite
-        assert row["restored"] is None
-        assert state.elite_id == state.member_ids[int(np.argmin(at_6))]
-        np.testing.assert_allclose(state.elite_score, min(at_6), rtol=1e-5)
-    else:  # none did: it stays, with this round's score, and is restored into the population
-        assert row["restored"] == int(np.argmax(at_6))
-        np.testing.assert_allclose(state.elite_score, elite_alone, rtol=1e-5)
-    np.testing.assert_allclose(row["scores"], at_6, rtol=1e-5)
-    # the elite is re-scored even when it is far better than every member
-    state.thetas, state.step = wreck(state.thetas), 8
-    before = jax.tree.map(np.asarray, state.elite["theta"])
-    expected = trainer.validation_scores(jax.tree.map(lambda x: x[None], before), 8)[0]
-    trainer.validate(state)
-    np.testing.assert_allclose(state.elite_score, expected, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.elite["theta"])):
-        np.testing.assert_array_equal(a, b)
-    assert validation_rows(tmp_path / "run")[-1]["restored"] is not None
-
-
-def test_a_run_without_validation_has_no_elite_and_answers_with_its_best_member(tmp_path):
-    trainer = Trainer(tiny(max_steps=2, validate_interval=0), tmp_path / "run")
-    trainer.run()
-    state = trainer.load_latest()
-    assert state.elite is None and state.elite_id == -1
-    assert ckpt.read_metadata(trainer.checkpoints()[-1])["run"]["elite_id"] == -1
-    assert trainer.member_source(state)["member"] == state.best
-
-
-def test_grid_validation_scores_distinct_grid_configurations_of_every_family(tmp_path):
-    cfg = tiny(families=["quadratic", "test_function"], validate_problems="grid")
-    trainer = Trainer(cfg, tmp_path / "run")
-    distribution = trainer.comps.distribution
-    configs = [c for f in cfg.families for c in distribution.distinct_configs(f, 2, 7)]
-    assert [c["family"] for c in configs] == ["quadratic"] * 2 + ["test_function"] * 2
-    for first, second in (configs[:2], configs[2:]):
-        assert {**first, "seed": 0} != {**second, "seed": 0}  # not the same task twice
-    for c in configs:
-        assert c["seed"] < HELDOUT_SEED_START
-        assert all(c[field] in values or tuple(c[field]) in values
-                   for field, values in COMPACT_GRIDS[c["family"]].items())
-    # the validation score is the mean of score_members on those configurations, one problem each
-    thetas = trainer.initial_thetas()
-    got = trainer.held_in_meta_loss(thetas, 6, seed=7, loss="final", problems="grid")
-    key = jax.random.key(7)
-    expected = np.mean([score_members(trainer.comps.lopt, thetas, make_task(c), key, 6,
-                                      num_problems=1, loss="final") for c in configs], axis=0)
-    np.testing.assert_allclose(got, expected, rtol=1e-6)
-    assert not np.allclose(got, trainer.held_in_meta_loss(thetas, 6, seed=7, loss="final"))
-
-
-def test_full_grid_validation_scores_configurations_beyond_the_compact_grid(tmp_path):
-    cfg = tiny(families=["quadratic"], validate_problems="full", reparam_scale=10)
-    trainer = Trainer(cfg, tmp_path / "run")
-    full = TaskDistribution(["quadratic"], "full")
-    drawn = [full.distinct_configs("quadratic", 2, seed) for seed in range(20)]
-    # sizes the compact grid never trains on, and no augmentation
-    assert any(c["dim"] not in COMPACT_GRIDS["quadratic"]["dim"] for cs in drawn for c in cs)
-    assert all("reparam_scale" not in c for cs in drawn for c in cs)
-    thetas = trainer.initial_thetas()
-    key = jax.random.key(7)
-    expected = np.mean([score_members(trainer.comps.lopt, thetas, make_task(c), key, 6,
-                                      num_problems=1, loss="final") for c in drawn[7]], axis=0)
-    got = trainer.held_in_meta_loss(thetas, 6, seed=7, loss="final", problems="full")
-    np.testing.assert_allclose(got, expected, rtol=1e-6)
-    with pytest.raises(ConfigError, match="validate_problems"):
-        tiny(validate_problems="heldout")

@@ -20,21 +20,38 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import selfopt.config as config_module
 from selfopt import checkpoint as ckpt
 from selfopt.cli import main
-from selfopt.config import FIELDS, TrainConfig, validate
-from selfopt.tasks.distribution import HELDOUT_FAMILIES, TRAIN_FAMILIES
+from selfopt.config import SECTIONS, TrainConfig, make_config
+from selfopt.estimators.inner_problem import LOSS_AVERAGES, NORMALIZATIONS
+from selfopt.population.self_training import POLICIES
+from selfopt.tasks.distribution import GRIDS, HELDOUT_FAMILIES, TRAIN_FAMILIES
 from selfopt.train import Trainer
 from test_train import tiny
 
 DEFAULT_CASES, FULL_CASES = 200, 1200
 FLAGS = {"population": "--population", "minutes": "--minutes", "max_steps": "--max-steps",
-         "seed": "--seed", "outer_optimizer": "--outer-optimizer", "policy": "--policy",
-         "estimator": "--estimator"}
+         "seed": "--seed", "outer.kind": "--outer-optimizer", "outer.policy": "--policy",
+         "estimator.kind": "--estimator"}
+
+
+def _defaults() -> dict:
+    """Every dotted field of the configuration and its default (a section's other kinds'
+    fields too, with their class's default)."""
+    flat = {k: v for k, v in TrainConfig().to_json().items() if k not in SECTIONS}
+    for section, classes in SECTIONS.items():
+        for cls in classes:
+            flat.update({f"{section}.{k}": tuple(v) if isinstance(v, list) else v
+                         for k, v in make_config({f"{section}.kind": cls.kind} if len(classes) > 1
+                                                 else {}).to_json()[section].items()})
+    return flat
+
+
+FIELDS = _defaults()
 #: Every word the configuration accepts somewhere, so that string fields are often valid.
-WORDS = sorted({w for v in vars(config_module).values() if isinstance(v, tuple)
-                for w in v if isinstance(w, str)} | set(TRAIN_FAMILIES) | set(HELDOUT_FAMILIES))
+WORDS = sorted({c.kind for classes in SECTIONS.values() if len(classes) > 1 for c in classes}
+               | set(POLICIES) | set(NORMALIZATIONS) | set(LOSS_AVERAGES) | set(GRIDS)
+               | set(TRAIN_FAMILIES) | set(HELDOUT_FAMILIES))
 # Command-line text: what execve can carry (no NUL) and a UTF-8 stderr can print.
 ARG_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
                    max_size=12)
@@ -85,7 +102,7 @@ def plausible(default):
 
 
 def field_value(name: str):
-    default = FIELDS[name].default
+    default = FIELDS[name]
     return st.one_of(plausible(default), near(default), junk())
 
 
@@ -108,7 +125,8 @@ CONFIG_FILE_BODIES = st.one_of(
     st.just(b""), st.just(b"[1, 2]"), st.just(b'"population"'), st.just(b"null"),
     st.just(b"{"), st.just(b'{"population": NaN}'), st.just(b'{"minutes": 1e999}'),
     st.just(b'{"seed": ' + b"9" * 5000 + b"}"), st.just(b"[" * 100_000 + b"]" * 100_000),
-    st.just(b'{"clip": ' + b"1" * 400 + b"}"), st.just(b"\xff\xfe{\x00"),
+    st.just(b'{"outer": {"clip": ' + b"1" * 400 + b"}}"), st.just(b'{"lopt": [1]}'),
+    st.just(b'{"outer": {"kind": "adam", "policy": "best"}}'), st.just(b"\xff\xfe{\x00"),
     st.binary(max_size=40))
 
 
@@ -161,7 +179,7 @@ def check_case(case, workdir: Path, capsys, stats: dict) -> None:
     code, stdout, err, cfg = run_cli(argv, capsys)
     if code == "started":
         stats["valid"] += 1
-        assert isinstance(cfg, TrainConfig) and validate(cfg) is cfg
+        assert isinstance(cfg, TrainConfig) and make_config(cfg.to_json()) == cfg
         assert err == "" and stdout == ""
     else:
         stats["errors"] += 1
@@ -170,10 +188,15 @@ def check_case(case, workdir: Path, capsys, stats: dict) -> None:
         assert "Traceback" not in err and stdout == ""
         # Defaults are valid, so a field blamed must be one this case set (in argv or the file).
         if blamed := re.match(r"selfopt: error: config field '([^']+)'", err):
-            named = set(values) | {"max_inner_length", "max_steps"}  # cross-field, --max-steps=
+            # cross-field, --max-steps=
+            named = set(values) | {"estimator.max_inner_length", "max_steps"}
             try:
-                named |= set(json.loads(body or b"null") or {})
-            except (ValueError, TypeError, RecursionError):
+                loaded = json.loads(body or b"null") or {}
+                for key, value in loaded.items():
+                    named.add(key)
+                    if isinstance(value, dict):  # a section as an object
+                        named |= {f"{key}.{field}" for field in value}
+            except (ValueError, TypeError, RecursionError, AttributeError):
                 pass
             assert blamed.group(1) in named, err
     assert not out.exists(), argv  # nothing written, whatever the answer
@@ -244,27 +267,33 @@ def test_resume_with_bad_paths_and_flags_fails_cleanly(tmp_path, capsys):
 def tiny_valid_configs(draw):
     """Valid configurations small enough to run a step in seconds."""
     hi = draw(st.floats(0.3, 30))
+    outer = draw(st.sampled_from(["self", "adam"]))
     return {
-        "population": draw(st.integers(2, 3)), "num_pairs": draw(st.integers(1, 2)),
-        "truncation_length": draw(st.integers(1, 3)),
-        "hidden": draw(st.lists(st.integers(1, 8), min_size=1, max_size=2)),
-        "families": draw(st.lists(st.sampled_from(["quadratic", "test_function", "logistic",
-                                                   "mlp"]), min_size=1, max_size=2, unique=True)),
-        "estimator": draw(st.sampled_from(["es", "pes"])),
-        "policy": draw(st.sampled_from(["self", "best", "random"])),
-        "outer_optimizer": draw(st.sampled_from(["self", "adam"])),
-        "normalization": draw(st.sampled_from(["ratio", "log"])),
-        "min_inner_length": 2, "max_inner_length": draw(st.integers(2, 10)),
+        "population": draw(st.integers(2, 3)), "estimator.num_pairs": draw(st.integers(1, 2)),
+        "estimator.truncation_length": draw(st.integers(1, 3)),
+        "lopt.hidden": draw(st.lists(st.integers(1, 8), min_size=1, max_size=2)),
+        "tasks.families": draw(st.lists(st.sampled_from(
+            ["quadratic", "test_function", "logistic", "mlp"]), min_size=1, max_size=2,
+            unique=True)),
+        "estimator.kind": draw(st.sampled_from(["es", "pes"])),
+        "outer.kind": outer,
+        **({"outer.policy": draw(st.sampled_from(["self", "best", "random"]))}
+           if outer == "self" else {}),
+        "estimator.normalization": draw(st.sampled_from(["ratio", "log"])),
+        "estimator.min_inner_length": 2,
+        "estimator.max_inner_length": draw(st.integers(2, 10)),
         "num_slots": draw(st.integers(1, 2)), "task_steps": draw(st.integers(1, 3)),
-        "pbt_interval": 1, "score_steps": draw(st.integers(1, 3)), "summary_steps": 2, "validate_steps": 2,
-        "exploit_fraction": draw(st.sampled_from([0.0, 0.25, 0.5])),
-        "resample_probability": draw(st.floats(0, 1)), "explore_sigma": draw(st.booleans()),
-        "step_mult_prior": [draw(st.floats(1e-3, hi)), hi],
-        "sigma_prior": sorted([draw(st.floats(1e-4, 1.0)), draw(st.floats(1e-4, 1.0))]),
-        "clip": draw(st.floats(1e-3, 10)), "clip_relative": draw(st.booleans()),
-        "max_update": draw(st.floats(1e-4, 1.0)),
-        "loss_cap": draw(st.floats(1.5, 100)), "checkpoint_seconds": 0, "eval_minutes": 0,
-        "seed": draw(st.integers(0, 2**31 - 1)),
+        "pbt.interval": 1, "pbt.score_steps": draw(st.integers(1, 3)), "summary_steps": 2,
+        "validate_steps": 2,
+        "pbt.exploit_fraction": draw(st.sampled_from([0.0, 0.25, 0.5])),
+        "pbt.resample_probability": draw(st.floats(0, 1)),
+        "pbt.explore_sigma": draw(st.booleans()),
+        "pbt.step_mult_prior": [draw(st.floats(1e-3, hi)), hi],
+        "pbt.sigma_prior": sorted([draw(st.floats(1e-4, 1.0)), draw(st.floats(1e-4, 1.0))]),
+        "outer.clip": draw(st.floats(1e-3, 10)), "outer.clip_relative": draw(st.booleans()),
+        "outer.max_update": draw(st.floats(1e-4, 1.0)),
+        "estimator.loss_cap": draw(st.floats(1.5, 100)), "checkpoint_seconds": 0,
+        "eval_minutes": 0, "seed": draw(st.integers(0, 2**31 - 1)),
     }
 
 

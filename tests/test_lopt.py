@@ -7,6 +7,7 @@ import pytest
 
 from selfopt.evaluate import train_losses
 from selfopt.lopt import LearnedSGD, MLPLOpt, as_optax
+from selfopt.lopt.mlp_lopt import EPS
 from selfopt.tasks import FAMILIES, make_task
 
 PARAMS = {
@@ -84,7 +85,9 @@ def test_features_are_normalised_clipped_and_sized():
     g = jnp.linspace(-1e-3, 1e-3, n).at[0].set(1.0)  # one huge outlier gets clipped
     feats = lopt.features(g, g * 100, jnp.stack([g] * 5, axis=1), g**2, jnp.asarray(7))
     assert feats.shape == (n, lopt.num_features) == (n, 27)
-    assert MLPLOpt(raw_adam_features=False).num_features == 22
+    # F = 2 + 3 * len(decays) + 1 + 3 + len(timescales)
+    assert MLPLOpt(decays=(0.9,), timescales=(1.0, 10.0)).num_features == 2 + 3 + 1 + 3 + 2
+    assert lopt.num_shared_features == len(lopt.timescales) == 6
     assert float(jnp.max(jnp.abs(feats))) <= 5.0
     np.testing.assert_allclose(feats[:, -6:], np.broadcast_to(np.tanh(7 / np.array(lopt.timescales)), (n, 6)), rtol=1e-6)
 
@@ -116,40 +119,28 @@ def test_raw_adam_features_keep_the_tensor_wide_ratio_that_normalisation_erases(
     np.testing.assert_allclose(a[:, norm], b[:, norm], rtol=1e-5)
 
 
-def test_without_magnitude_features_the_step_ignores_the_gradient_scale():
-    # The log-magnitudes are the only features that see absolute scale: without them, a
-    # gradient 1000x larger gives the same features and so the same step; with them it does not.
-    # (Scales well above the normalisation's epsilon: the 0.9999 momentum starts at 1e-4 g.)
-    theta_on, theta_off = (MLPLOpt(magnitude_features=flag).init(jax.random.key(5))
-                           for flag in (True, False))
-    steps = {}
-    for flag, theta in ((True, theta_on), (False, theta_off)):
-        opt = MLPLOpt(magnitude_features=flag).optimizer(theta)
-        grads = grads_like(PARAMS)
-        for scale in (1e3, 1e6):
-            scaled = jax.tree.map(lambda g: g * scale, grads)
-            steps[flag, scale] = opt.update(scaled, opt.init(PARAMS), PARAMS)[0]["dense"]
-    assert MLPLOpt(magnitude_features=False).num_features == MLPLOpt().num_features - 3
-    np.testing.assert_allclose(steps[False, 1e3], steps[False, 1e6], rtol=1e-4, atol=1e-9)
-    assert not np.allclose(steps[True, 1e3], steps[True, 1e6], rtol=1e-3)
-
-
-def test_a_small_eps_keeps_the_features_scale_free_for_tiny_gradients():
-    # Gradients of RMS 1e-4 (an autoencoder's are 1e-5 to 1e-4): with the default eps (1e-8,
-    # under the square roots) the normalised features and Adam-like ratios shrink, so the step
-    # differs from the step for the same gradients at scale 1; with eps=1e-20 it is the same.
-    # (After one update the 0.9999 momentum is 1e-4 g, its square 1e-16: still far above 1e-20.)
+def test_magnitude_features_are_clipped_log_magnitudes_and_make_the_step_see_the_scale():
+    # Feature 5, computed with NumPy: log(|x| + 1e-12) / 5 of g, p and sqrt(v), clipped to
+    # [-5, 5] (the extremes here hit both clips). The other per-parameter features are scale
+    # free, so these are what make a gradient 1000x larger step differently.
+    lopt = MLPLOpt()
+    k = len(lopt.decays)
+    g = jnp.asarray([1e-20, -3e-4, 0.5, -2.0, 1e12])
+    p = jnp.asarray([0.0, 1.5, -1e-3, 1e13, 7.0])
+    v = jnp.asarray([0.0, 1e-6, 0.25, 4.0, 1e24])
+    m = jnp.stack([g] * k, axis=1)
+    feats = np.asarray(lopt.features(g, p, m, v, jnp.asarray(1)))
+    cols = slice(3 + 2 * k, 6 + 2 * k)  # after g, p, momenta, rms, normalised Adam-like
+    expected = np.clip(np.log(np.abs(np.stack([g, p, np.sqrt(v)], axis=1).astype(np.float64))
+                              + 1e-12) / 5, -5, 5)
+    np.testing.assert_allclose(feats[:, cols], expected, rtol=1e-5, atol=1e-6)
+    assert feats[0, cols.start] == -5.0 and feats[4, cols.start] == 5.0
+    # Scales well above the normalisation's epsilon (the 0.9999 momentum starts at 1e-4 g).
+    opt = lopt.optimizer(lopt.init(jax.random.key(5)))
     grads = grads_like(PARAMS)
-    steps = {}
-    for eps in (1e-8, 1e-20):
-        lopt = MLPLOpt(magnitude_features=False, eps=eps)
-        opt = lopt.optimizer(lopt.init(jax.random.key(5)))
-        state = opt.init(PARAMS)
-        for scale in (1.0, 1e-4):
-            tiny = jax.tree.map(lambda g: g * scale, grads)
-            steps[eps, scale] = opt.update(tiny, state, PARAMS)[0]["dense"]
-    np.testing.assert_allclose(steps[1e-20, 1e-4], steps[1e-20, 1.0], rtol=1e-4, atol=1e-9)
-    assert not np.allclose(steps[1e-8, 1e-4], steps[1e-8, 1.0], rtol=1e-2)
+    steps = {scale: opt.update(jax.tree.map(lambda x: x * scale, grads), opt.init(PARAMS),
+                               PARAMS)[0]["dense"] for scale in (1e3, 1e6)}
+    assert not np.allclose(steps[1e3], steps[1e6], rtol=1e-3)
 
 
 def test_width_base_scales_the_step_of_wide_tensors_only():
@@ -191,170 +182,23 @@ def test_depth_power_scales_every_step_of_a_deep_model_and_not_a_shallow_one():
         for power in (0.0, 1.5):
             opt = MLPLOpt(width_base=0, depth_power=power).optimizer(theta)
             steps[power] = opt.update(grads, opt.init(params), params)[0]
+        depth = {"quadratic": 0, "logistic": 1, "mlp": 3}[name]  # tensors of ndim >= 2
         factor = {"quadratic": 1.0, "logistic": 1.0, "mlp": 3 ** -1.5}[name]
         for key in params:
             np.testing.assert_allclose(steps[1.5][key], steps[0.0][key] * factor, rtol=1e-6)
-        assert MLPLOpt(depth_power=1.5).depth_factor(MLPLOpt.depth(
-            jnp.shape(p) for p in params.values())) == factor
+        assert MLPLOpt(depth_power=1.5).depth_factor(depth) == pytest.approx(factor, rel=1e-12)
+        assert MLPLOpt(depth_power=0).depth_factor(depth) == 1.0
     for bad in (-1.0, 5.0, True, "1"):
         with pytest.raises(ValueError, match="depth_power"):
             MLPLOpt(depth_power=bad)
 
 
-def ratio_rms(state, key):
-    """``r`` of ``ratio_step_scale`` for ``state``'s tensor ``key``, with NumPy: the RMS of the
-    clipped ``m / sqrt(v + 1e-8)`` at decay 0.9."""
-    m = np.asarray(state.momenta[key])[..., MLPLOpt().decays.index(0.9)]
-    v = np.asarray(state.rms[key])
-    return np.sqrt(np.mean(np.clip(m / np.sqrt(v + 1e-8), -5.0, 5.0) ** 2))
-
-
-def test_ratio_step_scale_shrinks_each_step_with_its_tensors_adam_ratio():
-    # Each tensor's step is the plain LO's times r, the RMS of its clipped m / sqrt(v + eps) at
-    # decay 0.9, computed here from the state with NumPy. After 40 steps of unit gradients and
-    # 100 of gradients 1e-4 as large, r < 0.01 (v remembers the large ones), and the step
-    # shrinks with it: what lets a learned optimizer converge as Adam does on a deterministic
-    # problem.
-    theta = MLPLOpt().init(jax.random.key(6))
-    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones(4)}
-    plain, scaled = (MLPLOpt(ratio_step_scale=flag).optimizer(theta) for flag in (False, True))
-    state_p, state_s = plain.init(params), scaled.init(params)
-    grads = grads_like(params, seed=7)
-    for size in [1.0] * 40 + [1e-4] * 100:
-        g = jax.tree.map(lambda x: x * size, grads)
-        step_p, state_p = plain.update(g, state_p, params)
-        step_s, state_s = scaled.update(g, state_s, params)
-    for key in params:
-        r = ratio_rms(state_s, key)
-        assert 0 < r < 0.01
-        np.testing.assert_allclose(step_s[key], step_p[key] * r, rtol=1e-5)
-    with pytest.raises(ValueError, match="ratio_step_scale"):
-        MLPLOpt(ratio_step_scale=True, decays=(0.5, 0.99))
-
-
-def test_ratio_step_knee_leaves_steps_alone_until_r_falls_below_it():
-    # With a knee k the factor is min(1, r / k): at unit gradients (r = 5, the clip, at step
-    # 10) the step is the plain LO's, not 5 times it; after the gradient falls 1e4-fold it is
-    # the plain step times r / k, r computed with NumPy from the state.
-    theta = MLPLOpt().init(jax.random.key(8))
-    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones(4)}
-    plain, kneed = (MLPLOpt(ratio_step_scale=flag, ratio_step_knee=0.25 if flag else 0.0)
-                    .optimizer(theta) for flag in (False, True))
-    state_p, state_k = plain.init(params), kneed.init(params)
-    grads = grads_like(params, seed=9)
-    for i, size in enumerate([1.0] * 40 + [1e-4] * 100):
-        g = jax.tree.map(lambda x: x * size, grads)
-        step_p, state_p = plain.update(g, state_p, params)
-        step_k, state_k = kneed.update(g, state_k, params)
-        if i in (9, 139):
-            for key in params:
-                r = ratio_rms(state_k, key)
-                assert (r > 1) if i == 9 else (0 < r < 0.01)
-                np.testing.assert_allclose(step_k[key], step_p[key] * min(1.0, r / 0.25),
-                                           rtol=1e-5)
-    for bad in (-0.1, 6.0, True):
-        with pytest.raises(ValueError, match="ratio_step_knee"):
-            MLPLOpt(ratio_step_scale=True, ratio_step_knee=bad)
-    with pytest.raises(ValueError, match="ratio_step_knee needs ratio_step_scale"):
-        MLPLOpt(ratio_step_knee=0.25)
-
-
-def with_rate_output(theta, w_col, b):
-    """``theta`` of a plain LO with a third output column (weights ``w_col``, bias ``b``)."""
-    theta = jax.tree.map(lambda x: x, theta)
-    last = theta["layers"][-1]
-    last["w"] = jnp.concatenate([last["w"], jnp.reshape(w_col, (-1, 1))], axis=1)
-    last["b"] = jnp.concatenate([last["b"], jnp.asarray([b], jnp.float32)])
-    return theta
-
-
-def test_linear_step_schedule_decays_the_plain_step_to_zero_over_the_horizon():
-    # The same weights with and without the schedule: update t of a T-update run is the
-    # constant schedule's times 1 - (t - 1) / T, and nothing after the last.
-    theta, horizon = MLPLOpt().init(jax.random.key(6)), 5
-    grads = grads_like(PARAMS, seed=3)
-    plain = MLPLOpt().optimizer(theta)
-    decayed = MLPLOpt(step_schedule="linear").optimizer(theta, num_steps=horizon)
-    state_p, state_d = plain.init(PARAMS), decayed.init(PARAMS)
-    for t in range(1, horizon + 3):
-        step_p, state_p = plain.update(grads, state_p, PARAMS)
-        step_d, state_d = decayed.update(grads, state_d, PARAMS)
-        factor = max(0.0, 1.0 - (t - 1) / horizon)
-        for key in PARAMS:
-            assert np.any(step_p[key])
-            np.testing.assert_allclose(step_d[key], step_p[key] * factor, rtol=1e-5, atol=1e-12)
-    with pytest.raises(ValueError, match="step_schedule='linear'.*num_steps"):
-        MLPLOpt(step_schedule="linear").optimizer(theta).init(PARAMS)
-    with pytest.raises(ValueError, match="step_schedule must be one of"):
-        MLPLOpt(step_schedule="cosine")
-
-
-def test_step_adaptation_scales_each_tensor_by_its_integrated_rate_output():
-    # The state's log scale s per tensor moves by eta * tanh(mean of the third output over the
-    # tensor) each step, clipped to [-5, 5], and the tensor's step is the plain LO's times
-    # exp(s). Checked against the plain LO (the same first two outputs) and NumPy.
-    plain_lopt, eta = MLPLOpt(), 0.1
-    lopt = MLPLOpt(step_adaptation=eta)
-    assert (lopt.num_outputs, plain_lopt.num_outputs) == (3, 2)
-    fresh = lopt.init(jax.random.key(3))  # a random LO starts without adaptation
-    assert fresh["layers"][-1]["w"].shape[1] == 3
-    assert not np.any(fresh["layers"][-1]["w"][:, 2]) and not np.any(fresh["layers"][-1]["b"])
-    theta = plain_lopt.init(jax.random.key(4))
-    width = theta["layers"][-1]["w"].shape[0]
-    grads = grads_like(PARAMS, seed=2)
-    cases = {"off": with_rate_output(theta, jnp.zeros(width), 0.0),
-             "up": with_rate_output(theta, jnp.zeros(width), 3.0),
-             "down": with_rate_output(theta, jnp.zeros(width), -0.5),
-             "features": with_rate_output(theta, jax.random.normal(jax.random.key(5), (width,)),
-                                          0.1)}
-    plain = plain_lopt.optimizer(theta)
-    plain_update = jax.jit(plain.update)
-    for name, adapted_theta in cases.items():
-        opt = lopt.optimizer(adapted_theta)
-        state_p, state_a = plain.init(PARAMS), opt.init(PARAMS)
-        adapted_update = jax.jit(opt.update)
-        s = {key: 0.0 for key in PARAMS}
-        for _ in range(60):
-            step_p, state_p = plain_update(grads, state_p, PARAMS)
-            step_a, state_a = adapted_update(grads, state_a, PARAMS)
-            for key in PARAMS:
-                if name == "features":  # the rate output on this step's features, by value
-                    depth = MLPLOpt.depth(jnp.shape(p) for p in PARAMS.values())
-                    rate = lopt.apply_mlp(adapted_theta,
-                                          all_features(lopt, grads, state_a, key, depth))[2]
-                    drift = np.tanh(np.mean(rate))
-                else:
-                    drift = np.tanh(float(adapted_theta["layers"][-1]["b"][2]))
-                s[key] = float(np.clip(s[key] + eta * drift, -5.0, 5.0))
-                np.testing.assert_allclose(state_a.log_scales[key], s[key], rtol=1e-5, atol=1e-6)
-                np.testing.assert_allclose(step_a[key], step_p[key] * np.exp(s[key]),
-                                           rtol=2e-4, atol=1e-9)
-        if name == "up":  # 60 steps of 0.1 * tanh(3) reach the clip
-            assert all(v == 5.0 for v in s.values())
-        if name == "off":
-            assert all(v == 0.0 for v in s.values())
-        if name == "down":
-            assert all(-3.0 < v < -2.0 for v in s.values())
-    # jit and the optax API see the scales as ordinary state
-    opt = as_optax(lopt, cases["up"])
-    update = jax.jit(opt.update)
-    state = opt.init(PARAMS)
-    for _ in range(3):
-        _, state = update(grads, state, PARAMS)
-    assert float(state.log_scales["dense"]) == pytest.approx(3 * eta * np.tanh(3.0), rel=1e-5)
-    for bad in (-0.1, 1.5, True, "0.1"):
-        with pytest.raises(ValueError, match="step_adaptation"):
-            MLPLOpt(step_adaptation=bad)
-
-
-def all_features(lopt, grads, state, name, depth=0):
+def all_features(lopt, grads, state, name):
     """The full ``(n, num_features)`` matrix of ``PARAMS[name]`` (the module docstring's
-    order), from the gradients and the state after the update that used them; ``depth``: the
-    model's (with ``depth_features``)."""
+    order), from the gradients and the state after the update that used them."""
     return lopt.features(jnp.ravel(grads[name]), jnp.ravel(PARAMS[name]),
                          state.momenta[name].reshape(-1, len(lopt.decays)),
-                         jnp.ravel(state.rms[name]), state.step, state.horizon,
-                         jnp.shape(PARAMS[name]), depth=depth)
+                         jnp.ravel(state.rms[name]), state.step)
 
 
 def assert_update_is_the_mlp(lopt, theta, update, feats):
@@ -381,138 +225,73 @@ def test_update_equals_the_mlp_on_all_features():
                              all_features(lopt, grads, state, "dense"))
 
 
-def test_horizon_features_are_the_fraction_done_and_fold_into_the_update():
-    # The fraction t / T and its cube follow the step-count embedding; the update (which folds
-    # the shared features into the first layer's bias) equals the MLP on all features.
-    lopt = MLPLOpt(horizon_features=True)
-    assert lopt.num_features == MLPLOpt().num_features + 2
-    theta = lopt.init(jax.random.key(4))
-    opt = lopt.optimizer(theta, num_steps=8)
-    grads = grads_like(PARAMS)
+def test_the_update_is_the_mlp_on_features_built_by_hand_with_numpy():
+    # An independent reference for the whole update after three steps: accumulators, features
+    # 1-7 and the MLP, all in float64 NumPy from the module docstring.
+    lopt = MLPLOpt(hidden=(8, 4))
+    theta = lopt.init(jax.random.key(11))
+    opt = lopt.optimizer(theta)
     state = opt.init(PARAMS)
-    assert float(state.horizon) == 8.0
-    for _ in range(2):
-        updates, state = opt.update(grads, state, PARAMS)
-    time = lopt.shared_features(state.step, state.horizon)
-    np.testing.assert_allclose(time[-2:], [0.25, 0.25 ** 3], rtol=1e-6)
-    np.testing.assert_allclose(lopt.shared_features(jnp.asarray(20), jnp.asarray(8.0))[-2:],
-                               [1, 1])
-    assert_update_is_the_mlp(lopt, theta, updates["dense"],
-                             all_features(lopt, grads, state, "dense"))
-
-
-def test_tensor_features_are_the_log_fans_and_tell_a_bias_from_a_weight():
-    lopt = MLPLOpt(tensor_features=True)
-    assert lopt.num_features == MLPLOpt().num_features + 2
-    theta = lopt.init(jax.random.key(8))
-    opt = lopt.optimizer(theta)
-    grads = grads_like(PARAMS)
-    updates, state = opt.update(grads, opt.init(PARAMS), PARAMS)
-    feats = all_features(lopt, grads, state, "conv")  # HWIO (3, 3, 2, 4): fan-in 18, fan-out 4
-    cols = slice(-len(lopt.timescales) - 2, -len(lopt.timescales))
-    np.testing.assert_allclose(feats[:, cols], np.broadcast_to(np.log([18, 4]) / 5, (72, 2)),
-                               rtol=1e-6)
-    assert_update_is_the_mlp(lopt, theta, updates["conv"], feats)
-    # the same gradients, parameters and state in a (12,) vector and a (3, 4) matrix step
-    # differently only with the tensor features
-    flat = {"w": jnp.ravel(PARAMS["dense"])}
-    for flag, same in ((True, False), (False, True)):
-        lo = MLPLOpt(tensor_features=flag)
-        o = lo.optimizer(lo.init(jax.random.key(8)))
-        as_matrix = o.update({"w": grads["dense"]}, o.init({"w": PARAMS["dense"]}),
-                             {"w": PARAMS["dense"]})[0]["w"]
-        as_vector = o.update({"w": jnp.ravel(grads["dense"])}, o.init(flat), flat)[0]["w"]
-        assert np.allclose(jnp.ravel(as_matrix), as_vector, rtol=1e-6) == same
-
-
-def test_depth_features_count_the_weight_tensors_and_tell_a_logistic_from_an_mlp():
-    lopt = MLPLOpt(depth_features=True)
-    assert lopt.num_features == MLPLOpt().num_features + 1
-    assert lopt.num_shared_features == MLPLOpt().num_shared_features + 1
-    assert MLPLOpt.depth([(), (5,), (3, 4), (3, 3, 2, 4)]) == 2
-    theta = lopt.init(jax.random.key(9))
-    opt = lopt.optimizer(theta)
-    grads = grads_like(PARAMS)
-    updates, state = opt.update(grads, opt.init(PARAMS), PARAMS)
-    # PARAMS has two tensors of two or more dimensions (dense and conv): the last column is
-    # 1 / (1 + 2) for every parameter, and the update is the MLP on all features
-    feats = all_features(lopt, grads, state, "dense", depth=2)
-    np.testing.assert_allclose(feats[:, -1], 1 / 3, rtol=1e-6)
-    assert_update_is_the_mlp(lopt, theta, updates["dense"], feats)
-    # one weight matrix alone (a logistic regression) and the same matrix beside a second one
-    # (an MLP's last layer, same gradient, parameter and state) step differently only with
-    # the depth feature (the depth rule, which scales the steps too, is off here)
-    alone = {"w": PARAMS["dense"]}
-    deeper = {"w": PARAMS["dense"], "v": jnp.ones((4, 2))}
-    for flag, same in ((True, False), (False, True)):
-        lo = MLPLOpt(depth_features=flag, depth_power=0)
-        o = lo.optimizer(lo.init(jax.random.key(9)))
-        step_alone = o.update({"w": grads["dense"]}, o.init(alone), alone)[0]["w"]
-        step_deeper = o.update({"w": grads["dense"], "v": jnp.ones((4, 2))}, o.init(deeper),
-                               deeper)[0]["w"]
-        assert np.allclose(step_alone, step_deeper, rtol=1e-6) == same
-
-
-def test_bias_correction_reads_adams_corrected_moments_and_keeps_the_state_raw():
-    grads = grads_like(PARAMS)
-    # After one update from zero, every corrected momentum is g and the corrected accumulator
-    # is g**2, whatever the decays: with the correction the first step does not depend on them.
-    first = {}
-    for flag in (True, False):
-        for rms_decay in (0.9, 0.999):
-            lopt = MLPLOpt(bias_correction=flag, rms_decay=rms_decay)
-            opt = lopt.optimizer(lopt.init(jax.random.key(3)))
-            first[flag, rms_decay] = opt.update(grads, opt.init(PARAMS), PARAMS)[0]["dense"]
-    np.testing.assert_allclose(first[True, 0.9], first[True, 0.999], rtol=1e-5)
-    assert not np.allclose(first[False, 0.9], first[False, 0.999], rtol=1e-3)
-
-    # After three updates, the update is the MLP on features of m / (1 - b**3), v / (1 - b_v**3),
-    # while the state holds the uncorrected accumulators, as without the correction.
-    lopt, plain = MLPLOpt(bias_correction=True), MLPLOpt()
-    theta = lopt.init(jax.random.key(5))
-    opt, plain_opt = lopt.optimizer(theta), plain.optimizer(theta)
-    state, plain_state = opt.init(PARAMS), plain_opt.init(PARAMS)
+    b, bv = np.asarray(lopt.decays), lopt.rms_decay
+    m = np.zeros((12, len(b)))
+    v = np.zeros(12)
     for seed in range(3):
-        g = grads_like(PARAMS, seed)
-        updates, state = opt.update(g, state, PARAMS)
-        plain_updates, plain_state = plain_opt.update(g, plain_state, PARAMS)
-    jax.tree.map(np.testing.assert_array_equal, state, plain_state)
-    assert not np.allclose(updates["dense"], plain_updates["dense"], rtol=1e-3)
-    decays = np.asarray(lopt.decays)  # float64: 1 - b**3 exactly enough
-    m = np.asarray(state.momenta["dense"]).reshape(-1, len(decays)) / (1 - decays ** 3)
-    v = np.ravel(state.rms["dense"]) / (1 - lopt.rms_decay ** 3)
-    feats = lopt.features(jnp.ravel(g["dense"]), jnp.ravel(PARAMS["dense"]),
-                          jnp.asarray(m, jnp.float32), jnp.asarray(v, jnp.float32), state.step,
-                          None, (3, 4))
-    assert_update_is_the_mlp(lopt, theta, updates["dense"], feats)
+        grads = grads_like(PARAMS, seed)
+        updates, state = opt.update(grads, state, PARAMS)
+        g = np.ravel(grads["dense"]).astype(np.float64)
+        m = b * m + (1 - b) * g[:, None]
+        v = bv * v + (1 - bv) * g ** 2
+    p = np.ravel(PARAMS["dense"]).astype(np.float64)
+    adam = m / np.sqrt(v + EPS)[:, None]
+    scaled = np.concatenate([g[:, None], p[:, None], m, np.sqrt(v)[:, None], adam], axis=1)
+    scaled = np.clip(scaled / np.sqrt(np.mean(scaled ** 2, axis=0) + EPS), -5, 5)
+    mags = np.clip(np.log(np.abs(np.stack([g, p, np.sqrt(v)], axis=1)) + 1e-12) / 5, -5, 5)
+    time = np.broadcast_to(np.tanh(3 / np.asarray(lopt.timescales)), (12, 6))
+    x = np.concatenate([scaled, mags, np.clip(adam, -5, 5), time], axis=1)
+    layers = [{k: np.asarray(a, np.float64) for k, a in layer.items()} for layer in theta["layers"]]
+    for layer in layers[:-1]:
+        x = np.maximum(x @ layer["w"] + layer["b"], 0)
+    out = x @ layers[-1]["w"] + layers[-1]["b"]
+    expected = (-out[:, 0] * np.exp(lopt.exp_mult * out[:, 1]) * lopt.step_mult
+                * PARAMS_DEPTH_FACTOR)
+    np.testing.assert_allclose(np.ravel(updates["dense"]), expected, rtol=1e-4, atol=1e-10)
 
 
-def test_the_horizon_changes_the_step_only_for_an_lo_that_reads_it():
-    steps = {}
-    for flag in (True, False):
-        lopt = MLPLOpt(horizon_features=flag)
-        theta = lopt.init(jax.random.key(6))
-        for horizon in (10, 1000):
-            opt = lopt.optimizer(theta, num_steps=horizon)
-            steps[flag, horizon] = opt.update(grads_like(PARAMS), opt.init(PARAMS), PARAMS)[0]
-    assert not np.allclose(steps[True, 10]["dense"], steps[True, 1000]["dense"], rtol=1e-4)
-    np.testing.assert_array_equal(steps[False, 10]["dense"], steps[False, 1000]["dense"])
-    # without the features the state is what it always was (no horizon leaf): old checkpoints fit
-    plain = MLPLOpt().optimizer(MLPLOpt().init(jax.random.key(0)), num_steps=5).init(PARAMS)
-    assert plain.horizon is None and len(jax.tree.leaves(plain)) == 2 * len(PARAMS) + 1
+def test_num_steps_and_the_loss_are_accepted_and_ignored():
+    # The protocol's num_steps and loss= are for architectures that read them; this one does
+    # not: the step is the same whatever they are, and the state is the momenta, the
+    # accumulator and the step count (no leaf for a horizon or a loss).
+    lopt = MLPLOpt()
+    theta = lopt.init(jax.random.key(6))
+    grads = grads_like(PARAMS)
+    steps = []
+    for num_steps, extra in ((None, {}), (10, {"loss": jnp.asarray(1.0)}),
+                             (1000, {"loss": jnp.asarray(-50.0)})):
+        opt = lopt.optimizer(theta, num_steps=num_steps)
+        state = opt.init(PARAMS)
+        assert len(jax.tree.leaves(state)) == 2 * len(PARAMS) + 1
+        steps.append(opt.update(grads, state, PARAMS, **extra)[0])
+    for other in steps[1:]:
+        jax.tree.map(np.testing.assert_array_equal, steps[0], other)
 
 
-def test_a_horizon_lo_needs_a_valid_num_steps():
-    lopt = MLPLOpt(horizon_features=True)
-    theta = lopt.init(jax.random.key(0))
-    with pytest.raises(ValueError, match="pass num_steps"):
-        as_optax(lopt, theta).init(PARAMS)
-    for bad in (0, -3, 2.5, True):
-        with pytest.raises(ValueError, match="num_steps must be a positive int"):
-            lopt.optimizer(theta, num_steps=bad)
-    # a traced horizon (an inner problem's sampled length) is fine under jit
-    init = jax.jit(lambda n: lopt.optimizer(theta, num_steps=n).init(PARAMS))
-    assert float(init(jnp.asarray(300)).horizon) == 300.0
+@pytest.mark.parametrize("field,value", [
+    ("hidden", []), ("hidden", (0,)), ("hidden", (8,) * 5), ("hidden", (8.0,)),
+    ("hidden", 32), ("decays", ()), ("decays", (0.9, 1.0)), ("timescales", (1.0, 0.0)),
+    ("rms_decay", 1.0), ("rms_decay", 0), ("step_mult", 0.0), ("exp_mult", -1e-3),
+    ("feature_clip", "5"), ("feature_clip", float("inf")), ("width_base", -1),
+    ("width_base", 2.5), ("depth_power", 5.0), ("depth_power", True),
+])
+def test_a_bad_field_is_a_one_line_error_that_names_it(field, value):
+    with pytest.raises(ValueError, match=rf"^{field} must be .*, got ") as err:
+        MLPLOpt(**{field: value})
+    assert "\n" not in str(err.value)
+
+
+def test_list_fields_become_tuples_so_the_lo_stays_hashable():
+    lopt = MLPLOpt(hidden=[8, 8], decays=[0.9, 0.99], timescales=[1, 10])
+    assert lopt == MLPLOpt(hidden=(8, 8), decays=(0.9, 0.99), timescales=(1, 10))
+    assert hash(lopt) == hash(MLPLOpt(hidden=(8, 8), decays=(0.9, 0.99), timescales=(1, 10)))
 
 
 def test_random_lo_is_an_optax_optimizer_in_jit_and_chain():
@@ -581,71 +360,3 @@ def test_sgd_like_theta_reduces_every_task_loss(family):
     losses = train_losses(task, opt, jax.random.key(0), num_steps=150)
     assert np.all(np.isfinite(losses))
     assert losses[-10:].mean() < 0.9 * losses[:10].mean(), (losses[:10].mean(), losses[-10:].mean())
-
-
-def loss_trend_reference(losses):
-    """Feature 9 after each loss, in float64 numpy, from the module docstring's definition."""
-    out, fast = [], None
-    for t, loss in enumerate(losses, start=1):
-        if t == 1:
-            fast = slow = loss
-            deviation = 0.0
-        else:
-            loss = loss if np.isfinite(loss) else slow
-            fast = 0.9 * fast + 0.1 * loss
-            slow = 0.99 * slow + 0.01 * loss
-            deviation = 0.99 * deviation + 0.01 * abs(loss - slow)
-        corrected = deviation / max(1 - 0.99 ** (t - 1), 1e-6)
-        scale = 1 / (corrected + 1e-12 + 1e-7 * abs(slow))
-        out.append(np.clip([(fast - slow) * scale, (loss - slow) * scale], -5, 5))
-    return np.asarray(out)
-
-
-def test_loss_features_follow_their_definition_and_fold_into_the_update():
-    lopt = MLPLOpt(loss_features=True)
-    assert lopt.num_features == MLPLOpt().num_features + 2
-    theta = lopt.init(jax.random.key(6))
-    opt = lopt.optimizer(theta)
-    losses = [4.0, 2.0, 3.0, 1.5, float("nan"), 1.0, 1.2]
-    reference = loss_trend_reference(losses)
-    state = opt.init(PARAMS)
-    for t, loss in enumerate(losses):
-        grads = grads_like(PARAMS, t)
-        updates, state = opt.update(grads, state, PARAMS, loss=jnp.asarray(loss))
-        shared = lopt.shared_features(state.step, None, state.loss_stats,
-                                    jnp.asarray(loss if np.isfinite(loss) else state.loss_stats[1]))
-        np.testing.assert_allclose(shared[-2:], reference[t], rtol=1e-4, atol=1e-5)
-    assert np.all(np.isfinite(jax.tree.leaves(updates)[0]))
-    feats = lopt.features(jnp.ravel(grads["dense"]), jnp.ravel(PARAMS["dense"]),
-                          state.momenta["dense"].reshape(-1, len(lopt.decays)),
-                          jnp.ravel(state.rms["dense"]), state.step, None, (3, 4),
-                          state.loss_stats, jnp.asarray(losses[-1]))
-    assert_update_is_the_mlp(lopt, theta, updates["dense"], feats)
-
-
-def test_loss_features_are_scale_and_shift_free_and_change_the_step():
-    lopt = MLPLOpt(loss_features=True)
-    opt = lopt.optimizer(lopt.init(jax.random.key(7)))
-
-    def last_update(losses):
-        state = opt.init(PARAMS)
-        for t, loss in enumerate(losses):
-            updates, state = opt.update(grads_like(PARAMS, t), state, PARAMS,
-                                        loss=jnp.asarray(loss, jnp.float32))
-        return updates["dense"]
-
-    falling = np.array([3.0, 2.5, 2.2, 2.0, 1.7, 1.6])
-    base = last_update(falling)
-    np.testing.assert_allclose(last_update(100 * falling - 50), base, rtol=1e-4, atol=1e-9)
-    assert not np.allclose(last_update(falling[::-1]), base, rtol=1e-3)
-
-
-def test_loss_features_need_the_loss():
-    lopt = MLPLOpt(loss_features=True)
-    opt = lopt.optimizer(lopt.init(jax.random.key(0)))
-    with pytest.raises(ValueError, match="pass the loss"):
-        opt.update(grads_like(PARAMS), opt.init(PARAMS), PARAMS)
-    # evaluation passes the loss to every learned optimizer
-    losses = train_losses(make_task({"family": "quadratic", "dim": 4}), opt,
-                          jax.random.key(1), 5)
-    assert np.all(np.isfinite(losses))

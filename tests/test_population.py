@@ -1,7 +1,10 @@
 """Self-training update by value, PBT exploit/explore and lineage, non-finite replacement."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from selfopt.lopt import MLPLOpt
@@ -11,6 +14,9 @@ from selfopt.population.self_training import (clip_estimate, clip_threshold, cli
 from test_lopt import sgd_like_theta
 
 LOPT = MLPLOpt()
+#: No key needed by the self and best policies, and a loss each member's LO is given (MLPLOpt
+#: ignores it).
+KEY, LOSSES = jax.random.key(0), jnp.zeros(2)
 
 
 def stack(*trees):
@@ -31,7 +37,7 @@ def grads_for(thetas, seed=0):
 def expected_sgd_like_update(grad, scale, clip, log_mult):
     """-exp(log_mult) * step_mult * scale * clip(g)/rms(clip(g)) per tensor, clipped to 5, and
     times 3 ** -1.5 (the depth rule: a learned optimizer's weights are three matrices)."""
-    assert MLPLOpt.depth(np.shape(x) for x in jax.tree.leaves(grad)) == 3
+    assert sum(np.ndim(x) >= 2 for x in jax.tree.leaves(grad)) == 3
     def leaf(g):
         g = np.clip(np.asarray(g), -clip, clip)
         rms = np.sqrt(np.mean(g**2) + 1e-8)
@@ -50,11 +56,12 @@ def test_self_policy_updates_each_member_with_its_own_optimizer():
     zero = jax.tree.map(jnp.zeros_like, LOPT.init(jax.random.key(0)))
     known = sgd_like_theta(LOPT, scale=3.0)
     thetas = stack(zero, known)
-    outer = SelfTraining(LOPT, policy="self", clip=0.1)
+    outer = SelfTraining(policy="self", clip=0.1, clip_relative=False, max_update=0.01)
     grads = grads_for(thetas)
     log_mult = jnp.array([0.5, 0.7])
-    new, _, _ = outer.update(thetas, outer.init(thetas), grads, log_mult, jnp.asarray(0),
-                          jax.random.key(0))
+    new, _, shrink = outer.update(LOPT, thetas, outer.init(LOPT, thetas), grads, log_mult,
+                                  jnp.asarray(0), KEY, LOSSES)
+    np.testing.assert_array_equal(shrink, [1.0, 1.0])  # both steps within the trust region
     # Member 0's own LO emits zero steps: it does not move, whatever its gradient.
     for a, b in zip(jax.tree.leaves(member(new, 0)), jax.tree.leaves(zero)):
         np.testing.assert_array_equal(a, b)
@@ -92,9 +99,9 @@ def test_the_self_update_reads_the_relatively_clipped_estimate():
     known = sgd_like_theta(LOPT, scale=3.0)
     thetas = stack(known, known)
     grads = grads_for(thetas)  # RMS 0.3 per weight
-    outer = SelfTraining(LOPT, policy="self", clip=1.0, clip_relative=True)
-    new, _, _ = outer.update(thetas, outer.init(thetas), grads, jnp.array([0.0, 0.0]),
-                             jnp.asarray(0), jax.random.key(0))
+    outer = SelfTraining(policy="self", clip=1.0, clip_relative=True, max_update=0.01)
+    new, _, _ = outer.update(LOPT, thetas, outer.init(LOPT, thetas), grads, jnp.zeros(2),
+                             jnp.asarray(0), KEY, LOSSES)
     # clip at 1 RMS of the member's own estimate: the known update of that clipped estimate
     threshold = float(member_rms(grads)[1])
     expected = expected_sgd_like_update(member(grads, 1), 3.0, threshold, 0.0)
@@ -103,96 +110,78 @@ def test_the_self_update_reads_the_relatively_clipped_estimate():
         assert_step_equal(got, th, exp)
 
 
-def test_members_update_each_other_without_step_adaptation():
-    # A step-adapting member's weights have a third output; in the self-update it is ignored:
-    # the steps are the plain LO's (which reads the first two outputs), while the same weights
-    # as a step-adapting optimizer would have scaled them (the third output says shrink).
-    # One step: the scale moves on the first.
-    lopt = MLPLOpt(hidden=(8,), step_adaptation=0.5)
-    thetas = stack(lopt.init(jax.random.key(1)), lopt.init(jax.random.key(2)))
-    thetas["layers"][-1]["b"] = thetas["layers"][-1]["b"].at[:, 2].set(-4.0)
-    grads = grads_for(thetas)
-    args = (jnp.zeros(2), jnp.asarray(0), jax.random.key(0))
-    adapting, plain = (SelfTraining(lopt, policy="self", clip=0.1),
-                       SelfTraining(MLPLOpt(hidden=(8,)), policy="self", clip=0.1))
-    state, plain_state = adapting.init(thetas), plain.init(thetas)
-    assert state.log_scales is None
-    new, state, _ = adapting.update(thetas, state, grads, *args)
-    plain_new, plain_state, _ = plain.update(thetas, plain_state, grads, *args)
-    for got, want in zip(jax.tree.leaves(new), jax.tree.leaves(plain_new)):
-        np.testing.assert_array_equal(got, want)
-    theta_0, grad_0 = member(thetas, 0), member(grads, 0)
-    steps = {}
-    for name, opt in (("adapting", lopt.optimizer(theta_0)),
-                      ("plain", MLPLOpt(hidden=(8,)).optimizer(theta_0))):
-        steps[name] = opt.update(grad_0, opt.init(theta_0), theta_0)[0]
-    ratio = np.asarray(steps["adapting"]["layers"][0]["w"]) / np.asarray(steps["plain"]["layers"][0]["w"])
-    np.testing.assert_allclose(ratio, np.exp(0.5 * np.tanh(-4.0)), rtol=1e-4)
-
-
-def test_members_update_each_other_without_a_step_schedule():
-    # Told a horizon of 2 outer steps, a linear schedule would halve the second self-update
-    # and zero the third; the members' self-updates are the constant schedule's.
-    thetas = stack(MLPLOpt(hidden=(8,)).init(jax.random.key(1)),
-                   MLPLOpt(hidden=(8,)).init(jax.random.key(2)))
-    scheduled, plain = (SelfTraining(MLPLOpt(hidden=(8,), step_schedule="linear"), horizon=2),
-                        SelfTraining(MLPLOpt(hidden=(8,)), horizon=2))
-    state, plain_state = scheduled.init(thetas), plain.init(thetas)
-    new, plain_new = thetas, thetas
-    for step in range(3):
-        args = (jnp.zeros(2), jnp.asarray(step), jax.random.key(step))
-        new, state, _ = scheduled.update(new, state, grads_for(new, step), *args)
-        plain_new, plain_state, _ = plain.update(plain_new, plain_state,
-                                                 grads_for(plain_new, step), *args)
-        for got, want in zip(jax.tree.leaves(new), jax.tree.leaves(plain_new)):
-            np.testing.assert_array_equal(got, want)
-    assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(thetas)))
-
-
-def test_a_loss_reading_lo_is_given_each_members_meta_loss_in_its_self_update():
-    lopt = MLPLOpt(hidden=(8,), loss_features=True)
-    thetas = stack(lopt.init(jax.random.key(1)), lopt.init(jax.random.key(2)))
-    outer = SelfTraining(lopt, policy="self", clip=0.1)
-    grads, state = grads_for(thetas), outer.init(thetas)
-    args = (grads, jnp.zeros(2), jnp.asarray(0), jax.random.key(0))
-    with pytest.raises(ValueError, match="pass the loss"):
-        outer.update(thetas, state, *args)
-    # member i's update is its LO's on (its gradient, its meta-loss), one member at a time
-    losses = jnp.array([0.3, -1.2])
-    _, state, _ = outer.update(thetas, state, *args, losses)
-    for i in range(2):
-        theta_i = member(thetas, i)
-        opt = lopt.optimizer(theta_i)
-        _, alone = opt.update(member(grads, i), opt.init(theta_i), theta_i,
-                                   loss=losses[i])
-        np.testing.assert_allclose(member(state, i).loss_stats, alone.loss_stats)
-
-
 def test_best_policy_uses_the_best_members_optimizer_for_everyone():
     zero = jax.tree.map(jnp.zeros_like, LOPT.init(jax.random.key(0)))
     known = sgd_like_theta(LOPT, scale=2.0)
     thetas = stack(zero, known)
-    outer = SelfTraining(LOPT, policy="best", clip=0.1)
+    outer = SelfTraining(policy="best", clip=0.1, clip_relative=False, max_update=0.01)
     grads = grads_for(thetas, 1)
-    new, _, _ = outer.update(thetas, outer.init(thetas), grads, jnp.zeros(2), jnp.asarray(1),
-                          jax.random.key(0))
+    new, _, _ = outer.update(LOPT, thetas, outer.init(LOPT, thetas), grads, jnp.zeros(2),
+                             jnp.asarray(1), KEY, LOSSES)
     # The zero member now moves, by member 1's rule applied to its own gradient.
     expected = expected_sgd_like_update(member(grads, 0), 2.0, 0.1, 0.0)
     for got, exp in zip(jax.tree.leaves(member(new, 0)), jax.tree.leaves(expected)):
         np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-9)
     # With best = 0 (the zero LO) nobody moves.
-    still, _, _ = outer.update(thetas, outer.init(thetas), grads, jnp.zeros(2), jnp.asarray(0),
-                            jax.random.key(0))
+    still, _, _ = outer.update(LOPT, thetas, outer.init(LOPT, thetas), grads, jnp.zeros(2),
+                               jnp.asarray(0), KEY, LOSSES)
     for a, b in zip(jax.tree.leaves(still), jax.tree.leaves(thetas)):
         np.testing.assert_array_equal(a, b)
 
 
+@dataclasses.dataclass(frozen=True)
+class LossScaledSGD:
+    """A toy learned optimizer that reads the loss it is given: ``-exp(log_lr) * loss * g``."""
+
+    def init(self, key):
+        del key
+        return {"log_lr": jnp.zeros(()), "w": jnp.zeros(5)}
+
+    def optimizer(self, theta, num_steps=None):
+        del num_steps
+
+        def update(grads, state, params=None, loss=None):
+            del params
+            return jax.tree.map(lambda g: -jnp.exp(theta["log_lr"]) * loss * g, grads), state
+
+        return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def test_each_member_is_updated_with_its_own_meta_loss_by_the_donors_optimizer():
+    # best = 1: both members are updated by member 1's rule (lr 0.5), each on its own clipped
+    # estimate and its own meta-loss, times its own step multiplier; checked with NumPy.
+    lopt = LossScaledSGD()
+    thetas = stack({"log_lr": jnp.log(2.0), "w": jnp.arange(5.0)},
+                   {"log_lr": jnp.log(0.5), "w": -jnp.arange(5.0)})
+    grads = grads_for(thetas, 3)
+    losses, log_mult = jnp.array([0.3, -1.2]), jnp.log(jnp.array([1.0, 3.0]))
+    outer = SelfTraining(policy="best", clip=0.2, clip_relative=False, max_update=100.0)
+    new, _, shrink = outer.update(lopt, thetas, outer.init(lopt, thetas), grads, log_mult,
+                                  jnp.asarray(1), KEY, losses)
+    np.testing.assert_array_equal(shrink, [1.0, 1.0])
+    for i, (loss, mult) in enumerate(zip([0.3, -1.2], [1.0, 3.0])):
+        for name in ("log_lr", "w"):
+            g = np.clip(np.asarray(grads[name][i]), -0.2, 0.2)
+            np.testing.assert_allclose(np.asarray(new[name][i]) - np.asarray(thetas[name][i]),
+                                       -0.5 * loss * mult * g, rtol=1e-5, atol=1e-7)
+
+
+def test_random_policy_draws_donors_from_the_key():
+    outer = SelfTraining(policy="random")
+    donors = outer.donors(8, jnp.asarray(3), jax.random.key(4))
+    np.testing.assert_array_equal(donors, jax.random.randint(jax.random.key(4), (8,), 0, 8))
+    np.testing.assert_array_equal(SelfTraining(policy="self").donors(3, jnp.asarray(1), KEY),
+                                  [0, 1, 2])
+    np.testing.assert_array_equal(SelfTraining(policy="best").donors(3, jnp.asarray(1), KEY),
+                                  [1, 1, 1])
+
+
 def test_adam_control_takes_an_adam_step():
     thetas = stack(LOPT.init(jax.random.key(0)), LOPT.init(jax.random.key(1)))
-    control = AdamControl(learning_rate=1e-3, clip=0.1)
+    control = AdamControl(learning_rate=1e-3, clip=0.1, clip_relative=False, max_update=0.01)
     grads = grads_for(thetas)
-    new, _, _ = control.update(thetas, control.init(thetas), grads, jnp.log(jnp.array([1.0, 2.0])),
-                            jnp.asarray(0), jax.random.key(0))
+    new, _, _ = control.update(LOPT, thetas, control.init(LOPT, thetas), grads,
+                               jnp.log(jnp.array([1.0, 2.0])), jnp.asarray(0), KEY, LOSSES)
     # Adam's first step is -lr * sign(g) (up to eps), times the member's step multiplier.
     for got, th, g in zip(jax.tree.leaves(new), jax.tree.leaves(thetas), jax.tree.leaves(grads)):
         mult = np.array([1.0, 2.0]).reshape((2,) + (1,) * (g.ndim - 1))
@@ -247,21 +236,19 @@ def test_trust_region_bounds_the_step_rms_and_keeps_its_direction():
                                    atol=1e-6)
     small, unbounded = scale_and_add(thetas, updates, jnp.zeros(2), max_update=10.0)
     np.testing.assert_array_equal(unbounded, np.ones(2))
-
-
-def test_a_proposal_trust_region_lets_the_step_multiplier_set_the_step_length():
-    thetas = stack(LOPT.init(jax.random.key(0)), LOPT.init(jax.random.key(1)))
-    updates = grads_for(thetas, 2)  # RMS about 0.3 per member, far above the bound
-    log_mult = jnp.log(jnp.asarray([0.5, 4.0]))
-    flat = lambda tree, i: np.concatenate([np.ravel(x[i]) for x in jax.tree.leaves(tree)])
+    for got, th, u in zip(jax.tree.leaves(small), jax.tree.leaves(thetas), jax.tree.leaves(updates)):
+        np.testing.assert_allclose(np.asarray(got) - np.asarray(th), u, rtol=1e-5, atol=1e-6)
+    # the bound is on the step after the step multiplier: where it is active, the step has the
+    # bound's length whatever the multiplier; where it is not, the multiplier scales the step
     rms = lambda new, i: np.sqrt(np.mean(flat(jax.tree.map(jnp.subtract, new, thetas), i) ** 2))
-    new, _ = scale_and_add(thetas, updates, log_mult, 0.01, trust_region="proposal")
-    np.testing.assert_allclose([rms(new, 0), rms(new, 1)], [0.005, 0.04], rtol=1e-4)
-    # bounding the step instead, both steps have the bound's length whatever the multiplier
-    new, _ = scale_and_add(thetas, updates, log_mult, 0.01, trust_region="step")
+    log_mult = jnp.log(jnp.asarray([0.5, 4.0]))
+    new, _ = scale_and_add(thetas, updates, log_mult, 0.01)
     np.testing.assert_allclose([rms(new, 0), rms(new, 1)], [0.01, 0.01], rtol=1e-4)
-    with pytest.raises(ValueError, match="trust_region"):
-        scale_and_add(thetas, updates, log_mult, 0.01, trust_region="both")
+    new, shrink = scale_and_add(thetas, updates, log_mult, 10.0)
+    np.testing.assert_array_equal(shrink, np.ones(2))
+    base = [np.sqrt(np.mean(flat(updates, i) ** 2)) for i in range(2)]
+    np.testing.assert_allclose([rms(new, 0), rms(new, 1)], [0.5 * base[0], 4.0 * base[1]],
+                               rtol=1e-3)
 
 
 @pytest.mark.parametrize("loss", ["mean", "final"])
@@ -294,3 +281,36 @@ def test_scores_average_the_normalised_loss_over_all_or_the_last_tenth_of_the_st
     np.testing.assert_allclose(scores, expected, rtol=1e-4)
     with pytest.raises(ValueError, match="loss must be one of"):
         score_members(LOPT, thetas, task, key, num_steps=20, loss="last")
+
+
+def test_outer_defaults_and_kinds():
+    outer, control = SelfTraining(), AdamControl()
+    assert (outer.kind, control.kind) == ("self", "adam")
+    assert (outer.label, control.label) == ("self-training", "adam-control")
+    for o in (outer, control):
+        assert (o.clip, o.clip_relative, o.max_update) == (3.0, True, 0.003)
+    assert outer.policy == "self" and control.learning_rate == 1e-3
+    # outer optimizers are plain, hashable configuration: no architecture inside
+    assert "lopt" not in {f.name for f in dataclasses.fields(SelfTraining)}
+    assert hash(SelfTraining(policy="best")) == hash(SelfTraining(policy="best"))
+    pbt = PBT()
+    assert (pbt.interval, pbt.score_loss) == (50, "final")
+    assert PBT(sigma_prior=[0.01, 0.02]).sigma_prior == (0.01, 0.02)  # a JSON list is fine
+
+
+@pytest.mark.parametrize("cls,field,value", [
+    (SelfTraining, "policy", "x"), (SelfTraining, "clip", 0.0), (SelfTraining, "clip", "1"),
+    (SelfTraining, "clip_relative", 1), (SelfTraining, "max_update", -0.1),
+    (AdamControl, "learning_rate", 0.0), (AdamControl, "clip", float("nan")),
+    (AdamControl, "max_update", 0.0), (AdamControl, "clip_relative", "yes"),
+    (PBT, "interval", 0), (PBT, "interval", 2.5), (PBT, "exploit_fraction", 0.6),
+    (PBT, "resample_probability", 1.5), (PBT, "perturb_factors", ()),
+    (PBT, "perturb_factors", (0.8, -1.25)), (PBT, "step_mult_prior", (0.3,)),
+    (PBT, "step_mult_prior", (3.0, 2000.0)), (PBT, "sigma_prior", (1, 0.1)),
+    (PBT, "sigma_prior", (0.0, 0.1)), (PBT, "explore_sigma", 1), (PBT, "score_steps", 0),
+    (PBT, "score_loss", "last"),
+])
+def test_a_bad_field_is_a_one_line_error_that_names_it(cls, field, value):
+    with pytest.raises(ValueError, match=rf"^{field} must be .*, got ") as err:
+        cls(**{field: value})
+    assert "\n" not in str(err.value)

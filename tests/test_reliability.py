@@ -54,8 +54,8 @@ def temp_files(run: Path) -> list[Path]:
 class NaNEstimateES(TruncatedES):
     """Fault injection: the ES estimate of any member whose sigma exceeds 0.5 is NaN."""
 
-    def estimate(self, task, theta, sigma, state, key):
-        estimate, state = super().estimate(task, theta, sigma, state, key)
+    def estimate(self, lopt, task, theta, sigma, state, key):
+        estimate, state = super().estimate(lopt, task, theta, sigma, state, key)
         grad = jax.tree.map(lambda g: jnp.where(sigma > 0.5, jnp.nan, g), estimate.grad)
         return estimate._replace(grad=grad), state
 
@@ -83,9 +83,9 @@ def inject(trainer: Trainer, state, fault: str) -> None:
         state.slot_inner[slot] = inner._replace(params=member_set(inner.params, 1, value),
                                                 step=inner.step.at[1].set(0))
     elif fault == "es_estimate_nan":
-        est = trainer.comps.estimator
+        est = trainer.cfg.estimator
         faulty = NaNEstimateES(**{f.name: getattr(est, f.name) for f in dataclasses.fields(est)})
-        trainer.comps = trainer.comps._replace(estimator=faulty)
+        trainer.cfg = dataclasses.replace(trainer.cfg, estimator=faulty)
         state.hparams = Hyperparams(state.hparams.log_step_mult,
                                     state.hparams.log_sigma.at[1].set(0.0))  # sigma 1
     else:
@@ -141,7 +141,7 @@ def test_a_task_whose_loss_is_nan_for_everyone_gives_capped_finite_losses(tmp_pa
         trainer.task = poisoned if info["state"].step == 2 else make
 
     # reparam_scale=1: plain quadratics, whose target the poison replaces
-    trainer = Trainer(tiny(max_steps=4, pbt_interval=100, reparam_scale=1), tmp_path / "run",
+    trainer = Trainer(tiny(max_steps=4, **{"pbt.interval": 100, "tasks.reparam_scale": 1}), tmp_path / "run",
                       on_step=on_step)
     make = trainer.task
     summary = trainer.run()
@@ -286,7 +286,8 @@ def test_a_checkpoint_of_another_architecture_is_a_clear_error(saved_run, tmp_pa
     for path in (saved_run / "checkpoints").iterdir():
         (run / "checkpoints" / path.name).write_bytes(path.read_bytes())
     config = json.loads((saved_run / "config.json").read_text())
-    (run / "config.json").write_text(json.dumps({**config, "hidden": [16]}))
+    (run / "config.json").write_text(json.dumps({**config, "lopt": {**config["lopt"],
+                                                                     "hidden": [16]}}))
     err = resume_error(run, capsys)
     assert "another architecture" in err and "no usable checkpoint" in err
 

@@ -11,10 +11,13 @@ import pytest
 
 from selfopt.evaluate import train_losses
 from selfopt.lopt import as_optax
-from selfopt.tasks.classifiers import apply_mlp
+from selfopt.tasks.classifiers import ACTIVATIONS, apply_mlp
+from selfopt.tasks.datasets import load_images
 from selfopt.tasks import (FAMILIES, HELDOUT_FAMILIES, HELDOUT_SEED_START, TEST_FUNCTIONS,
-                           TRAIN_GRIDS, TaskDistribution, make_task)
+                           TRAIN_FAMILIES, TRAIN_GRIDS, TaskDistribution, make_task)
 
+#: The training families of ``selfopt train`` by default.
+DEFAULT_FAMILIES = ("quadratic", "test_function", "logistic", "mlp")
 #: family -> Adam learning rate for the training check.
 LEARNING_RATES = {"quadratic": 0.05, "test_function": 0.05, "logistic": 0.01, "mlp": 0.01,
                   "convnet": 0.01, "language_model": 0.01, "autoencoder": 0.01,
@@ -63,15 +66,15 @@ def test_every_test_function_trains(function):
 def test_regression_fits_its_teacher_and_only_training_targets_are_noisy():
     first = make_task({"family": "regression", "seed": 1, "noise": 0.5})
     second = make_task({"family": "regression", "seed": 2, "activation": "tanh"})
-    assert first.shape_key != second.shape_key  # the activation is part of the code
     third = make_task({"family": "regression", "seed": 3, "noise": 0.0})
-    assert first.shape_key == third.shape_key  # noise and the teacher are leaves
+    # the activation, the noise and the teacher are leaves
+    assert first.shape_key == second.shape_key == third.shape_key
     assert not np.allclose(first.teacher[0]["w"], third.teacher[0]["w"])
     key = jax.random.key(0)
     inputs, clean = first.sample_batch(key, "test")
-    assert np.allclose(clean, apply_mlp(first.teacher, inputs, "tanh"))
+    assert np.allclose(clean, apply_mlp(first.teacher, inputs, jnp.tanh))
     train_inputs, noisy = first.sample_batch(key, "train")
-    residual = noisy - apply_mlp(first.teacher, train_inputs, "tanh")
+    residual = noisy - apply_mlp(first.teacher, train_inputs, jnp.tanh)
     assert float(jnp.std(residual)) == pytest.approx(0.5, rel=0.1)
     # a student of the teacher's own architecture, given the teacher's weights, has zero loss
     student = make_task({"family": "regression", "seed": 1, "hidden": [32],
@@ -80,6 +83,116 @@ def test_regression_fits_its_teacher_and_only_training_targets_are_noisy():
     assert float(student.loss(student.init(key), (inputs, clean))) > 0.1
     with pytest.raises(ValueError, match="noise must be >= 0"):
         make_task({"family": "regression", "noise": -1.0})
+
+
+#: Configurations that differ only in fields that are leaves (data sets of one image side,
+#: activations, test functions, noise, seeds, scales): each group is one shape.
+BUCKETS = {
+    "mlp": [{"family": "mlp", "seed": seed, "dataset": dataset, "activation": activation,
+             "hidden": [32], "reparam_scale": 10}
+            for seed, (dataset, activation) in enumerate(
+                (d, a) for d in ("fashion_mnist8", "digits8") for a in ACTIVATIONS)],
+    "logistic": [{"family": "logistic", "dataset": d} for d in ("fashion_mnist8", "digits8")],
+    "test_function": [{"family": "test_function", "function": f, "noise": noise}
+                      for f in TEST_FUNCTIONS for noise in (0.0, 0.1)],
+    "regression": [{"family": "regression", "dataset": d, "activation": a}
+                   for d in ("fashion_mnist8", "digits8") for a in ("relu", "silu")],
+    "autoencoder": [{"family": "autoencoder", "dataset": d, "activation": a}
+                    for d in ("fashion_mnist8", "digits8") for a in ("relu", "elu")],
+    "convnet": [{"family": "convnet", "activation": a} for a in ACTIVATIONS],
+}
+
+
+@pytest.mark.parametrize("bucket", sorted(BUCKETS))
+def test_tasks_of_one_bucket_share_a_shape_and_one_compiled_program(bucket):
+    tasks = [make_task(config) for config in BUCKETS[bucket]]
+    assert len({task.shape_key for task in tasks}) == 1
+
+    @jax.jit
+    def value_and_grad(task, key):
+        return jax.value_and_grad(task.loss)(task.init(key), task.sample_batch(key))
+
+    losses = [float(value_and_grad(task, jax.random.key(0))[0]) for task in tasks]
+    assert value_and_grad._cache_size() == 1
+    assert np.all(np.isfinite(losses)) and len(set(losses)) == len(tasks)  # distinct problems
+
+
+def numpy_mlp_loss(params, images, labels, activation):
+    """Softmax cross-entropy of an MLP, in float64 NumPy."""
+    x = np.asarray(images, np.float64).reshape(len(images), -1)
+    for i, layer in enumerate(params):
+        x = x @ np.asarray(layer["w"], np.float64) + np.asarray(layer["b"], np.float64)
+        if i < len(params) - 1:
+            x = activation(x)
+    x = x - x.max(axis=1, keepdims=True)
+    log_probs = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    return -log_probs[np.arange(len(labels)), np.asarray(labels)].mean()
+
+
+NUMPY_ACTIVATIONS = {
+    "relu": lambda x: np.maximum(x, 0.0),
+    "tanh": np.tanh,
+    "gelu": lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))),
+    "silu": lambda x: x / (1 + np.exp(-x)),
+    "elu": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0))),
+}
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist8", "digits8"])
+def test_a_merged_mlp_is_its_data_set_and_activation(dataset):
+    # Independent truth: batches indexed from the unpadded data set with the same random row
+    # indices, and the loss of each activation computed by NumPy.
+    raw = load_images(dataset)
+    key = jax.random.key(5)
+    for activation, numpy_activation in NUMPY_ACTIVATIONS.items():
+        task = make_task({"family": "mlp", "dataset": dataset, "hidden": [5, 3],
+                          "activation": activation, "batch_size": 6})
+        for split, (images, labels) in (("train", raw[:2]), ("test", raw[2:])):
+            index = np.asarray(jax.random.randint(key, (6,), 0, len(images)))
+            batch = task.sample_batch(key, split)
+            np.testing.assert_allclose(batch[0], images[index] / 255.0, rtol=1e-6)
+            np.testing.assert_array_equal(batch[1], labels[index])
+            params = task.init(jax.random.key(1))
+            expected = numpy_mlp_loss(params, *batch, numpy_activation)
+            assert float(task.loss(params, batch)) == pytest.approx(expected, rel=1e-5)
+    # a large batch of the small data set draws from all of it and never from the padding
+    task = make_task({"family": "logistic", "dataset": dataset, "batch_size": 4096})
+    images, _ = task.sample_batch(jax.random.key(2), "test")
+    rows = {row.tobytes() for row in raw.test_images}
+    drawn = {row.tobytes() for row in np.asarray(images * 255.0).round().astype(np.uint8)}
+    assert drawn <= rows and len(drawn) > 0.25 * min(len(rows), 4096)
+
+
+#: name -> (a point, the function's value there by hand); every minimum value is 0.
+CLOSED_FORMS = {
+    "rosenbrock": ((0.0, 0.0), 1.0),
+    "beale": ((0.0, 0.0), 1.5**2 + 2.25**2 + 2.625**2),
+    "booth": ((0.0, 0.0), 7.0**2 + 5.0**2),
+    "himmelblau": ((0.0, 0.0), 11.0**2 + 7.0**2),
+    "matyas": ((1.0, 2.0), 0.26 * 5.0 - 0.48 * 2.0),
+    "three_hump_camel": ((1.0, 1.0), 2.0 - 1.05 + 1.0 / 6.0 + 1.0 + 1.0),
+}
+MINIMA = {"rosenbrock": (1.0, 1.0), "beale": (3.0, 0.5), "booth": (1.0, 3.0),
+          "himmelblau": (3.0, 2.0), "matyas": (0.0, 0.0), "three_hump_camel": (0.0, 0.0)}
+
+
+def test_test_functions_share_one_program_and_keep_their_closed_forms():
+    assert set(CLOSED_FORMS) == set(MINIMA) == set(TEST_FUNCTIONS)
+
+    @jax.jit
+    def value_and_grad(task, params):
+        return jax.value_and_grad(task.loss)(params, task.sample_batch(jax.random.key(0), "test"))
+
+    for name, (point, value) in CLOSED_FORMS.items():
+        task = make_task({"family": "test_function", "function": name, "init_scale": 0.5})
+        loss, _ = value_and_grad(task, jnp.asarray(point))
+        assert float(loss) == pytest.approx(value, rel=1e-6), name
+        loss, grad = value_and_grad(task, jnp.asarray(MINIMA[name]))
+        assert float(loss) == pytest.approx(0.0, abs=1e-6) and np.allclose(grad, 0, atol=1e-4)
+        noise = jax.random.normal(jax.random.key(3), (2,))
+        np.testing.assert_allclose(task.init(jax.random.key(3)),
+                                   np.asarray(TEST_FUNCTIONS[name][1]) + 0.5 * noise, rtol=1e-6)
+    assert value_and_grad._cache_size() == 1
 
 
 def test_quadratics_share_code_but_not_matrices():
@@ -190,7 +303,7 @@ def test_make_task_rejects_unknown_names_and_bad_values():
 
 
 def test_heldout_is_disjoint_from_training_samples():
-    distribution = TaskDistribution()
+    distribution = TaskDistribution(TRAIN_FAMILIES, grid="full")
     samples = [distribution.sample(seed) for seed in range(3000)]
     heldout = distribution.heldout()
     canonical = {json.dumps(config, sort_keys=True) for config in samples}
@@ -210,15 +323,14 @@ def shapes_of(distribution, draws=2000):
     return {make_task(json.loads(config)).shape_key for config in configs}
 
 
-def test_training_distribution_has_few_shapes():
-    assert len(shapes_of(TaskDistribution())) == 63
+def test_the_full_training_distribution_has_36_shapes():
+    assert len(shapes_of(TaskDistribution(TRAIN_FAMILIES, grid="full"))) == 36
 
 
-def test_the_compact_grid_keeps_the_variety_but_has_17_shapes_for_the_default_families():
-    from selfopt.config import DEFAULT_FAMILIES
+def test_the_compact_grid_keeps_the_variety_but_has_6_shapes_for_the_default_families():
     compact = TaskDistribution(DEFAULT_FAMILIES, grid="compact")
     full = TaskDistribution(DEFAULT_FAMILIES, grid="full")
-    assert len(shapes_of(compact)) == 17 < len(shapes_of(full))
+    assert len(shapes_of(compact)) == 6 < len(shapes_of(full))
     samples = [compact.sample(seed) for seed in range(500)]
     # every compact draw is one the full grid can make, and none is a held-out configuration
     for config in samples:

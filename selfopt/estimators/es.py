@@ -22,15 +22,16 @@ another device or host and be summed.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from selfopt.checks import check_choice, check_int, check_number, is_int, require
 from selfopt.estimators import inner_problem
-from selfopt.estimators.truncation import LengthSchedule, LogUniformLength
+from selfopt.estimators.truncation import LogUniformLength
 from selfopt.lopt.base import LearnedOptimizer, Theta
-from selfopt.tasks.base import SPLITS, Task
+from selfopt.tasks.base import Task
 
 
 class EstimateSums(NamedTuple):
@@ -70,54 +71,57 @@ def weighted_sum(weights: jax.Array, trees: Theta) -> Theta:
 class TruncatedES:
     """Antithetic ES over truncated unrolls of persistent inner problems.
 
+    The learned-optimizer architecture is an argument of every method, not a field: the
+    estimator's configuration is its own (``TrainConfig.estimator``), and the same estimator
+    serves any architecture.
+
     Attributes:
-      lopt: the learned-optimizer architecture whose weights are meta-trained.
       num_pairs: antithetic pairs (= inner problems in flight) per estimate.
       truncation_length: inner steps per truncation.
-      schedule: distribution of inner-problem lengths.
+      min_inner_length, max_inner_length: inner-problem lengths are drawn log-uniformly from
+        this range (:class:`~selfopt.estimators.truncation.LogUniformLength`).
       normalization: ``"ratio"`` or ``"log"`` (see ``inner_problem.normalized_loss``).
       loss_cap: largest normalised loss; a diverged step counts as this.
-      log_floor: with ``log`` normalisation, the smallest normalised loss that counts (1e-6:
-        precision beyond a millionth of the initial loss earns nothing).
-      meta_loss: ``"mean"``, the normalised loss averaged over the truncation's steps, or
-        ``"final"``, over its last 10% (``inner_problem.LOSS_AVERAGES``) **(ours)**: with a
-        truncation as long as the inner problem, that is the final loss evaluation measures.
-      meta_split: the data the meta-loss is measured on (``inner_problem.unroll``'s
-        ``split``): ``"train"``, the training loss, or ``"test"``, the same parameters' loss on
-        the task's test split **(ours; the paper's choice is open)**: an optimizer that
-        overfits its minibatches is then not rewarded for it.
+      log_floor: with ``log`` normalisation, the smallest normalised loss that counts:
+        precision beyond it earns nothing.
     """
 
-    lopt: LearnedOptimizer
+    kind: ClassVar[str] = "es"
+
     num_pairs: int = 4
     truncation_length: int = 20
-    schedule: LengthSchedule = LogUniformLength(100, 1000)
-    normalization: str = "ratio"
+    min_inner_length: int = 100
+    max_inner_length: int = 1000
+    normalization: str = "log"
     loss_cap: float = 10.0
     log_floor: float = 1e-6
-    meta_loss: str = "mean"
-    meta_split: str = "train"
 
     def __post_init__(self):
-        if self.num_pairs < 1 or self.truncation_length < 1:
-            raise ValueError("TruncatedES needs num_pairs >= 1 and truncation_length >= 1, got "
-                             f"{self.num_pairs} and {self.truncation_length}")
-        if self.normalization not in inner_problem.NORMALIZATIONS:
-            raise ValueError(f"unknown normalization {self.normalization!r}; choose one of "
-                             f"{inner_problem.NORMALIZATIONS}")
-        if self.meta_loss not in inner_problem.LOSS_AVERAGES:
-            raise ValueError(f"unknown meta_loss {self.meta_loss!r}; choose one of "
-                             f"{inner_problem.LOSS_AVERAGES}")
-        if self.meta_split not in SPLITS:
-            raise ValueError(f"unknown meta_split {self.meta_split!r}; choose one of {SPLITS}")
+        check_int(self, "num_pairs", 1, 4096)
+        check_int(self, "truncation_length", 1, 1_000_000)
+        check_int(self, "min_inner_length", 1, 10**7)
+        require("max_inner_length", is_int(self.max_inner_length)
+                and is_int(self.min_inner_length)
+                and self.min_inner_length <= self.max_inner_length <= 10**7,
+                "an integer in [min_inner_length, 10000000]", self.max_inner_length)
+        check_choice(self, "normalization", inner_problem.NORMALIZATIONS)
+        check_number(self, "loss_cap", 1, 1e6, open_low=True)
+        check_number(self, "log_floor", 1e-30, 0.1, open_low=True)
 
-    def init_state(self, task: Task, theta: Theta, key: jax.Array) -> inner_problem.InnerState:
+    @property
+    def schedule(self) -> LogUniformLength:
+        """The distribution of inner-problem lengths."""
+        return LogUniformLength(self.min_inner_length, self.max_inner_length)
+
+    def init_state(self, lopt: LearnedOptimizer, task: Task, theta: Theta, key: jax.Array
+                   ) -> inner_problem.InnerState:
         """``num_pairs`` staggered inner problems (leading axis = pair)."""
         keys = jax.random.split(key, self.num_pairs)
         return jax.vmap(lambda k: inner_problem.staggered_inner_state(
-            self.lopt, theta, task, k, self.schedule, self.truncation_length))(keys)
+            lopt, theta, task, k, self.schedule, self.truncation_length))(keys)
 
-    def unroll_pairs(self, task: Task, theta: Theta, sigma: jax.Array, eps: Theta,
+    def unroll_pairs(self, lopt: LearnedOptimizer, task: Task, theta: Theta, sigma: jax.Array,
+                     eps: Theta,
                      pos: inner_problem.InnerState, neg: inner_problem.InnerState):
         """Unrolls ``pos`` under ``theta + sigma * eps`` and ``neg`` under ``theta - sigma * eps``.
 
@@ -130,14 +134,13 @@ class TruncatedES:
         join = lambda a, b: jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
         signs = jnp.concatenate([jnp.ones(num), -jnp.ones(num)])
         thetas = jax.vmap(lambda e, s: perturb(theta, e, s * sigma))(join(eps, eps), signs)
-        tail = inner_problem.tail_steps(self.truncation_length, self.meta_loss)
         end, losses = jax.vmap(lambda t, s: inner_problem.unroll(
-            self.lopt, t, task, s, self.truncation_length, self.normalization, self.loss_cap,
-            tail, self.meta_split, self.log_floor))(thetas, join(pos, neg))
+            lopt, t, task, s, self.truncation_length, self.normalization, self.loss_cap,
+            log_floor=self.log_floor))(thetas, join(pos, neg))
         first, second = (jax.tree.map(lambda x: x[:num], end), jax.tree.map(lambda x: x[num:], end))
         return (losses[:num], losses[num:]), (first, second)
 
-    def partial_sums(self, task: Task, theta: Theta, sigma: jax.Array,
+    def partial_sums(self, lopt: LearnedOptimizer, task: Task, theta: Theta, sigma: jax.Array,
                      state: inner_problem.InnerState, keys: jax.Array
                      ) -> tuple[EstimateSums, inner_problem.InnerState]:
         """Sums of the estimate over the pairs in ``state`` (any number of them).
@@ -146,6 +149,7 @@ class TruncatedES:
         exactly the sums of one call over all pairs.
 
         Args:
+          lopt: the learned-optimizer architecture.
           task: the task all pairs train.
           theta: the member's LO weights.
           sigma: ES perturbation scale (a traced scalar: it may differ per member).
@@ -157,15 +161,17 @@ class TruncatedES:
         """
         restart_keys, eps_keys = split_pair_keys(keys)
         state = jax.vmap(lambda s, k: inner_problem.restart_if_done(
-            self.lopt, theta, task, s, k, self.schedule))(state, restart_keys)
+            lopt, theta, task, s, k, self.schedule))(state, restart_keys)
         eps = jax.vmap(lambda k: tree_normal_like(k, theta))(eps_keys)
-        (loss_pos, loss_neg), (end_pos, _) = self.unroll_pairs(task, theta, sigma, eps, state, state)
+        (loss_pos, loss_neg), (end_pos, _) = self.unroll_pairs(lopt, task, theta, sigma, eps,
+                                                               state, state)
         return pair_sums(loss_pos, loss_neg, sigma, eps), end_pos
 
-    def estimate(self, task: Task, theta: Theta, sigma: jax.Array, state: inner_problem.InnerState,
-                 key: jax.Array) -> tuple[Estimate, inner_problem.InnerState]:
+    def estimate(self, lopt: LearnedOptimizer, task: Task, theta: Theta, sigma: jax.Array,
+                 state: inner_problem.InnerState, key: jax.Array
+                 ) -> tuple[Estimate, inner_problem.InnerState]:
         """The meta-gradient estimate over all pairs in ``state`` (see the module docstring)."""
-        sums, state = self.partial_sums(task, theta, sigma, state,
+        sums, state = self.partial_sums(lopt, task, theta, sigma, state,
                                         jax.random.split(key, self.num_pairs))
         return finish(sums), state
 

@@ -20,7 +20,7 @@ import optax
 
 from selfopt.estimators.truncation import LengthSchedule
 from selfopt.lopt.base import LearnedOptimizer, Theta
-from selfopt.tasks.base import SPLITS, Task
+from selfopt.tasks.base import Task
 
 NORMALIZATIONS = ("ratio", "log")
 #: What a meta-loss or a score averages over an unroll's normalised losses: every step
@@ -56,7 +56,7 @@ def new_inner_state(lopt: LearnedOptimizer, theta: Theta, task: Task, key: jax.A
     length = schedule.sample(length_key)
     return InnerState(
         params=params,
-        # the problem's length is its horizon (for an LO that reads the fraction done)
+        # the problem's length is its horizon (for an LO that reads the time left)
         opt_state=lopt.optimizer(theta, num_steps=length).init(params),
         step=jnp.zeros([], jnp.int32),
         length=length,
@@ -127,7 +127,7 @@ def ratio_scale(meta_loss, normalization: str):
 
 def unroll(lopt: LearnedOptimizer, theta: Theta, task: Task, state: InnerState, num_steps: int,
            normalization: str = "ratio", loss_cap: float = 10.0, tail: int | None = None,
-           split: str = "train", log_floor: float = 1e-6) -> tuple[InnerState, jax.Array]:
+           log_floor: float = 1e-6) -> tuple[InnerState, jax.Array]:
     """Trains the inner problem ``num_steps`` steps with the LO of weights ``theta``.
 
     Args:
@@ -137,17 +137,11 @@ def unroll(lopt: LearnedOptimizer, theta: Theta, task: Task, state: InnerState, 
       num_steps: truncation length (static).
       normalization, loss_cap, log_floor: see :func:`normalized_loss`.
       tail: average only the last ``tail`` steps' losses (static; ``None``: every step).
-      split: the data the meta-loss is measured on: ``"train"``, the training loss the
-        optimizer descends (its minibatch before each update), or ``"test"``, the loss of the
-        same parameters on a minibatch of the task's test split (one more forward pass a step;
-        a task without data draws its test batches as it draws the others).
 
     Returns:
       The advanced state and the meta-loss of the truncation: the mean over its steps (or its
-      last ``tail`` steps) of the normalised loss (on ``split``) before each update.
+      last ``tail`` steps) of the normalised training loss before each update.
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     opt = lopt.optimizer(theta)
 
     def step(s: InnerState, _):
@@ -161,8 +155,6 @@ def unroll(lopt: LearnedOptimizer, theta: Theta, task: Task, state: InnerState, 
             step=s.step + 1,
             diverged=s.diverged | ~jnp.isfinite(loss),
         )
-        if split == "test":
-            loss = task.loss(params, task.sample_batch(jax.random.fold_in(key, 1), "test"))
         return s, normalized_loss(task, loss, s.init_loss, normalization, loss_cap, log_floor)
 
     state, losses = jax.lax.scan(step, state, None, length=num_steps)

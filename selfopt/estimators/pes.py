@@ -17,7 +17,7 @@ restart from the same fresh state and ``xi`` resets to zero.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from selfopt.estimators import inner_problem
 from selfopt.estimators.es import (EstimateSums, TruncatedES, pair_sums, split_pair_keys,
                                    tree_normal_like)
-from selfopt.lopt.base import Theta
+from selfopt.lopt.base import LearnedOptimizer, Theta
 from selfopt.tasks.base import Task
 
 
@@ -41,21 +41,24 @@ class PESState(NamedTuple):
 class PES(TruncatedES):
     """Antithetic PES; same attributes as :class:`~selfopt.estimators.es.TruncatedES`."""
 
-    def init_state(self, task: Task, theta: Theta, key: jax.Array) -> PESState:
+    kind: ClassVar[str] = "pes"
+
+    def init_state(self, lopt: LearnedOptimizer, task: Task, theta: Theta, key: jax.Array
+                   ) -> PESState:
         """``num_pairs`` staggered problems, both branches equal, nothing accumulated."""
-        inner = super().init_state(task, theta, key)
+        inner = super().init_state(lopt, task, theta, key)
         zeros = jax.tree.map(lambda t: jnp.zeros((self.num_pairs, *jnp.shape(t)), jnp.result_type(t)),
                              theta)
         return PESState(pos=inner, neg=inner, accumulated=zeros)
 
-    def partial_sums(self, task: Task, theta: Theta, sigma: jax.Array, state: PESState,
-                     keys: jax.Array) -> tuple[EstimateSums, PESState]:
+    def partial_sums(self, lopt: LearnedOptimizer, task: Task, theta: Theta, sigma: jax.Array,
+                     state: PESState, keys: jax.Array) -> tuple[EstimateSums, PESState]:
         """Sums of the PES estimate over the pairs in ``state``; arguments as in TruncatedES."""
         restart_keys, eps_keys = split_pair_keys(keys)
 
         def restart(pos, neg, acc, k):
             done = inner_problem.is_done(pos) | inner_problem.is_done(neg)
-            fresh = inner_problem.new_inner_state(self.lopt, theta, task, k, self.schedule)
+            fresh = inner_problem.new_inner_state(lopt, theta, task, k, self.schedule)
             zeros = jax.tree.map(jnp.zeros_like, acc)
             return tuple(inner_problem.replace_where(done, new, old)
                          for new, old in ((fresh, pos), (fresh, neg), (zeros, acc)))
@@ -66,6 +69,6 @@ class PES(TruncatedES):
         accumulated = jax.tree.map(jnp.add, accumulated, eps)
 
         (loss_pos, loss_neg), (end_pos, end_neg) = self.unroll_pairs(
-            task, theta, sigma, eps, pos, neg)
+            lopt, task, theta, sigma, eps, pos, neg)
         sums = pair_sums(loss_pos, loss_neg, sigma, accumulated)
         return sums, PESState(pos=end_pos, neg=end_neg, accumulated=accumulated)

@@ -7,8 +7,9 @@ functions, in the shape optax gives to hand-designed optimizers:
   so that a population of thetas and their perturbations can be ``vmap``-ed);
 * ``optimizer(theta, num_steps=None) -> optax.GradientTransformationExtraArgs``: the optimizer
   those weights define, with ``init(params) -> state`` and ``update(grads, state, params,
-  loss=...)``. ``num_steps`` is the number of updates the run will take; an architecture that
-  reads it (to learn a schedule) requires it, the others ignore it.
+  loss=...)``. ``num_steps`` (the number of updates the run will take) and ``loss`` (the loss at
+  ``params``) are there for architectures that read the time left or the loss's trend; one
+  that does not ignores them.
 
 Nothing here knows about populations or meta-gradients; the LO is just an optimizer family
 indexed by ``theta``.
@@ -74,9 +75,6 @@ def as_optax(lopt: LearnedOptimizer, theta: Theta, num_steps: int | None = None
 
     Use it like any optax optimizer: ``opt = as_optax(lopt, theta, num_steps=1000); state =
     opt.init(params); updates, state = opt.update(grads, state, params, loss=loss)``.
-    ``num_steps`` (the number of updates the run will take) is required by a learned optimizer
-    that reads the fraction of training done (``MLPLOpt(horizon_features=True)``) or decays
-    its step over the run (``MLPLOpt(step_schedule="linear")``).
     """
     check_theta(lopt, theta)
     return lopt.optimizer(theta, num_steps)

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from selfopt.checks import (as_tuple, check_bool, check_choice, check_int, check_number,
+                            is_number, require)
 from selfopt.estimators import inner_problem
 from selfopt.estimators.truncation import ConstantLength
 from selfopt.lopt.base import LearnedOptimizer, Theta
@@ -41,16 +43,19 @@ class PBT:
 
     Attributes:
       interval: outer steps between PBT rounds.
-      exploit_fraction: fraction of members replaced each round (and size of the top pool).
+      exploit_fraction: fraction of members replaced each round (and size of the top pool; at
+        least one member when above 0; 0: PBT only scores).
       perturb_factors: explore multiplies a hyperparameter by one of these.
       resample_probability: chance that explore redraws a hyperparameter from its prior.
       step_mult_prior: log-uniform range of the outer step multiplier.
       sigma_prior: log-uniform range of the ES sigma.
       explore_sigma: whether sigma is a PBT hyperparameter at all.
       score_steps: inner steps of the scoring unroll.
+      score_loss: what a score averages (:func:`score_members`'s ``loss``; also the held-in
+        validation's): ``mean`` over every step or ``final``, the last 10% of the steps.
     """
 
-    interval: int = 10
+    interval: int = 50
     exploit_fraction: float = 0.25
     perturb_factors: tuple[float, float] = (0.8, 1.25)
     resample_probability: float = 0.1
@@ -58,6 +63,25 @@ class PBT:
     sigma_prior: tuple[float, float] = (0.003, 0.03)
     explore_sigma: bool = True
     score_steps: int = 50
+    score_loss: str = "final"
+
+    def __post_init__(self):
+        as_tuple(self, "perturb_factors", "step_mult_prior", "sigma_prior")
+        check_int(self, "interval", 1, 1_000_000)
+        check_number(self, "exploit_fraction", 0, 0.5)
+        check_number(self, "resample_probability", 0, 1)
+        require("perturb_factors", isinstance(self.perturb_factors, tuple)
+                and len(self.perturb_factors) >= 1
+                and all(is_number(f) and f > 0 for f in self.perturb_factors),
+                "one or more positive factors", self.perturb_factors)
+        for name, hi in (("step_mult_prior", 1000), ("sigma_prior", 1)):
+            value = getattr(self, name)
+            require(name, isinstance(value, tuple) and len(value) == 2
+                    and all(is_number(v) and 0 < v <= hi for v in value) and value[0] <= value[1],
+                    f"a pair [low, high] with 0 < low <= high <= {hi}", value)
+        check_bool(self, "explore_sigma")
+        check_int(self, "score_steps", 1, 1_000_000)
+        check_choice(self, "score_loss", inner_problem.LOSS_AVERAGES)
 
     def priors(self) -> dict[str, tuple[float, float]]:
         """Hyperparameter name -> (low, high) of its log."""
@@ -93,7 +117,8 @@ class PBT:
         """
         num = len(scores)
         order = np.argsort(np.where(np.isfinite(scores), scores, np.inf), kind="stable")
-        count = max(1, int(round(self.exploit_fraction * num))) if num > 1 else 0
+        count = (max(1, int(round(self.exploit_fraction * num)))
+                 if num > 1 and self.exploit_fraction > 0 else 0)
         top, bottom = order[:count], order[num - count:] if count else []
         sources = np.arange(num)
         new = {name: np.array(values, np.float32) for name, values in hparams._asdict().items()}

@@ -6,24 +6,25 @@ family is held out of the default training distribution (see ``distribution.py``
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from selfopt.tasks.base import Task, static_field, task_dataclass
-from selfopt.tasks.classifiers import (apply_mlp, check_activation, check_positive_int,
-                                       check_widths, device_images, init_mlp, sample_images)
-from selfopt.tasks.datasets import ImageData
+from selfopt.tasks.classifiers import (ImageSplit, activate, activation_index, apply_mlp,
+                                       check_positive_int, check_widths, device_images, init_mlp,
+                                       sample_images)
 
 
 @task_dataclass
 class Autoencoder(Task):
     """An MLP autoencoder ``pixels -> hidden... -> reversed(hidden[:-1]) -> pixels``."""
 
-    data: ImageData  # uint8 images (the labels are unused)
-    dataset: str = static_field()
+    data: dict[str, ImageSplit]  # the data set's splits (the labels are unused)
+    activation: jax.Array  # () int32: the index of the nonlinearity in ACTIVATIONS
     batch_size: int = static_field()
     hidden: tuple[int, ...] = static_field()
-    activation: str = static_field()
 
     family = "autoencoder"
     loss_floor = 0.0
@@ -45,13 +46,12 @@ class Autoencoder(Task):
         hidden = check_widths("hidden", hidden)
         if not hidden:
             raise ValueError("hidden must have at least one width (the code size)")
-        return cls(data=device_images(dataset), dataset=dataset,
-                   batch_size=check_positive_int("batch_size", batch_size), hidden=hidden,
-                   activation=check_activation(activation))
+        return cls(data=device_images(dataset), activation=activation_index(activation),
+                   batch_size=check_positive_int("batch_size", batch_size), hidden=hidden)
 
     def init(self, key: jax.Array) -> list[dict[str, jax.Array]]:
         """Dense layers of the encoder and the mirrored decoder."""
-        pixels = self.data.train_images.shape[1] * self.data.train_images.shape[2]
+        pixels = self.data["train"].images.shape[1] * self.data["train"].images.shape[2]
         return init_mlp(key, (pixels, *self.hidden, *reversed(self.hidden[:-1]), pixels))
 
     def sample_batch(self, key: jax.Array, split: str = "train") -> jax.Array:
@@ -61,5 +61,6 @@ class Autoencoder(Task):
 
     def loss(self, params: list[dict[str, jax.Array]], batch: jax.Array) -> jax.Array:
         """Mean squared reconstruction error per pixel."""
-        reconstruction = jax.nn.sigmoid(apply_mlp(params, batch, self.activation))
+        reconstruction = jax.nn.sigmoid(
+            apply_mlp(params, batch, functools.partial(activate, self.activation)))
         return jnp.mean((reconstruction - batch) ** 2)

@@ -1,11 +1,12 @@
 """The task protocol: an inner problem that a learned optimizer trains.
 
 A task is a frozen dataclass registered as a JAX pytree. Its *static* fields (sizes, widths,
-activation, batch size, data set name) decide array shapes and code, so they are part of the
-pytree structure; its *array* fields (the data set, a quadratic's matrix) are leaves. A jitted
-function that takes a task as an argument therefore compiles once per task shape and is reused
-for every other instance (another seed, another conditioning) of that shape, and the data
-arrays are passed in rather than baked into the compiled program as constants.
+batch size, a recurrent cell) decide array shapes and code, so they are part of the pytree
+structure; its *array* fields (the data set, a quadratic's matrix, the index of an activation or
+a test function) are leaves. A jitted function that takes a task as an argument therefore
+compiles once per task shape and is reused for every other instance (another seed, another
+conditioning, data set or activation) of that shape, and the data arrays are passed in rather
+than baked into the compiled program as constants.
 
 Every method is a pure function of its arguments, so unrolls ``jit``, ``vmap`` and ``scan``:
 

@@ -1,9 +1,13 @@
 """Image classifiers trained with softmax cross-entropy: logistic regression, MLPs, convnets.
 
-The data set (uint8 images and labels, on the device) is a leaf of the task, so every classifier
-of one architecture, data set and batch size shares compiled code. Batches are drawn with
-replacement from a PRNG key and scaled to float32 in [0, 1]. Weights use LeCun-normal
-initialisation (variance 1 / fan-in), biases zeros.
+The data set (uint8 images and labels, on the device) is a leaf of the task, and so is the
+activation (an index into :data:`ACTIVATIONS`), so every classifier of one architecture, image
+side and batch size shares compiled code whatever its data set and nonlinearity. Data sets of
+one image side (``fashion_mnist8`` and ``digits8``) have one array shape: each split is
+zero-padded to the largest row count of its side, and its true row count ``n`` is a leaf;
+batches draw row indices uniformly from ``[0, n)`` with replacement (:func:`sample_images`), so
+the padding rows are never read. Images are scaled to float32 in [0, 1]. Weights use
+LeCun-normal initialisation (variance 1 / fan-in), biases zeros.
 
 Padded batches **(ours)**: with ``pad_batch_to=R`` a task draws ``R`` examples per batch and
 its loss is the mean over the first ``batch_size`` of them. The batch size is then an array
@@ -14,9 +18,11 @@ compilation per batch size.
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from selfopt.tasks.base import SPLITS, Task, static_field, task_dataclass
@@ -24,8 +30,8 @@ from selfopt.tasks.datasets import IMAGE_DATASETS, ImageData, load_images
 
 NUM_CLASSES = 10
 
-#: Hidden-layer nonlinearities by name.
-ACTIVATIONS = {
+#: Hidden-layer nonlinearities by name; a task holds the index of its own in this order.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "tanh": jnp.tanh,
     "gelu": jax.nn.gelu,
@@ -34,12 +40,43 @@ ACTIVATIONS = {
 }
 
 
+class ImageSplit(NamedTuple):
+    """One split of a data set on the device, zero-padded to the row count of its image side."""
+
+    images: jax.Array  # (padded rows, side, side) uint8
+    labels: jax.Array  # (padded rows,) uint8
+    count: jax.Array  # () int32: the split's examples, the first ``count`` rows
+
+
+def split_arrays(data: ImageData, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(images, labels)`` of one split of ``data``."""
+    return data[:2] if split == "train" else data[2:]
+
+
 @functools.cache
-def device_images(name: str) -> ImageData:
-    """:func:`load_images` moved to the device once, shared by every task that uses it."""
+def device_images(name: str) -> dict[str, ImageSplit]:
+    """:func:`load_images` moved to the device once, shared by every task that uses it.
+
+    Each split's arrays are zero-padded to the largest row count of that split among the data
+    sets of the same image side, so all of them have one shape.
+
+    Returns:
+      ``{split: ImageSplit}`` for each of ``SPLITS``.
+    """
     if name not in IMAGE_DATASETS:
         raise ValueError(f"dataset must be one of {sorted(IMAGE_DATASETS)}, got {name!r}")
-    return ImageData(*map(jnp.asarray, load_images(name)))
+    same_side = [load_images(other) for other, side in IMAGE_DATASETS.items()
+                 if side == IMAGE_DATASETS[name]]
+    splits = {}
+    for split in SPLITS:
+        rows = max(len(split_arrays(data, split)[0]) for data in same_side)
+        images, labels = split_arrays(load_images(name), split)
+        padding = rows - len(images)
+        splits[split] = ImageSplit(
+            jnp.asarray(np.pad(images, ((0, padding), (0, 0), (0, 0)))),
+            jnp.asarray(np.pad(labels, (0, padding))),
+            jnp.asarray(len(images), jnp.int32))
+    return splits
 
 
 def check_positive_int(name: str, value: int) -> int:
@@ -66,24 +103,30 @@ def check_padding(batch_size: int, pad_batch_to: int) -> int:
     return pad_batch_to or batch_size
 
 
-def check_activation(activation: str) -> str:
-    """Validates an activation name."""
+def activation_index(activation: str) -> jax.Array:
+    """Validates an activation name; returns its index in :data:`ACTIVATIONS` (int32 scalar)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    return activation
+    return jnp.asarray(list(ACTIVATIONS).index(activation), jnp.int32)
 
 
-def sample_images(data: ImageData, key: jax.Array, split: str,
+def activate(index: jax.Array, x: jax.Array) -> jax.Array:
+    """The ``index``-th of :data:`ACTIVATIONS` applied to ``x`` (only that one is evaluated)."""
+    return jax.lax.switch(index, tuple(ACTIVATIONS.values()), x)
+
+
+def sample_images(data: dict[str, ImageSplit], key: jax.Array, split: str,
                   batch_size: int) -> tuple[jax.Array, jax.Array]:
-    """Draws ``batch_size`` examples with replacement.
+    """Draws ``batch_size`` examples of ``split`` with replacement: row indices uniform in
+    ``[0, count)``, so never a padding row.
 
     Returns:
       ``(images, labels)``: float32 ``(batch_size, side, side)`` in [0, 1] and int32 labels.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    images, labels = data[:2] if split == "train" else data[2:]
-    index = jax.random.randint(key, (batch_size,), 0, images.shape[0])
+    images, labels, count = data[split]
+    index = jax.random.randint(key, (batch_size,), 0, count)
     return images[index].astype(jnp.float32) / 255.0, labels[index].astype(jnp.int32)
 
 
@@ -94,12 +137,13 @@ def init_mlp(key: jax.Array, sizes: tuple[int, ...]) -> list[dict[str, jax.Array
             for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:])]
 
 
-def apply_mlp(layers: list[dict[str, jax.Array]], x: jax.Array, activation: str) -> jax.Array:
+def apply_mlp(layers: list[dict[str, jax.Array]], x: jax.Array,
+              activation: Callable[[jax.Array], jax.Array]) -> jax.Array:
     """Applies the layers of :func:`init_mlp`, with ``activation`` between them (not after)."""
     for i, layer in enumerate(layers):
         x = x @ layer["w"] + layer["b"]
         if i < len(layers) - 1:
-            x = ACTIVATIONS[activation](x)
+            x = activation(x)
     return x
 
 
@@ -107,9 +151,8 @@ def apply_mlp(layers: list[dict[str, jax.Array]], x: jax.Array, activation: str)
 class ImageClassifier(Task):
     """Shared data handling and loss; subclasses define ``init`` and ``logits``."""
 
-    data: ImageData  # uint8 images and labels, train and test
+    data: dict[str, ImageSplit]  # the data set's splits (see device_images)
     batch_size: jax.Array  # int32 scalar: the examples of a batch that count in its loss
-    dataset: str = static_field()
     batch_rows: int = static_field()  # examples drawn per batch (batch_size, or the padding)
     padded: bool = static_field()  # whether the loss masks rows beyond batch_size
 
@@ -145,7 +188,7 @@ class ImageClassifier(Task):
     @property
     def num_pixels(self) -> int:
         """Input size of a flattened image."""
-        return self.data.train_images.shape[1] * self.data.train_images.shape[2]
+        return self.data["train"].images.shape[1] * self.data["train"].images.shape[2]
 
 
 @task_dataclass
@@ -159,8 +202,7 @@ class LogisticRegression(ImageClassifier):
                pad_batch_to: int = 0) -> LogisticRegression:
         """Builds the task on ``dataset`` (a name in ``IMAGE_DATASETS``); ``pad_batch_to``: see
         the module docstring (0: no padding)."""
-        return cls(data=device_images(dataset), dataset=dataset,
-                   **cls.batch_fields(batch_size, pad_batch_to))
+        return cls(data=device_images(dataset), **cls.batch_fields(batch_size, pad_batch_to))
 
     def init(self, key: jax.Array) -> list[dict[str, jax.Array]]:
         """One dense layer."""
@@ -176,8 +218,8 @@ class LogisticRegression(ImageClassifier):
 class MLPClassifier(ImageClassifier):
     """A multilayer perceptron on flattened pixels."""
 
+    activation: jax.Array  # () int32: the index of the nonlinearity in ACTIVATIONS
     hidden: tuple[int, ...] = static_field()
-    activation: str = static_field()
 
     family = "mlp"
 
@@ -198,9 +240,8 @@ class MLPClassifier(ImageClassifier):
         Returns:
           The task.
         """
-        return cls(data=device_images(dataset), dataset=dataset,
-                   **cls.batch_fields(batch_size, pad_batch_to),
-                   hidden=check_widths("hidden", hidden), activation=check_activation(activation))
+        return cls(data=device_images(dataset), **cls.batch_fields(batch_size, pad_batch_to),
+                   hidden=check_widths("hidden", hidden), activation=activation_index(activation))
 
     def init(self, key: jax.Array) -> list[dict[str, jax.Array]]:
         """Dense layers pixels -> hidden... -> 10."""
@@ -208,7 +249,8 @@ class MLPClassifier(ImageClassifier):
 
     def logits(self, params, images: jax.Array) -> jax.Array:
         """The MLP applied to the flattened pixels."""
-        return apply_mlp(params, images.reshape(images.shape[0], -1), self.activation)
+        return apply_mlp(params, images.reshape(images.shape[0], -1),
+                         functools.partial(activate, self.activation))
 
 
 @task_dataclass
@@ -219,8 +261,8 @@ class ConvNetClassifier(ImageClassifier):
     followed by the activation; the linear layer reads the flattened last feature map.
     """
 
+    activation: jax.Array  # () int32: the index of the nonlinearity in ACTIVATIONS
     channels: tuple[int, ...] = static_field()
-    activation: str = static_field()
 
     family = "convnet"
 
@@ -244,13 +286,13 @@ class ConvNetClassifier(ImageClassifier):
         channels = check_widths("channels", channels)
         if not channels or 2 ** len(channels) > IMAGE_DATASETS[dataset]:
             raise ValueError(f"channels must have 1 to log2(side) entries, got {channels!r}")
-        return cls(data=data, dataset=dataset, **cls.batch_fields(batch_size, pad_batch_to),
-                   channels=channels, activation=check_activation(activation))
+        return cls(data=data, **cls.batch_fields(batch_size, pad_batch_to), channels=channels,
+                   activation=activation_index(activation))
 
     def init(self, key: jax.Array) -> dict:
         """Kernels in HWIO layout, biases, and the output layer."""
         keys = jax.random.split(key, len(self.channels) + 1)
-        side = self.data.train_images.shape[1]
+        side = self.data["train"].images.shape[1]
         convs, in_channels = [], 1
         for k, out_channels in zip(keys, self.channels):
             kernel = jax.nn.initializers.lecun_normal()(k, (3, 3, in_channels, out_channels))
@@ -264,5 +306,6 @@ class ConvNetClassifier(ImageClassifier):
         for conv in params["convs"]:
             x = jax.lax.conv_general_dilated(x, conv["w"], window_strides=(2, 2), padding="SAME",
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            x = ACTIVATIONS[self.activation](x + conv["b"])
-        return apply_mlp(params["out"], x.reshape(x.shape[0], -1), self.activation)
+            x = activate(self.activation, x + conv["b"])
+        (out,) = params["out"]
+        return x.reshape(x.shape[0], -1) @ out["w"] + out["b"]

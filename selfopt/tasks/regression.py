@@ -2,7 +2,8 @@
 
 The inputs are the flattened images of a data set; the targets are the outputs of a *teacher*,
 a one-hidden-layer tanh network drawn by NumPy from the configuration's seed and stored as
-leaves (so every teacher of one shape shares compiled code). The student, an MLP, is trained
+leaves (so every teacher of one shape shares compiled code, as do the data sets of one image
+side and the student's activations: see ``classifiers.py``). The student, an MLP, is trained
 with mean squared error; training targets may carry Gaussian noise, test targets never do.
 
 Why this family (**ours**, not in method.md): the training distribution's networks are
@@ -13,14 +14,17 @@ function of it).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from selfopt.tasks.base import Task, static_field, task_dataclass
-from selfopt.tasks.classifiers import (apply_mlp, check_activation, check_positive_int,
-                                       check_widths, device_images, init_mlp, sample_images)
-from selfopt.tasks.datasets import IMAGE_DATASETS, ImageData
+from selfopt.tasks.classifiers import (ImageSplit, activate, activation_index, apply_mlp,
+                                       check_positive_int, check_widths, device_images, init_mlp,
+                                       sample_images)
+from selfopt.tasks.datasets import IMAGE_DATASETS
 
 #: Width of the teacher's hidden layer.
 TEACHER_HIDDEN = 32
@@ -33,13 +37,12 @@ TEACHER_GAIN = 3.0
 class TeacherRegression(Task):
     """An MLP ``pixels -> hidden... -> outputs`` regressing a random teacher's outputs."""
 
-    data: ImageData  # uint8 images (the labels are unused)
+    data: dict[str, ImageSplit]  # the data set's splits (the labels are unused)
     teacher: list  # the teacher's dense layers (pixels -> 32 -> outputs), float32
     noise: jax.Array  # () float32: standard deviation of the training targets' noise
-    dataset: str = static_field()
+    activation: jax.Array  # () int32: the student's nonlinearity, its index in ACTIVATIONS
     batch_size: int = static_field()
     hidden: tuple[int, ...] = static_field()
-    activation: str = static_field()
 
     family = "regression"
     loss_floor = 0.0
@@ -75,9 +78,9 @@ class TeacherRegression(Task):
                    for gain, n_in, n_out in ((TEACHER_GAIN, pixels, TEACHER_HIDDEN),
                                              (1.0, TEACHER_HIDDEN, outputs))]
         return cls(data=device_images(dataset), teacher=teacher,
-                   noise=jnp.asarray(noise, jnp.float32), dataset=dataset,
+                   noise=jnp.asarray(noise, jnp.float32), activation=activation_index(activation),
                    batch_size=check_positive_int("batch_size", batch_size),
-                   hidden=check_widths("hidden", hidden), activation=check_activation(activation))
+                   hidden=check_widths("hidden", hidden))
 
     def init(self, key: jax.Array) -> list[dict[str, jax.Array]]:
         """The student's dense layers, LeCun-normal as the classifiers'."""
@@ -90,7 +93,7 @@ class TeacherRegression(Task):
         image_key, noise_key = jax.random.split(key)
         images, _ = sample_images(self.data, image_key, split, self.batch_size)
         inputs = images.reshape(self.batch_size, -1)
-        targets = apply_mlp(self.teacher, inputs, "tanh")
+        targets = apply_mlp(self.teacher, inputs, jnp.tanh)
         if split == "train":
             targets = targets + self.noise * jax.random.normal(noise_key, targets.shape)
         return inputs, targets
@@ -99,4 +102,5 @@ class TeacherRegression(Task):
              batch: tuple[jax.Array, jax.Array]) -> jax.Array:
         """Mean squared error per target."""
         inputs, targets = batch
-        return jnp.mean((apply_mlp(params, inputs, self.activation) - targets) ** 2)
+        outputs = apply_mlp(params, inputs, functools.partial(activate, self.activation))
+        return jnp.mean((outputs - targets) ** 2)

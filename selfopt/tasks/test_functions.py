@@ -2,7 +2,9 @@
 
 Formulas and standard domains as in Jamil & Yang, "A literature survey of benchmark functions for
 global optimisation problems" (2013). Every function here has global minimum 0, which is the
-task's :attr:`loss_floor`.
+task's :attr:`loss_floor`. The function is a leaf of the task (an index into
+:data:`TEST_FUNCTIONS`), as are its starting point, ``init_scale`` and ``noise``, so every test
+function task has one shape and shares compiled code.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from selfopt.tasks.base import SPLITS, Task, static_field, task_dataclass
+from selfopt.tasks.base import SPLITS, Task, task_dataclass
 
 
 def rosenbrock(x, y):
@@ -65,7 +67,8 @@ class TestFunction(Task):
     unchanged; test batches are zeros.
     """
 
-    function: str = static_field()
+    function: jax.Array  # () int32: the index of the function in TEST_FUNCTIONS
+    start: jax.Array  # (2,) float32: the function's standard start
     init_scale: jax.Array  # () float32
     noise: jax.Array  # () float32
 
@@ -92,13 +95,14 @@ class TestFunction(Task):
             raise ValueError(f"init_scale must be >= 0, got {init_scale!r}")
         if not noise >= 0.0:
             raise ValueError(f"noise must be >= 0, got {noise!r}")
-        return cls(function=function, init_scale=jnp.asarray(init_scale, jnp.float32),
+        return cls(function=jnp.asarray(list(TEST_FUNCTIONS).index(function), jnp.int32),
+                   start=jnp.asarray(TEST_FUNCTIONS[function][1], jnp.float32),
+                   init_scale=jnp.asarray(init_scale, jnp.float32),
                    noise=jnp.asarray(noise, jnp.float32))
 
     def init(self, key: jax.Array) -> jax.Array:
         """The standard start point, randomly perturbed."""
-        start = jnp.asarray(TEST_FUNCTIONS[self.function][1])
-        return start + self.init_scale * jax.random.normal(key, (2,))
+        return self.start + self.init_scale * jax.random.normal(key, (2,))
 
     def sample_batch(self, key: jax.Array, split: str = "train") -> jax.Array:
         """The gradient noise vector: Gaussian for training, zeros for testing."""
@@ -109,5 +113,6 @@ class TestFunction(Task):
         return self.noise * jax.random.normal(key, (2,))
 
     def loss(self, params: jax.Array, batch: jax.Array) -> jax.Array:
-        """``f(x, y) + b . (x, y)``."""
-        return TEST_FUNCTIONS[self.function][0](params[0], params[1]) + batch @ params
+        """``f(x, y) + b . (x, y)``, ``f`` the :attr:`function`-th of :data:`TEST_FUNCTIONS`."""
+        functions = tuple(f for f, _ in TEST_FUNCTIONS.values())
+        return jax.lax.switch(self.function, functions, params[0], params[1]) + batch @ params

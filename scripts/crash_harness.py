@@ -48,7 +48,7 @@ from selfopt import checkpoint as ckpt
 #: The small, fast configuration every process of the harness runs.
 CONFIG = {"estimator.num_pairs": 1, "estimator.truncation_length": 2,
           "tasks.families": ["quadratic"], "lopt.hidden": [4], "num_slots": 1, "pbt.interval": 3,
-          "pbt.score_steps": 2, "summary_steps": 2, "validate_interval": 7, "validate_steps": 2,
+          "pbt.score_steps": 2, "validate_interval": 7, "validate_steps": 2,
           "estimator.min_inner_length": 4, "estimator.max_inner_length": 8,
           "checkpoint_seconds": 0,
           "keep_checkpoints": 2, "eval_minutes": 0, "minutes": 600}

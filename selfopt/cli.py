@@ -238,7 +238,7 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     print(f"meta-loss on fixed held-in problems (1 = no progress): random start median "
           f"{fmt(start['median'])} (best {fmt(start['best'])}) -> end median "
           f"{fmt(end['median'])} (best {fmt(end['best'])})"
-          + (f"; elite {fmt(summary['elite']['held_in'])} (lineage id {summary['elite']['id']}, "
+          + (f"; elite {fmt(summary['elite']['validation'])} (lineage id {summary['elite']['id']}, "
              f"step {summary['elite']['step']})" if summary.get("elite") else ""))
     if last := summary["last_eval"]:
         ttb = summary["time_to_beat_adam_s"]

@@ -63,7 +63,6 @@ class TrainConfig:
       validate_steps: inner steps of each validation problem.
       restore_elite: when no member validates as well as the elite, the elite replaces the
         worst member.
-      summary_steps: inner steps of the summary's held-in start/end comparison.
       eval_minutes: training minutes between checks of the elite against tuned Adam on the
         quick held-out suite (0: never).
       eval_steps, eval_seeds: inner steps and seeds of each such check.
@@ -87,7 +86,6 @@ class TrainConfig:
     validate_interval: int = 50
     validate_steps: int = 300
     restore_elite: bool = True
-    summary_steps: int = 100
     eval_minutes: float = 2.0
     eval_steps: int = 300
     eval_seeds: int = 3
@@ -100,7 +98,7 @@ class TrainConfig:
         for name, lo, hi in (("population", 2, 4096), ("num_slots", 1, 1024),
                              ("task_steps", 1, 1_000_000), ("steps_per_call", 1, 1000),
                              ("validate_interval", 0, 1_000_000),
-                             ("validate_steps", 1, 1_000_000), ("summary_steps", 1, 1_000_000),
+                             ("validate_steps", 1, 1_000_000),
                              ("eval_steps", 10, 1_000_000), ("eval_seeds", 1, 1000),
                              ("keep_checkpoints", 1, 1000), ("max_steps", 0, 10**9)):
             check_int(self, name, lo, hi)

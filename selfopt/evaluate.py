@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from selfopt.cache import cache_root
+from selfopt.cache import COMPILER_OPTIONS, cache_root
 from selfopt.checkpoint import atomic_write_bytes
 from selfopt.lopt.base import LearnedOptimizer, check_theta
 from selfopt.tasks.base import Task
@@ -82,12 +82,14 @@ def _run(task: Task, optimizer: optax.GradientTransformation, key: jax.Array, nu
     return losses, valid
 
 
-_run_jit = jax.jit(_run, static_argnames=("optimizer", "num_steps"))
+_run_jit = jax.jit(_run, static_argnames=("optimizer", "num_steps"),
+                   compiler_options=COMPILER_OPTIONS)
 #: Adam without its learning rate: ``optax.adam(lr)`` is this followed by a scale of ``-lr``.
 _SCALE_BY_ADAM = optax.scale_by_adam()
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps", "linear_decay"))
+@functools.partial(jax.jit, static_argnames=("num_steps", "linear_decay"),
+                   compiler_options=COMPILER_OPTIONS)
 def _adam_grid(task: Task, keys: jax.Array, learning_rates: jax.Array, num_steps: int,
                linear_decay: bool = False):
     """Every (learning rate, seed) run of Adam in one compiled call: ``(rates, seeds, ...)``.
@@ -131,7 +133,8 @@ def _update_rms(loss: jax.Array, updates: Any) -> jax.Array:
     return jnp.sqrt(jnp.mean(flat ** 2))
 
 
-@functools.partial(jax.jit, static_argnames=("optimizer", "num_steps"))
+@functools.partial(jax.jit, static_argnames=("optimizer", "num_steps"),
+                   compiler_options=COMPILER_OPTIONS)
 def update_sizes(task: Task, optimizer: optax.GradientTransformation, key: jax.Array,
                  num_steps: int) -> jax.Array:
     """The RMS over all parameters of each of the ``num_steps`` updates of
@@ -252,13 +255,15 @@ def tune_adam(config: Mapping[str, Any], num_steps: int, num_seeds: int = 3,
 
 # -- the optimizer under test ------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("optimizer", "num_steps"))
+@functools.partial(jax.jit, static_argnames=("optimizer", "num_steps"),
+                   compiler_options=COMPILER_OPTIONS)
 def _optax_seeds(task: Task, optimizer: optax.GradientTransformation, keys: jax.Array,
                  num_steps: int):
     return jax.vmap(lambda k: _run(task, optimizer, k, num_steps))(keys)
 
 
-@functools.partial(jax.jit, static_argnames=("lopt", "num_steps"))
+@functools.partial(jax.jit, static_argnames=("lopt", "num_steps"),
+                   compiler_options=COMPILER_OPTIONS)
 def _lopt_seeds(lopt: LearnedOptimizer, theta: Any, task: Task, keys: jax.Array, num_steps: int):
     # theta is traced: evaluating another member or checkpoint reuses the compiled code.
     return jax.vmap(lambda k: _run(task, lopt.optimizer(theta, num_steps), k, num_steps))(keys)

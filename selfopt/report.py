@@ -115,7 +115,7 @@ def run_sections(data: RunData, heading_level: int = 2) -> str:
              f"{summary['best_position']}, {summary['best_id']}"),
             ("elite (lineage id, chosen at step, held-in meta-loss)",
              f"{summary['elite']['id']}, {summary['elite']['step']}, "
-             f"{_fmt(summary['elite']['held_in'])}" if summary.get("elite") else "none"),
+             f"{_fmt(summary['elite']['validation'])}" if summary.get("elite") else "none"),
             ("stopped early", summary["interrupted"]),
         ]))
     figures = render(data)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfopt import checkpoint as ckpt
+from selfopt.cache import COMPILER_OPTIONS
 from selfopt.config import ConfigError, TrainConfig, make_config
 from selfopt.estimators.inner_problem import ratio_scale
 from selfopt.evaluate import Candidate, default_cache_dir, evaluate, lopt_candidate, suite
@@ -100,15 +101,15 @@ def step_rng(seed: int, step: int, purpose: int) -> np.random.Generator:
     return np.random.default_rng([seed, step, purpose])
 
 
-@functools.partial(jax.jit, static_argnames=("lopt", "estimator"))
+@functools.partial(jax.jit, static_argnames=("lopt", "estimator"),
+                   compiler_options=COMPILER_OPTIONS)
 def init_inner(lopt, estimator, task, thetas, key):
     """Fresh inner problems for every member on ``task`` (leading axes K, pairs)."""
     keys = jax.random.split(key, jax.tree.leaves(thetas)[0].shape[0])
     return jax.vmap(estimator.init_state, in_axes=(None, None, 0, 0))(lopt, task, thetas, keys)
 
 
-@functools.partial(jax.jit, static_argnames=("lopt", "estimator", "outer"))
-def outer_step(lopt, estimator, outer, thetas, outer_state, hparams, best, inner, task, key):
+def _outer_step(lopt, estimator, outer, thetas, outer_state, hparams, best, inner, task, key):
     """One outer step of the whole population: ES/PES estimates, then the self-update.
 
     Returns:
@@ -135,7 +136,12 @@ def outer_step(lopt, estimator, outer, thetas, outer_state, hparams, best, inner
     return new_thetas, outer_state, inner, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("lopt", "estimator", "outer", "num_steps"))
+outer_step = jax.jit(_outer_step, static_argnames=("lopt", "estimator", "outer"),
+                     compiler_options=COMPILER_OPTIONS)
+
+
+@functools.partial(jax.jit, static_argnames=("lopt", "estimator", "outer", "num_steps"),
+                   compiler_options=COMPILER_OPTIONS)
 def outer_steps(lopt, estimator, outer, thetas, outer_state, hparams, best, inner, task, seed,
                 first_step, num_steps):
     """``num_steps`` outer steps on one task in one compiled call (``lax.scan`` over
@@ -148,7 +154,7 @@ def outer_steps(lopt, estimator, outer, thetas, outer_state, hparams, best, inne
     def body(carry, i):
         thetas, outer_state, inner = carry
         key = step_key(seed, first_step + i, 0)
-        thetas, outer_state, inner, metrics = outer_step(
+        thetas, outer_state, inner, metrics = _outer_step(
             lopt, estimator, outer, thetas, outer_state, hparams, best, inner, task, key)
         return (thetas, outer_state, inner), metrics
 
@@ -157,7 +163,8 @@ def outer_steps(lopt, estimator, outer, thetas, outer_state, hparams, best, inne
     return thetas, outer_state, inner, metrics
 
 
-score = jax.jit(score_members, static_argnames=("lopt", "num_steps", "num_problems", "loss"))
+score = jax.jit(score_members, static_argnames=("lopt", "num_steps", "num_problems", "loss"),
+                compiler_options=COMPILER_OPTIONS)
 
 
 def select(tree: Any, sources: np.ndarray) -> Any:
@@ -458,8 +465,7 @@ class Trainer:
         pulled back. Logged to ``validation.jsonl``.
         """
         cfg = self.cfg
-        scores = np.nan_to_num(self.held_in_meta_loss(state.thetas, cfg.validate_steps,
-                                                      cfg.pbt.score_loss), nan=np.inf)
+        scores = np.nan_to_num(self.held_in_meta_loss(state.thetas), nan=np.inf)
         best, restored = int(np.argmin(scores)), None
         if scores[best] < state.elite_score:
             state.elite = member_slice({"theta": state.thetas, "outer_state": state.outer_state},
@@ -687,21 +693,22 @@ class Trainer:
         self.apply_copies(state, sources, copies, kinds)
         return kinds
 
-    def held_in_meta_loss(self, thetas, num_steps: int | None = None,
-                          loss: str = "mean") -> np.ndarray:
+    def held_in_meta_loss(self, thetas) -> np.ndarray:
         """``(K,)`` meta-loss of each member on the fixed held-in problems: every training
         family's default task (instance seed ``HELD_IN_SEED``, training families and seeds
-        only), two problems each, ``num_steps`` steps (default ``summary_steps``), unperturbed
-        weights, the ``loss`` of :func:`score_members`; the mean over families. The same
+        only), two problems each, ``validate_steps`` steps, unperturbed weights, scored by
+        ``pbt.score_loss`` (:func:`score_members`); the mean over families. The same
         problems every time, so scores compare like with like. None of them is held out."""
         cfg, key = self.cfg, jax.random.key(HELD_IN_SEED)
         per_family = [score(cfg.lopt, thetas, self.task({"family": family, "seed": HELD_IN_SEED}),
-                            key, num_steps or cfg.summary_steps, loss=loss)
+                            key, cfg.validate_steps, loss=cfg.pbt.score_loss)
                       for family in cfg.tasks.families]
         return np.mean(np.stack([np.asarray(x) for x in per_family]), axis=0)
 
     def summary(self, state: RunState, path: Path, interrupted: bool) -> dict[str, Any]:
-        """Meta-loss at start and end, the best member, and the checkpoint written."""
+        """Held-in validation scores at the random start and at the end (the validation's
+        problems and measure, so no program is compiled for the summary alone), the best
+        member, the elite, and the checkpoint written."""
         start = self.held_in_meta_loss(self.initial_thetas())
         end = self.held_in_meta_loss(state.thetas)
         evals = read_jsonl(self.run_dir / "eval.jsonl")
@@ -714,10 +721,8 @@ class Trainer:
                 "best_position": state.best,
                 "best_id": state.member_ids[state.best],
                 "best_score": _finite_or_none(state.scores[state.best]),
-                # held_in: on the problems and measure of held_in_start/held_in_end;
-                # validation: the score that chose it (validate_steps, score_loss)
+                # the elite's validation score: the measure of held_in_start/held_in_end
                 "elite": ({"id": state.elite_id, "step": state.elite_step,
-                           "held_in": self.elite_held_in(state),
                            "validation": _finite_or_none(state.elite_score)}
                           if state.elite is not None else None),
                 "checkpoint": str(path), "interrupted": interrupted,
@@ -727,12 +732,6 @@ class Trainer:
         ckpt.atomic_write_bytes(self.run_dir / "summary.json",
                                 (json.dumps(summary, indent=2) + "\n").encode())
         return summary
-
-    def elite_held_in(self, state: RunState) -> float:
-        """The elite's :meth:`held_in_meta_loss` (the summary's measure). The elite is repeated
-        to the population's size, so the program compiled for the population is reused."""
-        population = repeat_member(state.elite["theta"], self.cfg.population)
-        return float(self.held_in_meta_loss(population)[0])
 
     def recent_meta_loss(self, step: int, window: int = 10) -> float | None:
         """Median over members and the last ``window`` steps of the logged meta-loss."""

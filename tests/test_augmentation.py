@@ -117,7 +117,7 @@ def test_an_augmented_run_trains_on_reparametrized_tasks_and_resumes(tmp_path):
                        "estimator.max_inner_length": 30,
                        "tasks.families": ["quadratic", "test_function"], "num_slots": 2,
                        "task_steps": 3, "pbt.interval": 2, "pbt.score_steps": 5,
-                       "summary_steps": 5, "validate_steps": 5, "lopt.hidden": [8],
+                       "validate_steps": 5, "lopt.hidden": [8],
                        "eval_minutes": 0, "max_steps": 3, "tasks.reparam_scale": 10})
     run_dir = tmp_path / "run"
     trainer = Trainer(cfg, run_dir)

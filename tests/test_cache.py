@@ -11,7 +11,6 @@ TINY = ["--population", "2", "--max-steps", "2", "--quiet",
         "--set", "estimator.min_inner_length=8", "--set", "estimator.max_inner_length=16",
         "--set", 'tasks.families=["quadratic"]', "--set", "num_slots=1",
         "--set", "lopt.hidden=[4]", "--set", "eval_minutes=0", "--set", "pbt.score_steps=4",
-        "--set", "summary_steps=4",
         "--set", "validate_steps=4"]
 
 # ``selfopt train`` in a fresh process, counting JAX's persistent-cache hits.

@@ -35,9 +35,7 @@ def test_the_elite_is_the_best_validation_so_far_and_its_weights_are_kept(tmp_pa
     assert state.elite_score == rows[-1]["elite_score"] and state.elite_id == rows[-1]["elite_id"]
     # the stored weights are the elite's: revalidated alone, they score what they scored then
     one = jax.tree.map(lambda x: jnp.stack([x, x]), state.elite["theta"])
-    cfg = trainer.cfg
-    again = Trainer(tiny(population=2), tmp_path / "other").held_in_meta_loss(
-        one, cfg.validate_steps, loss=cfg.pbt.score_loss)
+    again = Trainer(tiny(population=2), tmp_path / "other").held_in_meta_loss(one)
     np.testing.assert_allclose(again, state.elite_score, rtol=1e-5)
 
 
@@ -47,8 +45,7 @@ def test_a_population_worse_than_the_elite_gets_it_back(tmp_path):
     state = trainer.load_latest()
     # every member drifts into divergence: the next validation finds none as good as the elite
     state.thetas = wreck(state.thetas)
-    scores = trainer.held_in_meta_loss(state.thetas, trainer.cfg.validate_steps,
-                                       loss=trainer.cfg.pbt.score_loss)
+    scores = trainer.held_in_meta_loss(state.thetas)
     assert scores.min() > state.elite_score
     trainer.validate(state)
     worst = int(np.argmax(scores))
@@ -93,5 +90,8 @@ def test_the_elite_survives_a_checkpoint_exactly_and_is_what_evaluation_takes(tm
                                                                "step": state.elite_step}
     # on the summary's own problems and measure, next to the population's start and end
     one = jax.tree.map(lambda x: x[None], state.elite["theta"])
-    np.testing.assert_allclose(summary["elite"]["held_in"], trainer.held_in_meta_loss(one)[0],
-                               rtol=1e-6)
+    np.testing.assert_allclose(summary["elite"]["validation"],
+                               trainer.held_in_meta_loss(one)[0], rtol=1e-5)
+    start = trainer.held_in_meta_loss(trainer.initial_thetas())
+    assert summary["held_in_start"] == {"median": float(np.median(start)),
+                                        "best": float(start.min())}

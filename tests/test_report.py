@@ -16,7 +16,7 @@ from selfopt.train import Trainer
 TINY = {"population": 4, "estimator.num_pairs": 1, "estimator.truncation_length": 5,
         "estimator.min_inner_length": 10, "estimator.max_inner_length": 30,
         "tasks.families": ["quadratic"], "num_slots": 1, "task_steps": 3, "pbt.interval": 2,
-        "pbt.score_steps": 5, "summary_steps": 5, "validate_steps": 5, "lopt.hidden": [8],
+        "pbt.score_steps": 5, "validate_steps": 5, "lopt.hidden": [8],
         "checkpoint_seconds": 1000.0, "max_steps": 8,
         # evaluate every step's worth of time: several rows in eval.jsonl
         "eval_minutes": 1e-4, "eval_steps": 10, "eval_seeds": 1}

@@ -22,7 +22,7 @@ from selfopt.train import Trainer, open_checkpoint
 TINY = {"population": 4, "estimator.num_pairs": 1, "estimator.truncation_length": 5,
         "estimator.min_inner_length": 10, "estimator.max_inner_length": 30,
         "tasks.families": ["quadratic"], "num_slots": 1, "task_steps": 3, "pbt.interval": 2,
-        "pbt.score_steps": 5, "summary_steps": 5, "validate_steps": 5, "lopt.hidden": [8],
+        "pbt.score_steps": 5, "validate_steps": 5, "lopt.hidden": [8],
         "checkpoint_seconds": 1000.0, "eval_minutes": 0}
 
 
@@ -297,7 +297,7 @@ def test_a_seeded_short_run_equals_the_run_recorded_before_the_refactor(tmp_path
     # switches differently.
     recorded = json.loads((Path(__file__).parent / "data" / "recorded_run_80b245c.json")
                           .read_text())
-    cfg = tiny(max_steps=6, minutes=60, validate_interval=3, validate_steps=20, summary_steps=10,
+    cfg = tiny(max_steps=6, minutes=60, validate_interval=3, validate_steps=20,
                num_slots=2, **{"lopt.hidden": [32, 32], "estimator.num_pairs": 2,
                                "tasks.families": ["quadratic", "mlp"],
                                "pbt.score_steps": 10})

@@ -14,7 +14,9 @@ reused), records every XLA compilation through ``jax.monitoring``, and prints JS
   (the run's clock, which counts compiling and excludes the held-out checks);
 * ``first_eval`` / ``eval_2min``: the held-out check of the random start and the first one at
   or after 2 training minutes (mean normalised loss, wins), and whether the latter is past the
-  random start.
+  random start;
+* ``best_margin`` / ``final_margin``: the best and the last held-out check of the run (margin:
+  the elite's mean normalised loss over tuned Adam's; wins of the 9 quick-suite tasks).
 
 With ``--ref COMMIT`` the same measurement runs first on that commit (a temporary git
 worktree, its own empty cache), so before and after come from one invocation on one machine.
@@ -77,6 +79,15 @@ def union_seconds(spans: list[tuple[float, float]]) -> float:
     return total
 
 
+def ratio(row: dict) -> float:
+    """A held-out check's margin: the elite's mean normalised loss over tuned Adam's."""
+    return row["mean_normalized"] / row["adam_mean_normalized"]
+
+
+def margin(row: dict) -> dict:
+    return {"margin": round(ratio(row), 4), "wins": row["wins"], "elapsed": row["elapsed"]}
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -115,6 +126,8 @@ def measure(root: Path, minutes: float, extra: list[str]) -> dict:
         "eval_2min": check(at_2min),
         "past_random_start_2min": bool(at_2min and evals[0]["mean_normalized"]
                                        > at_2min["mean_normalized"]),
+        "best_margin": margin(min(evals, key=ratio)) if evals else None,
+        "final_margin": margin(evals[-1]) if evals else None,
     }
 
 

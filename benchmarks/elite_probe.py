@@ -6,7 +6,8 @@
     python benchmarks/elite_probe.py scale RUN [--factors 0.5 1 2] [--lopt k=v ...]
     python benchmarks/elite_probe.py curve RUN [--task 11] [--factors 0.5 1]
     python benchmarks/elite_probe.py updates RUN
-    python benchmarks/elite_probe.py fresh RUN [RUN ...]
+    python benchmarks/elite_probe.py all RUN
+    python benchmarks/elite_probe.py PROBE [RUN] --smoke
 
 ``heldin``: the elite against Adam tuned per task (14 rates, as ``selfopt eval``) on ``--tasks``
 configurations drawn from the run's *own training distribution* (training seeds), instead of
@@ -15,25 +16,27 @@ from what it does not carry over to new tasks.
 
 ``continue``: every member starts from the elite (weights and outer state), then trains
 ``--steps`` more outer steps (PBT rounds included: whatever they copy descends from the elite)
-with the run's configuration changed by ``--set`` (for example
-``max_update=0.0003``, ``num_pairs=32``, ``estimator='"pes"'``, ``families='["mlp"]'``), with
-no validation or evaluation in between. Every ``--every`` steps all members are scored on
-*fresh* held-in problems (instance seeds and draws that validation never used, so the elite,
-which validation selected, has no head start there), with the validation's horizon and loss.
-If the meta-gradient pointed towards better validation, some member would improve on the
-elite's starting score.
+with the run's configuration changed by ``--set`` (dotted names, as ``selfopt train --set``;
+for example ``outer.max_update=0.0003``, ``estimator.num_pairs=32``, ``estimator.kind=pes``,
+``tasks.families='["mlp"]'``), with no validation or evaluation in between. Every ``--every``
+steps all members are scored as validation scores them (the original run's held-in problems,
+``validate_steps`` steps, ``pbt.score_loss``; the same problems whatever the changes). The
+elite was selected on these problems, so it starts with an advantage there: a member that
+beats its starting score improved on the problems that picked it. If the meta-gradient pointed
+towards better validation, some member would.
 
 ``population``: how far the last checkpoint's members are from the elite (RMS distance per
-weight, against the elite's own RMS), and the quick-suite margin of the elite, of the mean of
-all members' weights and of the mean of the best half on validation (a weight average).
+weight, against the elite's own RMS), their validation scores, and the quick-suite margin of
+the elite, of the mean of all members' weights and of the mean of the best half on validation
+(a weight average).
 
 ``scale``: the elite with its whole step multiplied by each of ``--factors`` (``MLPLOpt.step_mult``)
 on the quick suite, per task as a ratio to tuned Adam's loss. A task whose ratio falls at
 another factor wants a different step size, which the learned optimizer did not adapt to; a
 task whose ratio stays put loses for another reason than the step size. ``--lopt`` changes
 fields of the learned optimizer's architecture that leave its weights' shapes alone before
-scaling (for example ``ratio_step_scale=true ratio_step_knee=0.1``): what a rule would do to
-weights trained without it.
+scaling (for example ``width_base=0 depth_power=0``): what a rule would do to weights trained
+with another.
 
 ``curve``: the elite's mean training loss (the evaluation's seeds and 300 steps) on one
 held-out task (``--task``, an index into the held-out suite; 11 is the digits autoencoder) at
@@ -46,12 +49,15 @@ evaluation's seeds, averaged), and their ratio. Tuned Adam's step differs from t
 the rate it picked and shrinks as its moment estimates see more noise; a learned optimizer
 whose step is the same on every task has learned one step size, not how to adapt it.
 
-``fresh``: each run's elite on its validation problems and on fresh held-in problems (the
-instance seeds and draws of ``continue``). Of two elites of one run, the later validated
-better; if it is better on the fresh problems too, it is better on the training families
-themselves, not only on the problems that selected it.
+``all``: every probe above in turn, with its defaults; one JSON object keyed by probe.
 
-All print JSON; the run directory is only read (``continue`` trains in a temporary folder).
+``--smoke`` (any probe): toy sizes (the quick suite's first task, 10 steps, one seed; 2 more
+outer steps for ``continue``; one task for ``heldin``), for CI: it checks the probes still run,
+and their numbers mean nothing. Without RUN it first trains a tiny run of its own in a
+temporary folder (:data:`SMOKE_RUN`).
+
+All print JSON on stdout (progress goes to stderr); the run directory is only read
+(``continue`` trains in a temporary folder).
 """
 from __future__ import annotations
 
@@ -68,7 +74,7 @@ import numpy as np
 import optax
 
 from selfopt.cli import parse_assignment
-from selfopt.config import make_config
+from selfopt.config import SECTIONS, ConfigError, make_config
 from selfopt.evaluate import (Evaluation, TaskComparison, default_cache_dir, evaluate,
                               lopt_candidate, seed_keys, suite, task_label, tune_adam,
                               update_sizes)
@@ -76,8 +82,46 @@ from selfopt.tasks import make_task
 from selfopt.population.self_training import member_rms
 from selfopt.train import Trainer, open_checkpoint, repeat_member
 
-#: Instance seeds and draws of the fresh held-in problems (validation uses others).
-FRESH_SEEDS = (777, 778)
+#: ``--smoke`` without RUN: the tiny run the probes are tried on (a few seconds of training).
+SMOKE_RUN = {"population": 4, "max_steps": 2, "estimator.num_pairs": 1,
+             "estimator.truncation_length": 5, "estimator.min_inner_length": 10,
+             "estimator.max_inner_length": 30, "tasks.families": ["quadratic"], "num_slots": 1,
+             "task_steps": 3, "pbt.interval": 2, "pbt.score_steps": 5, "validate_interval": 1,
+             "validate_steps": 5, "lopt.hidden": [8], "checkpoint_seconds": 1000.0,
+             "eval_minutes": 0, "eval_steps": 10, "eval_seeds": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How much the probes measure.
+
+    Attributes:
+      eval_steps, eval_seeds: of every comparison with tuned Adam (None: the run's).
+      curve_steps, curve_seeds: of ``curve`` and ``updates``.
+      quick_tasks: the quick suite's first tasks that are used (None: all).
+      heldin_tasks, continue_steps, continue_every: the defaults of those probes' flags.
+    """
+
+    eval_steps: int | None = None
+    eval_seeds: int | None = None
+    curve_steps: int = 300
+    curve_seeds: int = 3
+    quick_tasks: int | None = None
+    heldin_tasks: int = 12
+    continue_steps: int = 200
+    continue_every: int = 50
+
+    def quick_suite(self) -> list[dict]:
+        return suite("quick")[:self.quick_tasks]
+
+    def evaluation(self, cfg) -> tuple[int, int]:
+        """Steps and seeds of a comparison with tuned Adam for a run of configuration ``cfg``."""
+        return self.eval_steps or cfg.eval_steps, self.eval_seeds or cfg.eval_seeds
+
+
+FULL = Budget()
+SMOKE = Budget(eval_steps=10, eval_seeds=1, curve_steps=10, curve_seeds=1, quick_tasks=1,
+               heldin_tasks=1, continue_steps=2, continue_every=1)
 
 
 def ratio_to_adam(task: TaskComparison) -> float | None:
@@ -85,80 +129,87 @@ def ratio_to_adam(task: TaskComparison) -> float | None:
     return task.normalized / task.adam_normalized if task.adam_normalized else None
 
 
-def on_quick_suite(trainer: Trainer, lopt, theta, name: str) -> Evaluation:
+def progress(row: dict) -> None:
+    print(json.dumps(row), file=sys.stderr, flush=True)
+
+
+def on_quick_suite(trainer: Trainer, lopt, theta, name: str, budget: Budget) -> Evaluation:
     """``theta`` (with architecture ``lopt``) against tuned Adam on the quick suite, with the
     run's evaluation steps and seeds, as the run's own evaluations."""
-    cfg = trainer.cfg
-    return evaluate(lopt_candidate(lopt, theta, name), suite("quick"), cfg.eval_steps,
-                    cfg.eval_seeds, cache_dir=default_cache_dir())
+    return evaluate(lopt_candidate(lopt, theta, name), budget.quick_suite(),
+                    *budget.evaluation(trainer.cfg), cache_dir=default_cache_dir())
 
 
-def heldin(run: Path, num_tasks: int) -> dict:
+def validation(trainer: Trainer, thetas) -> np.ndarray:
+    """``(K,)`` scores of members ``thetas`` as the run's validation scores them."""
+    return trainer.held_in_meta_loss(thetas)
+
+
+def heldin(run: Path, num_tasks: int, budget: Budget = FULL) -> dict:
     trainer, state, _ = open_checkpoint(run)
     cfg = trainer.cfg
-    configs = [trainer.comps.distribution.sample(500_000 + i) for i in range(num_tasks)]
-    result = evaluate(lopt_candidate(trainer.comps.lopt, state.elite["theta"], "elite"),
-                      configs, cfg.eval_steps, cfg.eval_seeds, cache_dir=default_cache_dir())
+    configs = [cfg.tasks.sample(500_000 + i) for i in range(num_tasks)]
+    result = evaluate(lopt_candidate(cfg.lopt, state.elite["theta"], "elite"), configs,
+                      *budget.evaluation(cfg), cache_dir=default_cache_dir())
     return {**result.summary(), "elite_id": state.elite_id,
             "tasks_by_label": [{"task": t.label, "elite": t.normalized, "adam": t.adam_normalized,
                                 "ratio": ratio_to_adam(t)} for t in result.tasks]}
 
 
-def fresh_validation(trainer: Trainer, thetas) -> np.ndarray:
-    cfg = trainer.cfg
-    return np.mean([trainer.held_in_meta_loss(thetas, cfg.validate_steps,
-                                              jax.random.key(seed), seed=seed,
-                                              loss=cfg.score_loss)
-                    for seed in FRESH_SEEDS], axis=0)
-
-
-def fresh(runs: list[Path]) -> list[dict]:
-    rows = []
-    for run in runs:
-        trainer, state, _ = open_checkpoint(run)
-        thetas = repeat_member(state.elite["theta"], 2)  # a population of two: vmapped as always
-        rows.append({"run": str(run), "elite_id": state.elite_id, "elite_step": state.elite_step,
-                     "validation": float(trainer.validation_scores(thetas)[0]),
-                     "fresh": float(fresh_validation(trainer, thetas)[0])})
-    return rows
+def changed_config(stored: dict, changes: dict):
+    """The configuration ``stored`` (nested JSON) with dotted ``changes``. A change of a
+    section's ``kind`` drops the stored fields that the new kind does not have (the control's
+    ``learning_rate`` when switching back to self-training, say)."""
+    stored = {k: dict(v) if isinstance(v, dict) else v for k, v in stored.items()}
+    for name, value in changes.items():
+        section, _, field = name.partition(".")
+        if field == "kind" and section in SECTIONS and isinstance(stored.get(section), dict):
+            kinds = {cls.kind: cls for cls in SECTIONS[section]}
+            if value in kinds:
+                keep = {f.name for f in dataclasses.fields(kinds[value])}
+                stored[section] = {k: v for k, v in stored[section].items() if k in keep}
+    return make_config({**stored, **changes})
 
 
 def continue_from_elite(run: Path, steps: int, every: int, changes: dict) -> dict:
     original, state, _ = open_checkpoint(run)
-    cfg = make_config({**original.cfg.to_json(), **changes, "validate_interval": 0,
-                       "eval_minutes": 0})
-    trainer = Trainer(cfg, Path(tempfile.mkdtemp(prefix="elite-probe-")))
-    state.thetas = repeat_member(state.elite["theta"], cfg.population)
-    state.outer_state = repeat_member(state.elite["outer_state"], cfg.population)
-    slots = [trainer.fresh_slot(s, state.step, state.thetas) for s in range(cfg.num_slots)]
-    state.slot_configs, state.slot_inner = [c for c, _ in slots], [x for _, x in slots]
-    # scored by the original run's trainer: the same problems whatever the changes
-    start = float(fresh_validation(original, state.thetas)[0])
-    curve, started = [], time.monotonic()
-    for i in range(1, steps + 1):
-        trainer.one_step(state)
-        if i % every == 0 or i == steps:
-            scores = fresh_validation(original, state.thetas)
-            curve.append({"step": i, "seconds": round(time.monotonic() - started, 1),
-                          "best": float(scores.min()), "median": float(np.median(scores))})
-            print(json.dumps(curve[-1]), flush=True)
+    cfg = changed_config(original.cfg.to_json(),
+                         {**changes, "validate_interval": 0, "eval_minutes": 0})
+    with tempfile.TemporaryDirectory(prefix="elite-probe-") as tmp:
+        trainer = Trainer(cfg, Path(tmp))
+        state.thetas = repeat_member(state.elite["theta"], cfg.population)
+        state.outer_state = (repeat_member(state.elite["outer_state"], cfg.population)
+                             if type(cfg.outer) is type(original.cfg.outer)
+                             else cfg.outer.init(cfg.lopt, state.thetas))
+        slots = [trainer.fresh_slot(s, state.step, state.thetas) for s in range(cfg.num_slots)]
+        state.slot_configs, state.slot_inner = [c for c, _ in slots], [x for _, x in slots]
+        # scored by the original run's trainer: the same problems whatever the changes
+        start = float(validation(original, state.thetas)[0])
+        curve, started = [], time.monotonic()
+        for i in range(1, steps + 1):
+            trainer.one_step(state)
+            if i % every == 0 or i == steps:
+                scores = validation(original, state.thetas)
+                curve.append({"step": i, "seconds": round(time.monotonic() - started, 1),
+                              "best": float(scores.min()), "median": float(np.median(scores))})
+                progress(curve[-1])
     return {"run": str(run), "elite_id": state.elite_id, "changes": changes, "start": start,
             "best": min(c["best"] for c in curve), "end_median": curve[-1]["median"],
             "improved": min(c["best"] for c in curve) < start, "curve": curve}
 
 
-def population(run: Path) -> dict:
+def population(run: Path, budget: Budget = FULL) -> dict:
     trainer, state, _ = open_checkpoint(run)
     cfg = trainer.cfg
     elite = state.elite["theta"]
     distance = member_rms(jax.tree.map(lambda x, e: x - e, state.thetas, elite))
-    scores = trainer.validation_scores(state.thetas)
+    scores = validation(trainer, state.thetas)
     best_half = np.argsort(scores)[:max(1, cfg.population // 2)]
     candidates = {"elite": elite,
                   "mean of all members": jax.tree.map(lambda x: x.mean(0), state.thetas),
                   "mean of the best half": jax.tree.map(lambda x: x[best_half].mean(0),
                                                         state.thetas)}
-    margins = {name: on_quick_suite(trainer, trainer.comps.lopt, theta, name).summary()["margin"]
+    margins = {name: on_quick_suite(trainer, cfg.lopt, theta, name, budget).summary()["margin"]
                for name, theta in candidates.items()}
     return {"run": str(run), "step": state.step, "elite_id": state.elite_id,
             "elite_rms": float(member_rms(repeat_member(elite, 1))[0]),
@@ -175,10 +226,11 @@ class LoptChangeError(ValueError):
     """``--lopt`` changes that the elite's learned optimizer cannot take."""
 
 
-def scale(run: Path, factors: list[float], changes: dict | None = None) -> dict:
+def scale(run: Path, factors: list[float], changes: dict | None = None,
+          budget: Budget = FULL) -> dict:
     trainer, state, _ = open_checkpoint(run)
     try:
-        lopt = dataclasses.replace(trainer.comps.lopt, **(changes or {}))
+        lopt = dataclasses.replace(trainer.cfg.lopt, **(changes or {}))
     except (TypeError, ValueError) as err:  # an unknown field, a bad value
         raise LoptChangeError(str(err)) from None
     shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
@@ -188,13 +240,12 @@ def scale(run: Path, factors: list[float], changes: dict | None = None) -> dict:
     by_factor = {}
     for factor in factors:
         result = on_quick_suite(trainer, scaled(lopt, factor), state.elite["theta"],
-                                f"elite x{factor:g}")
+                                f"elite x{factor:g}", budget)
         summary = result.summary()
         by_factor[f"{factor:g}"] = {
             "margin": summary["margin"], "wins": summary["wins"],
             "ratio_by_task": {t.label: ratio_to_adam(t) for t in result.tasks}}
-        print(json.dumps({"factor": factor, "margin": summary["margin"]}), file=sys.stderr,
-              flush=True)
+        progress({"factor": factor, "margin": summary["margin"]})
     return {"run": str(run), "elite_id": state.elite_id, "lopt_changes": changes or {},
             "by_factor": by_factor}
 
@@ -202,17 +253,22 @@ def scale(run: Path, factors: list[float], changes: dict | None = None) -> dict:
 CURVE_STEPS = (0, 10, 20, 40, 60, 100, 150, 200, 250, 299)
 
 
-def curve(run: Path, task_index: int, factors: list[float], num_steps: int = 300,
-          num_seeds: int = 3) -> dict:
+def curve_steps(num_steps: int) -> list[int]:
+    """The steps of :data:`CURVE_STEPS` within a run of ``num_steps`` (and its last)."""
+    return sorted({t for t in CURVE_STEPS if t < num_steps} | {num_steps - 1})
+
+
+def curve(run: Path, task_index: int, factors: list[float], budget: Budget = FULL) -> dict:
     trainer, state, _ = open_checkpoint(run)
+    num_steps, num_seeds = budget.curve_steps, budget.curve_seeds
     config = suite("heldout")[task_index]
     task, keys = make_task(config), jax.numpy.stack(seed_keys(config, num_seeds))
     adam = tune_adam(config, num_steps, num_seeds, cache_dir=default_cache_dir())
-    steps = [t for t in CURVE_STEPS if t < num_steps]
+    steps = curve_steps(num_steps)
     at = lambda losses: [float(losses[t]) for t in steps]
     by_factor = {}
     for factor in factors:
-        candidate = lopt_candidate(scaled(trainer.comps.lopt, factor), state.elite["theta"])
+        candidate = lopt_candidate(scaled(trainer.cfg.lopt, factor), state.elite["theta"])
         losses, _ = candidate.runs(task, keys, num_steps)
         by_factor[f"{factor:g}"] = at(np.asarray(losses).mean(axis=0))
     return {"run": str(run), "elite_id": state.elite_id, "task": config, "steps": steps,
@@ -221,12 +277,13 @@ def curve(run: Path, task_index: int, factors: list[float], num_steps: int = 300
             "elite_by_factor": by_factor}
 
 
-def updates(run: Path, num_steps: int = 300, num_seeds: int = 3) -> dict:
+def updates(run: Path, budget: Budget = FULL) -> dict:
     trainer, state, _ = open_checkpoint(run)
-    lopt_optimizer = trainer.comps.lopt.optimizer(state.elite["theta"], num_steps)
-    steps = [t for t in CURVE_STEPS if t < num_steps]
+    num_steps, num_seeds = budget.curve_steps, budget.curve_seeds
+    lopt_optimizer = trainer.cfg.lopt.optimizer(state.elite["theta"])
+    steps = curve_steps(num_steps)
     by_task = {}
-    for config in suite("quick"):
+    for config in budget.quick_suite():
         task, keys = make_task(config), seed_keys(config, num_seeds)
         rate = tune_adam(config, num_steps, num_seeds, cache_dir=default_cache_dir()).learning_rate
         sizes = {name: np.mean([np.asarray(update_sizes(task, opt, k, num_steps)) for k in keys],
@@ -237,60 +294,96 @@ def updates(run: Path, num_steps: int = 300, num_seeds: int = 3) -> dict:
             "elite": [float(sizes["elite"][t]) for t in steps],
             "adam": [float(sizes["adam"][t]) for t in steps],
             "elite_over_adam": [float(sizes["elite"][t] / sizes["adam"][t]) for t in steps]}
-        print(json.dumps({"task": task_label(config)}), file=sys.stderr, flush=True)
+        progress({"task": task_label(config)})
     return {"run": str(run), "elite_id": state.elite_id, "steps": steps, "by_task": by_task}
+
+
+PROBES = ("heldin", "continue", "population", "scale", "curve", "updates")
+
+
+def run_probe(name: str, args: argparse.Namespace, budget: Budget) -> dict:
+    """Probe ``name`` on ``args.run`` with the flags in ``args`` (their defaults for ``all``)."""
+    def get(flag, default):
+        value = getattr(args, flag, None)  # absent for ``all``; None where not given
+        return default if value is None else value
+
+    if name == "heldin":
+        return heldin(args.run, get("tasks", budget.heldin_tasks), budget)
+    if name == "continue":
+        return continue_from_elite(args.run, get("steps", budget.continue_steps),
+                                   get("every", budget.continue_every), dict(get("set", [])))
+    if name == "population":
+        return population(args.run, budget)
+    if name == "scale":
+        return scale(args.run, get("factors", [0.5, 1.0, 2.0]), dict(get("lopt", [])), budget)
+    if name == "curve":
+        default_task = 0 if budget is SMOKE else 11  # 0: a quadratic, compiled in a second
+        return curve(args.run, get("task", default_task), get("factors", [0.5, 1.0]), budget)
+    if name == "updates":
+        return updates(args.run, budget)
+    raise ValueError(f"unknown probe {name!r}")
+
+
+def train_smoke_run(run_dir: Path) -> Path:
+    """A tiny run with an elite and a checkpoint (:data:`SMOKE_RUN`), for ``--smoke``."""
+    summary = Trainer(make_config(SMOKE_RUN), run_dir).run()
+    progress({"smoke_run": str(run_dir), "steps": summary["steps"]})
+    return run_dir
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", dest="smoke_first",
+                        help="toy sizes: checks that the probe runs (for CI)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("run", type=Path, nargs="?",
+                        help="a run directory (optional with --smoke: a tiny one is trained)")
+    common.add_argument("--smoke", action="store_true",
+                        help="toy sizes: checks that the probe runs (for CI)")
     sub = parser.add_subparsers(dest="probe", required=True)
-    p = sub.add_parser("heldin", help="the elite against tuned Adam on training-distribution tasks")
-    p.add_argument("run", type=Path)
-    p.add_argument("--tasks", type=int, default=12)
-    p = sub.add_parser("continue", help="train on from the elite; score on fresh problems")
-    p.add_argument("run", type=Path)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--every", type=int, default=50)
-    p.add_argument("--set", type=parse_assignment, action="append", default=[])
-    p = sub.add_parser("population", help="members' distance to the elite; weight averages")
-    p.add_argument("run", type=Path)
-    p = sub.add_parser("scale", help="the elite with its step scaled, per task")
-    p.add_argument("run", type=Path)
-    p.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.0, 2.0])
-    p.add_argument("--lopt", type=parse_assignment, nargs="+", default=[],
+    add = lambda name, help: sub.add_parser(name, help=help, parents=[common])
+    p = add("heldin", "the elite against tuned Adam on training-distribution tasks")
+    p.add_argument("--tasks", type=int, help="tasks drawn (default 12)")
+    p = add("continue", "train on from the elite; score as validation does")
+    p.add_argument("--steps", type=int, help="outer steps (default 200)")
+    p.add_argument("--every", type=int, help="outer steps between scores (default 50)")
+    p.add_argument("--set", type=parse_assignment, action="append",
+                   metavar="FIELD=VALUE", help="configuration changes (dotted names)")
+    add("population", "members' distance to the elite; weight averages")
+    p = add("scale", "the elite with its step scaled, per task")
+    p.add_argument("--factors", type=float, nargs="+", help="default 0.5 1 2")
+    p.add_argument("--lopt", type=parse_assignment, nargs="+",
                    help="MLPLOpt fields to change first, FIELD=VALUE (value as JSON)")
-    p = sub.add_parser("curve", help="the elite's loss curve on one held-out task, and Adam's")
-    p.add_argument("run", type=Path)
-    p.add_argument("--task", type=int, default=11, help="index into the held-out suite (0-11)")
-    p.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.0])
-    p = sub.add_parser("updates", help="the elite's step size against tuned Adam's, per task")
-    p.add_argument("run", type=Path)
-    p = sub.add_parser("fresh", help="elites on their validation problems and on fresh ones")
-    p.add_argument("runs", type=Path, nargs="+")
+    p = add("curve", "the elite's loss curve on one held-out task, and Adam's")
+    p.add_argument("--task", type=int, help="index into the held-out suite (0-11; default 11)")
+    p.add_argument("--factors", type=float, nargs="+", help="default 0.5 1")
+    add("updates", "the elite's step size against tuned Adam's, per task")
+    add("all", "every probe in turn, with its defaults")
     args = parser.parse_args()
-    if args.probe in ("scale", "curve") and not all(f > 0 for f in args.factors):
+    args.smoke = args.smoke or args.smoke_first  # before or after the probe's name
+    if args.run is None and not args.smoke:
+        parser.error("RUN is required (or --smoke, which trains a tiny run of its own)")
+    if getattr(args, "factors", None) and not all(f > 0 for f in args.factors):
         parser.error("--factors must be positive")
-    if args.probe == "curve" and not 0 <= args.task < len(suite("heldout")):
+    if getattr(args, "task", None) is not None and not 0 <= args.task < len(suite("heldout")):
         parser.error(f"--task must be in [0, {len(suite('heldout')) - 1}]")
-    if args.probe == "heldin":
-        print(json.dumps(heldin(args.run, args.tasks), indent=1))
-    elif args.probe == "population":
-        print(json.dumps(population(args.run), indent=1))
-    elif args.probe == "scale":
+    for flag in ("tasks", "steps", "every"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
+    budget = SMOKE if args.smoke else FULL
+    with tempfile.TemporaryDirectory(prefix="elite-probe-smoke-") as tmp:
+        if args.run is None:
+            args.run = train_smoke_run(Path(tmp) / "run")
         try:
-            result = scale(args.run, args.factors, dict(args.lopt))
+            if args.probe == "all":
+                result = {name: run_probe(name, args, budget) for name in PROBES}
+            else:
+                result = run_probe(args.probe, args, budget)
         except LoptChangeError as err:
             parser.error(f"--lopt: {err}")
-        print(json.dumps(result, indent=1))
-    elif args.probe == "curve":
-        print(json.dumps(curve(args.run, args.task, args.factors), indent=1))
-    elif args.probe == "updates":
-        print(json.dumps(updates(args.run), indent=1))
-    elif args.probe == "fresh":
-        print(json.dumps(fresh(args.runs), indent=1))
-    else:
-        print(json.dumps(continue_from_elite(args.run, args.steps, args.every, dict(args.set)),
-                         indent=1))
+        except ConfigError as err:  # raised before anything trains
+            parser.error(f"--set: {err}")
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

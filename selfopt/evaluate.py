@@ -337,7 +337,7 @@ def task_label(config: Mapping[str, Any]) -> str:
     family = config["family"]
     default = full_config({"family": family})
     differs = [f"{k}={v}" for k, v in config.items()
-               if k not in ("family", "seed") and v != default[k]]
+               if k not in ("family", "seed") and v != default.get(k)]
     return f"{family}({', '.join(differs)})" if differs else family
 
 

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selfopt import checkpoint as ckpt
 from selfopt.train import Trainer, member_slice
 from test_train import log_rows, tiny
 

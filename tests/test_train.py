@@ -17,7 +17,7 @@ from selfopt.estimators import PES, TruncatedES
 from selfopt.lopt import MLPLOpt
 from selfopt.population import PBT, AdamControl, SelfTraining
 from selfopt.tasks import TaskDistribution
-from selfopt.train import Trainer, open_checkpoint
+from selfopt.train import Trainer
 
 TINY = {"population": 4, "estimator.num_pairs": 1, "estimator.truncation_length": 5,
         "estimator.min_inner_length": 10, "estimator.max_inner_length": 30,

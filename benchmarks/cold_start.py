@@ -53,14 +53,14 @@ def on_duration(event, secs, **kw):
 mon.register_event_time_span_listener(on_span)
 mon.register_event_duration_secs_listener(on_duration)
 import selfopt.train as train
-evaluate_best = train.Trainer.evaluate_best
-def tagged(self, *args, **kwargs):
+check_elite = train.check_elite
+def tagged(*args, **kwargs):
     evaluating[0] = True
     try:
-        return evaluate_best(self, *args, **kwargs)
+        return check_elite(*args, **kwargs)
     finally:
         evaluating[0] = False
-train.Trainer.evaluate_best = tagged
+train.check_elite = tagged
 from selfopt.cli import main
 started = time.time()
 code = main(sys.argv[2:])

@@ -80,7 +80,10 @@ from selfopt.evaluate import (Evaluation, TaskComparison, default_cache_dir, eva
                               update_sizes)
 from selfopt.tasks import make_task
 from selfopt.population.self_training import member_rms
-from selfopt.train import Trainer, open_checkpoint, repeat_member
+from selfopt.population import slots
+from selfopt.run_dir import open_checkpoint
+from selfopt.train import train
+from selfopt.train_step import held_in_scores, train_step
 
 #: ``--smoke`` without RUN: the tiny run the probes are tried on (a few seconds of training).
 SMOKE_RUN = {"population": 4, "max_steps": 2, "estimator.num_pairs": 1,
@@ -133,25 +136,24 @@ def progress(row: dict) -> None:
     print(json.dumps(row), file=sys.stderr, flush=True)
 
 
-def on_quick_suite(trainer: Trainer, lopt, theta, name: str, budget: Budget) -> Evaluation:
+def on_quick_suite(cfg, lopt, theta, name: str, budget: Budget) -> Evaluation:
     """``theta`` (with architecture ``lopt``) against tuned Adam on the quick suite, with the
     run's evaluation steps and seeds, as the run's own evaluations."""
     return evaluate(lopt_candidate(lopt, theta, name), budget.quick_suite(),
-                    *budget.evaluation(trainer.cfg), cache_dir=default_cache_dir())
+                    *budget.evaluation(cfg), cache_dir=default_cache_dir())
 
 
-def validation(trainer: Trainer, thetas) -> np.ndarray:
-    """``(K,)`` scores of members ``thetas`` as the run's validation scores them."""
-    return trainer.held_in_meta_loss(thetas)
+def repeat_member(value, num: int):
+    """A population pytree of ``num`` copies of one member's pytree ``value``."""
+    return jax.tree.map(lambda x: jax.numpy.broadcast_to(x, (num, *jax.numpy.shape(x))), value)
 
 
 def heldin(run: Path, num_tasks: int, budget: Budget = FULL) -> dict:
-    trainer, state, _ = open_checkpoint(run)
-    cfg = trainer.cfg
+    cfg, state, _ = open_checkpoint(run)
     configs = [cfg.tasks.sample(500_000 + i) for i in range(num_tasks)]
-    result = evaluate(lopt_candidate(cfg.lopt, state.elite["theta"], "elite"), configs,
+    result = evaluate(lopt_candidate(cfg.lopt, state.elite.theta, "elite"), configs,
                       *budget.evaluation(cfg), cache_dir=default_cache_dir())
-    return {**result.summary(), "elite_id": state.elite_id,
+    return {**result.summary(), "elite_id": state.elite.id,
             "tasks_by_label": [{"task": t.label, "elite": t.normalized, "adam": t.adam_normalized,
                                 "ratio": ratio_to_adam(t)} for t in result.tasks]}
 
@@ -173,45 +175,44 @@ def changed_config(stored: dict, changes: dict):
 
 def continue_from_elite(run: Path, steps: int, every: int, changes: dict) -> dict:
     original, state, _ = open_checkpoint(run)
-    cfg = changed_config(original.cfg.to_json(),
+    cfg = changed_config(original.to_json(),
                          {**changes, "validate_interval": 0, "eval_minutes": 0})
-    with tempfile.TemporaryDirectory(prefix="elite-probe-") as tmp:
-        trainer = Trainer(cfg, Path(tmp))
-        state.thetas = repeat_member(state.elite["theta"], cfg.population)
-        state.outer_state = (repeat_member(state.elite["outer_state"], cfg.population)
-                             if type(cfg.outer) is type(original.cfg.outer)
-                             else cfg.outer.init(cfg.lopt, state.thetas))
-        slots = [trainer.fresh_slot(s, state.step, state.thetas) for s in range(cfg.num_slots)]
-        state.slot_configs, state.slot_inner = [c for c, _ in slots], [x for _, x in slots]
-        # scored by the original run's trainer: the same problems whatever the changes
-        start = float(validation(original, state.thetas)[0])
-        curve, started = [], time.monotonic()
-        for i in range(1, steps + 1):
-            trainer.one_step(state)
-            if i % every == 0 or i == steps:
-                scores = validation(original, state.thetas)
-                curve.append({"step": i, "seconds": round(time.monotonic() - started, 1),
-                              "best": float(scores.min()), "median": float(np.median(scores))})
-                progress(curve[-1])
-    return {"run": str(run), "elite_id": state.elite_id, "changes": changes, "start": start,
+    thetas = repeat_member(state.elite.theta, cfg.population)
+    configs = tuple(slots.slot_config(cfg, s, state.step) for s in range(cfg.num_slots))
+    state = state.replace(
+        thetas=thetas, outer_state=(repeat_member(state.elite.outer_state, cfg.population)
+                                    if type(cfg.outer) is type(original.outer)
+                                    else cfg.outer.init(cfg.lopt, thetas)),
+        slot_configs=configs, slot_problems=tuple(
+            slots.fresh_problems(cfg, c, s, state.step, thetas) for s, c in enumerate(configs)))
+    # scored by the original run's validation: the same problems whatever the changes
+    start = float(held_in_scores(original, state.thetas)[0])
+    curve, started = [], time.monotonic()
+    for i in range(1, steps + 1):
+        state, _ = train_step(cfg, state)
+        if i % every == 0 or i == steps:
+            scores = held_in_scores(original, state.thetas)
+            curve.append({"step": i, "seconds": round(time.monotonic() - started, 1),
+                          "best": float(scores.min()), "median": float(np.median(scores))})
+            progress(curve[-1])
+    return {"run": str(run), "elite_id": state.elite.id, "changes": changes, "start": start,
             "best": min(c["best"] for c in curve), "end_median": curve[-1]["median"],
             "improved": min(c["best"] for c in curve) < start, "curve": curve}
 
 
 def population(run: Path, budget: Budget = FULL) -> dict:
-    trainer, state, _ = open_checkpoint(run)
-    cfg = trainer.cfg
-    elite = state.elite["theta"]
+    cfg, state, _ = open_checkpoint(run)
+    elite = state.elite.theta
     distance = member_rms(jax.tree.map(lambda x, e: x - e, state.thetas, elite))
-    scores = validation(trainer, state.thetas)
+    scores = held_in_scores(cfg, state.thetas)
     best_half = np.argsort(scores)[:max(1, cfg.population // 2)]
     candidates = {"elite": elite,
                   "mean of all members": jax.tree.map(lambda x: x.mean(0), state.thetas),
                   "mean of the best half": jax.tree.map(lambda x: x[best_half].mean(0),
                                                         state.thetas)}
-    margins = {name: on_quick_suite(trainer, cfg.lopt, theta, name, budget).summary()["margin"]
+    margins = {name: on_quick_suite(cfg, cfg.lopt, theta, name, budget).summary()["margin"]
                for name, theta in candidates.items()}
-    return {"run": str(run), "step": state.step, "elite_id": state.elite_id,
+    return {"run": str(run), "step": state.step, "elite_id": state.elite.id,
             "elite_rms": float(member_rms(repeat_member(elite, 1))[0]),
             "distance_to_elite_rms": [float(d) for d in distance],
             "validation": [float(x) for x in scores], "quick_margin": margins}
@@ -228,25 +229,25 @@ class LoptChangeError(ValueError):
 
 def scale(run: Path, factors: list[float], changes: dict | None = None,
           budget: Budget = FULL) -> dict:
-    trainer, state, _ = open_checkpoint(run)
+    cfg, state, _ = open_checkpoint(run)
     try:
-        lopt = dataclasses.replace(trainer.cfg.lopt, **(changes or {}))
+        lopt = dataclasses.replace(cfg.lopt, **(changes or {}))
     except (TypeError, ValueError) as err:  # an unknown field, a bad value
         raise LoptChangeError(str(err)) from None
     shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
-    if shapes(jax.eval_shape(lopt.init, jax.random.key(0))) != shapes(state.elite["theta"]):
+    if shapes(jax.eval_shape(lopt.init, jax.random.key(0))) != shapes(state.elite.theta):
         raise LoptChangeError(f"{changes} changes the shapes of the learned optimizer's "
                               f"weights; the elite's cannot be read by it")
     by_factor = {}
     for factor in factors:
-        result = on_quick_suite(trainer, scaled(lopt, factor), state.elite["theta"],
+        result = on_quick_suite(cfg, scaled(lopt, factor), state.elite.theta,
                                 f"elite x{factor:g}", budget)
         summary = result.summary()
         by_factor[f"{factor:g}"] = {
             "margin": summary["margin"], "wins": summary["wins"],
             "ratio_by_task": {t.label: ratio_to_adam(t) for t in result.tasks}}
         progress({"factor": factor, "margin": summary["margin"]})
-    return {"run": str(run), "elite_id": state.elite_id, "lopt_changes": changes or {},
+    return {"run": str(run), "elite_id": state.elite.id, "lopt_changes": changes or {},
             "by_factor": by_factor}
 
 
@@ -259,7 +260,7 @@ def curve_steps(num_steps: int) -> list[int]:
 
 
 def curve(run: Path, task_index: int, factors: list[float], budget: Budget = FULL) -> dict:
-    trainer, state, _ = open_checkpoint(run)
+    cfg, state, _ = open_checkpoint(run)
     num_steps, num_seeds = budget.curve_steps, budget.curve_seeds
     config = suite("heldout")[task_index]
     task, keys = make_task(config), jax.numpy.stack(seed_keys(config, num_seeds))
@@ -268,19 +269,19 @@ def curve(run: Path, task_index: int, factors: list[float], budget: Budget = FUL
     at = lambda losses: [float(losses[t]) for t in steps]
     by_factor = {}
     for factor in factors:
-        candidate = lopt_candidate(scaled(trainer.cfg.lopt, factor), state.elite["theta"])
+        candidate = lopt_candidate(scaled(cfg.lopt, factor), state.elite.theta)
         losses, _ = candidate.runs(task, keys, num_steps)
         by_factor[f"{factor:g}"] = at(np.asarray(losses).mean(axis=0))
-    return {"run": str(run), "elite_id": state.elite_id, "task": config, "steps": steps,
+    return {"run": str(run), "elite_id": state.elite.id, "task": config, "steps": steps,
             "adam": {"learning_rate": adam.learning_rate,
                      "loss": at(np.asarray(adam.train_losses).mean(axis=0))},
             "elite_by_factor": by_factor}
 
 
 def updates(run: Path, budget: Budget = FULL) -> dict:
-    trainer, state, _ = open_checkpoint(run)
+    cfg, state, _ = open_checkpoint(run)
     num_steps, num_seeds = budget.curve_steps, budget.curve_seeds
-    lopt_optimizer = trainer.cfg.lopt.optimizer(state.elite["theta"])
+    lopt_optimizer = cfg.lopt.optimizer(state.elite.theta)
     steps = curve_steps(num_steps)
     by_task = {}
     for config in budget.quick_suite():
@@ -295,7 +296,7 @@ def updates(run: Path, budget: Budget = FULL) -> dict:
             "adam": [float(sizes["adam"][t]) for t in steps],
             "elite_over_adam": [float(sizes["elite"][t] / sizes["adam"][t]) for t in steps]}
         progress({"task": task_label(config)})
-    return {"run": str(run), "elite_id": state.elite_id, "steps": steps, "by_task": by_task}
+    return {"run": str(run), "elite_id": state.elite.id, "steps": steps, "by_task": by_task}
 
 
 PROBES = ("heldin", "continue", "population", "scale", "curve", "updates")
@@ -326,7 +327,7 @@ def run_probe(name: str, args: argparse.Namespace, budget: Budget) -> dict:
 
 def train_smoke_run(run_dir: Path) -> Path:
     """A tiny run with an elite and a checkpoint (:data:`SMOKE_RUN`), for ``--smoke``."""
-    summary = Trainer(make_config(SMOKE_RUN), run_dir).run()
+    summary = train(make_config(SMOKE_RUN), run_dir)
     progress({"smoke_run": str(run_dir), "steps": summary["steps"]})
     return run_dir
 

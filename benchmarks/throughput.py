@@ -40,7 +40,8 @@ from selfopt.estimators import inner_problem
 from selfopt.lopt import MLPLOpt
 from selfopt.population import Hyperparams, SelfTraining
 from selfopt.tasks import make_task
-from selfopt.train import init_inner, outer_step, outer_steps
+from selfopt.population.slots import init_problems
+from selfopt.train_step import outer_step, outer_steps
 
 TASK = {"family": "mlp", "dataset": "fashion_mnist8", "hidden": [32], "batch_size": 128,
         "activation": "relu"}
@@ -99,7 +100,7 @@ def population_setup(sizes, task, population, truncation):
                             max_inner_length=sizes.inner_length)
     outer = SelfTraining()
     thetas = jax.vmap(lopt.init)(jax.random.split(jax.random.key(0), population))
-    inner = init_inner(lopt, estimator, task, thetas, jax.random.key(1))
+    inner = init_problems(lopt, estimator, task, thetas, jax.random.key(1))
     hparams = Hyperparams(jnp.zeros(population), jnp.full(population, jnp.log(0.01)))
     return lopt, estimator, outer, thetas, outer.init(lopt, thetas), hparams, inner
 

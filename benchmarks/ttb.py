@@ -55,7 +55,8 @@ from selfopt.experiment import heldout_over_time_figure
 from selfopt.population import AdamControl
 from selfopt.tasks.distribution import GRIDS, full_config, make_task
 import selfopt.train
-from selfopt.train import Trainer, open_checkpoint, read_jsonl, time_to_beat_adam
+from selfopt.run_dir import open_checkpoint, read_jsonl
+from selfopt.train import candidate, time_to_beat_adam, train
 
 MARGIN_MINUTES = (10, 30, 60)
 #: ``--smoke``: a toy configuration, 2 outer steps, evaluated at the start and the end.
@@ -99,14 +100,14 @@ def margins(rows: list[dict]) -> dict:
 def run_arm(run_dir: Path, overrides: dict, heldout: bool) -> dict:
     cfg = make_config(overrides)
     started = time.monotonic()
-    summary = Trainer(cfg, run_dir).run()
+    summary = train(cfg, run_dir)
     result = {"run_dir": str(run_dir), "outer_optimizer": summary["outer_optimizer"],
               "steps": summary["steps"], "training_s": summary["elapsed_s"],
               "wall_s": round(time.monotonic() - started, 1),
               **margins(read_jsonl(run_dir / "eval.jsonl"))}
     if heldout:
-        trainer, state, _ = open_checkpoint(run_dir)
-        full = evaluate(trainer.member_candidate(state), suite("heldout"), cfg.eval_steps,
+        _, state, _ = open_checkpoint(run_dir)
+        full = evaluate(candidate(cfg, state)[0], suite("heldout"), cfg.eval_steps,
                         cfg.eval_seeds, cache_dir=default_cache_dir())
         result["heldout_at_end"] = full.summary()
     print(json.dumps({k: v for k, v in result.items() if k != "curve"}), file=sys.stderr)

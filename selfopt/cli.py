@@ -173,7 +173,8 @@ def train_overrides(args: argparse.Namespace) -> dict[str, object]:
 def train(args: argparse.Namespace) -> int:
     from selfopt.checkpoint import CheckpointError
     from selfopt.live_view import LiveView
-    from selfopt.train import RunInUseError, Trainer
+    from selfopt.run_dir import RunInUseError
+    from selfopt.train import train as run_training
 
     overrides = train_overrides(args)
     if args.resume is not None:
@@ -202,11 +203,10 @@ def train(args: argparse.Namespace) -> int:
 
     with LiveView("Adam control" if cfg.outer.kind == "adam" else "self-training",
                   60 * cfg.minutes) as view:
-        trainer = Trainer(cfg, run_dir, on_step=None if args.quiet else view.update,
-                          on_eval=lambda row: view.console.print(eval_line(row), highlight=False,
-                                                              soft_wrap=True))
+        on_eval = lambda row: view.console.print(eval_line(row), highlight=False, soft_wrap=True)
         try:
-            summary = trainer.run(resume=args.resume is not None)
+            summary = run_training(cfg, run_dir, resume=args.resume is not None,
+                                   on_step=None if args.quiet else view.update, on_eval=on_eval)
         except (CheckpointError, RunInUseError, FloatingPointError) as err:
             raise ConfigError(str(err)) from None
         except OSError as err:  # a full disk, a folder we may not write: one line, no traceback
@@ -256,7 +256,8 @@ def evaluation(args: argparse.Namespace) -> int:
     from selfopt.checkpoint import CheckpointError
     from selfopt.evaluate import (default_cache_dir, evaluate, optax_candidate, print_progress,
                                   suite)
-    from selfopt.train import open_checkpoint
+    from selfopt.run_dir import open_checkpoint
+    from selfopt.train import candidate as run_candidate
 
     out, source = args.out, {"target": str(args.target)}
     if args.target.startswith("optax:"):
@@ -268,15 +269,14 @@ def evaluation(args: argparse.Namespace) -> int:
             raise ConfigError(str(err)) from None
     else:
         try:
-            trainer, state, path = open_checkpoint(Path(args.target))
+            cfg, state, path = open_checkpoint(Path(args.target))
         except CheckpointError as err:
             raise ConfigError(str(err)) from None
         try:
-            candidate = trainer.member_candidate(state, args.member)
+            candidate, member = run_candidate(cfg, state, args.member)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        source.update(checkpoint=str(path), step=state.step,
-                      **trainer.member_source(state, args.member))
+        source.update(checkpoint=str(path), step=state.step, **member)
         if out is None and Path(args.target).is_dir():
             out = Path(args.target) / "evaluation.json"
     configs = suite(args.tasks)

@@ -25,7 +25,8 @@ from selfopt.config import make_config
 from selfopt.evaluate import Evaluation, default_cache_dir, evaluate, print_progress, suite
 from selfopt.live_view import LiveView
 from selfopt.report import comparison_page, figure_html, table
-from selfopt.train import Trainer, open_checkpoint, read_jsonl
+from selfopt.run_dir import open_checkpoint, read_jsonl
+from selfopt.train import candidate, train
 
 #: The two arms: run folder, config value of ``outer.kind``, label.
 ARMS = (("self", "self", "self-training (no hand-designed optimizer)"),
@@ -37,18 +38,18 @@ def train_arm(run_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     cfg = make_config(overrides)
     label = "Adam control" if cfg.outer.kind == "adam" else "self-training"
     with LiveView(label, 60 * cfg.minutes) as view:
-        return Trainer(cfg, run_dir, on_step=view.update).run()
+        return train(cfg, run_dir, on_step=view.update)
 
 
 def evaluate_arm(run_dir: Path, name: str, num_steps: int) -> Evaluation:
-    """The run's answer (its elite, see ``Trainer.member_candidate``) on the held-out suite;
+    """The run's answer (its elite, see :func:`selfopt.train.candidate`) on the held-out suite;
     written to ``run_dir/evaluation.json``."""
-    trainer, state, path = open_checkpoint(run_dir)
-    result = evaluate(trainer.member_candidate(state, name=f"{name} elite"),
-                      suite("heldout"), num_steps, cache_dir=default_cache_dir(),
+    cfg, state, path = open_checkpoint(run_dir)
+    elite, source = candidate(cfg, state, name=f"{name} elite")
+    result = evaluate(elite, suite("heldout"), num_steps, cache_dir=default_cache_dir(),
                       progress=print_progress(f"{name} "))
     result.save(run_dir / "evaluation.json", target=str(run_dir), checkpoint=str(path),
-                step=state.step, **trainer.member_source(state))
+                step=state.step, **source)
     return result
 
 

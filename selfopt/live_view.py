@@ -73,9 +73,9 @@ class LiveView:
         for column in ("member", "id", "gen", "step mult", "sigma", "meta-loss", "score"):
             table.add_column(column, justify="right")
         step_mult, sigma = (np.exp(np.asarray(h)) for h in state.hparams)
-        for i in range(len(state.member_ids)):
+        for i in range(state.num_members):
             style = "bold" if i == state.best else None
-            table.add_row(str(i), str(state.member_ids[i]), str(state.generation[i]),
+            table.add_row(str(i), str(state.lineage.ids[i]), str(state.lineage.generation[i]),
                           f"{step_mult[i]:.3g}", f"{sigma[i]:.3g}",
                           _fmt(float(metrics["meta_loss"][i])), _fmt(state.scores[i]),
                           style=style)

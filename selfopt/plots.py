@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from selfopt.train import read_jsonl  # noqa: E402
+from selfopt.run_dir import read_jsonl  # noqa: E402
 
 #: Colours of the lineage events.
 EVENT_COLORS = {"exploit": "tab:blue", "replace_non_finite": "tab:red",

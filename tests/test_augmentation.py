@@ -111,7 +111,9 @@ def test_the_config_field_reaches_the_distribution_and_is_checked():
 
 def test_an_augmented_run_trains_on_reparametrized_tasks_and_resumes(tmp_path):
     from selfopt.cli import main
-    from selfopt.train import Trainer, open_checkpoint
+    from selfopt.population import slots
+    from selfopt.run_dir import open_checkpoint
+    from selfopt.train import train
     cfg = make_config({"population": 4, "estimator.num_pairs": 1,
                        "estimator.truncation_length": 5, "estimator.min_inner_length": 10,
                        "estimator.max_inner_length": 30,
@@ -120,11 +122,10 @@ def test_an_augmented_run_trains_on_reparametrized_tasks_and_resumes(tmp_path):
                        "validate_steps": 5, "lopt.hidden": [8],
                        "eval_minutes": 0, "max_steps": 3, "tasks.reparam_scale": 10})
     run_dir = tmp_path / "run"
-    trainer = Trainer(cfg, run_dir)
-    trainer.run()
+    train(cfg, run_dir)
     assert main(["train", "--resume", str(run_dir), "--set", "max_steps=4", "--quiet"]) == 0
     _, state, _ = open_checkpoint(run_dir)
     assert state.step == 4
     assert all(c["reparam_scale"] == 10 for c in state.slot_configs)
-    assert all(isinstance(trainer.task(c), Reparametrized) for c in state.slot_configs)
+    assert all(isinstance(slots.task(c), Reparametrized) for c in state.slot_configs)
     assert np.all(np.isfinite(np.asarray(jax.tree_util.tree_leaves(state.thetas)[0])))

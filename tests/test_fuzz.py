@@ -20,13 +20,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import selfopt.train
 from selfopt import checkpoint as ckpt
 from selfopt.cli import main
 from selfopt.config import SECTIONS, TrainConfig, make_config
 from selfopt.estimators.inner_problem import LOSS_AVERAGES, NORMALIZATIONS
 from selfopt.population.self_training import POLICIES
 from selfopt.tasks.distribution import GRIDS, HELDOUT_FAMILIES, TRAIN_FAMILIES
-from selfopt.train import Trainer
+from selfopt.run_dir import RunDir
+from selfopt.train import train
 from test_train import tiny
 
 DEFAULT_CASES, FULL_CASES = 200, 1200
@@ -58,7 +60,8 @@ ARG_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_charact
 
 
 class Started(Exception):
-    """Raised by the stubbed ``Trainer.run``: the CLI accepted the input and would train."""
+    """Raised by the stubbed :func:`selfopt.train.train`: the CLI accepted the input and would
+    train."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -204,10 +207,10 @@ def check_case(case, workdir: Path, capsys, stats: dict) -> None:
 
 
 def fuzz_cli(num_cases: int, tmp_path, capsys, monkeypatch) -> dict:
-    def run(self, resume=False):
-        raise Started(self.cfg)
+    def run(cfg, run_dir, **kwargs):
+        raise Started(cfg)
 
-    monkeypatch.setattr(Trainer, "run", run)
+    monkeypatch.setattr(selfopt.train, "train", run)
     stats = {"cases": 0, "valid": 0, "errors": 0}
 
     @settings(max_examples=num_cases, deadline=None, database=None,
@@ -332,13 +335,13 @@ def test_valid_random_configs_really_run_full(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def checkpoint_file(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "run"
-    summary = Trainer(tiny(max_steps=2), out).run()
+    summary = train(tiny(max_steps=2), out)
     return Path(summary["checkpoint"])
 
 
 def fuzz_checkpoint(num_cases: int, checkpoint_file, tmp_path) -> dict:
-    trainer = Trainer(tiny(max_steps=2), checkpoint_file.parent.parent)
-    good = trainer.load(checkpoint_file)
+    cfg, run = tiny(max_steps=2), RunDir(checkpoint_file.parent.parent)
+    good = run.load(cfg, checkpoint_file)
     original = checkpoint_file.read_bytes()
     stats = {"cases": 0, "rejected": 0, "harmless": 0}
 
@@ -357,7 +360,7 @@ def fuzz_checkpoint(num_cases: int, checkpoint_file, tmp_path) -> dict:
         path.write_bytes(data)
         stats["cases"] += 1
         try:
-            state = trainer.load(path)
+            state = run.load(cfg, path)
         except ckpt.CheckpointError as err:
             assert "\n" not in str(err)
             stats["rejected"] += 1
@@ -365,7 +368,7 @@ def fuzz_checkpoint(num_cases: int, checkpoint_file, tmp_path) -> dict:
         # Accepted: then it is the checkpoint as saved, bit for bit (a flip in JSON
         # whitespace or padding changes nothing that is read).
         stats["harmless"] += 1
-        assert state.step == good.step and state.member_ids == good.member_ids
+        assert state.step == good.step and state.lineage == good.lineage
         for a, b in zip(jax_leaves(state), jax_leaves(good)):
             np.testing.assert_array_equal(a, b)
 

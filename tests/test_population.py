@@ -1,5 +1,6 @@
 """Self-training update by value, PBT exploit/explore and lineage, non-finite replacement."""
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +10,13 @@ import pytest
 
 from selfopt.lopt import MLPLOpt
 from selfopt.population import PBT, AdamControl, Hyperparams, SelfTraining, replace_failed
+from selfopt.population.lineage import copy_members
 from selfopt.population.self_training import (clip_estimate, clip_threshold, clipped_fraction,
                                                member_rms, scale_and_add)
+from selfopt.population.state import PopulationState
+from selfopt.train_step import initial_state
 from test_lopt import sgd_like_theta
+from test_train import tiny
 
 LOPT = MLPLOpt()
 #: No key needed by the self and best policies, and a loss each member's LO is given (MLPLOpt
@@ -314,3 +319,45 @@ def test_a_bad_field_is_a_one_line_error_that_names_it(cls, field, value):
     with pytest.raises(ValueError, match=rf"^{field} must be .*, got ") as err:
         cls(**{field: value})
     assert "\n" not in str(err.value)
+
+
+# -- the population state and its lineage --------------------------------------------------
+
+def tiny_state():
+    return tiny(), initial_state(tiny())
+
+
+def test_the_population_state_is_a_pytree_of_its_arrays_and_round_trips_a_checkpoint():
+    cfg, state = tiny_state()
+    leaves = jax.tree.leaves(state)
+    assert len(leaves) == len(jax.tree.leaves(state.arrays())) > 10
+    doubled = jax.tree.map(lambda x: x * 2 if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                           state)
+    assert isinstance(doubled, PopulationState) and doubled.lineage == state.lineage
+    np.testing.assert_array_equal(jax.tree.leaves(doubled.thetas)[0],
+                                  2 * jax.tree.leaves(state.thetas)[0])
+    meta = json.loads(json.dumps(state.metadata()))  # as a checkpoint stores it
+    again = PopulationState.from_checkpoint(state.arrays(), meta)
+    assert (again.step, again.lineage, again.scores, again.slot_configs) == (
+        state.step, state.lineage, state.scores, state.slot_configs)
+    assert jax.tree.structure(again) == jax.tree.structure(state)
+
+
+def test_copy_members_moves_weights_and_records_the_lineage_without_touching_the_input():
+    cfg, state = tiny_state()
+    state = state.replace(scores=(3.0, 1.0, 2.0, 4.0))
+    sources = np.array([0, 1, 2, 1])  # position 3 becomes a copy of position 1
+    after, (event,) = copy_members(state, sources, [(3, 1)], {3: "exploit"})
+    for a, b in zip(jax.tree.leaves(member(after.thetas, 3)),
+                    jax.tree.leaves(member(state.thetas, 1))):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(after.hparams.log_sigma[3], state.hparams.log_sigma[1])
+    assert after.lineage.ids == (0, 1, 2, 4) and after.lineage.generation == (0, 0, 0, 1)
+    assert after.lineage.next_id == 5 and dict(after.lineage.counts) == {"exploit": 1}
+    assert after.scores == (3.0, 1.0, 2.0, 1.0)
+    assert event == {"step": 0, "kind": "exploit", "position": 3, "child_id": 4,
+                     "replaced_id": 3, "parent_id": 1, "parent_position": 1, "generation": 1,
+                     "parent_score": 1.0, "replaced_score": 4.0,
+                     "before": event["before"], "after": event["after"]}
+    assert event["before"] == event["after"]  # no new hyperparameters: the parent's
+    assert state.lineage.ids == (0, 1, 2, 3)  # the input state is unchanged

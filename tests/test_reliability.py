@@ -21,8 +21,11 @@ from selfopt import checkpoint as ckpt
 from selfopt.cli import main
 from selfopt.estimators import TruncatedES
 from selfopt.live_view import LiveView
-from selfopt.population import Hyperparams
-from selfopt.train import Trainer
+import selfopt.train
+from selfopt.population import Hyperparams, slots
+from selfopt.run_dir import RunDir, open_checkpoint
+from selfopt.train import train
+from selfopt.train_step import train_step
 from test_train import TINY, log_rows, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,30 +69,40 @@ def member_set(tree, member, value):
                         else x, tree)
 
 
-def inject(trainer: Trainer, state, fault: str) -> None:
-    """Puts one numerical fault into member 1 (or, for ``task_nan``, into every member's task)."""
+def inject(cfg, state, fault: str):
+    """Puts one numerical fault into member 1 (or, for ``task_nan``, into every member's task);
+    returns the configuration and state of the faulty step."""
     if fault == "weights_nan":
-        state.thetas = member_set(state.thetas, 1, jnp.nan)
-    elif fault == "weights_inf":
-        state.thetas = member_set(state.thetas, 1, jnp.inf)
-    elif fault == "outer_state_nan":
-        state.outer_state = member_set(state.outer_state, 1, jnp.nan)
-    elif fault in ("task_loss_nan", "task_loss_inf"):
+        return cfg, state.replace(thetas=member_set(state.thetas, 1, jnp.nan))
+    if fault == "weights_inf":
+        return cfg, state.replace(thetas=member_set(state.thetas, 1, jnp.inf))
+    if fault == "outer_state_nan":
+        return cfg, state.replace(outer_state=member_set(state.outer_state, 1, jnp.nan))
+    if fault in ("task_loss_nan", "task_loss_inf"):
         # Member 1's inner problems: parameters that make its task's loss NaN / Inf (and a step
         # of 0 so that no scheduled restart replaces them first).
-        slot = state.step % trainer.cfg.num_slots
-        inner = state.slot_inner[slot]
+        slot, problems = slots.slot_of(cfg, state.step), list(state.slot_problems)
+        inner = problems[slot]
         value = jnp.nan if fault == "task_loss_nan" else jnp.inf
-        state.slot_inner[slot] = inner._replace(params=member_set(inner.params, 1, value),
-                                                step=inner.step.at[1].set(0))
-    elif fault == "es_estimate_nan":
-        est = trainer.cfg.estimator
+        problems[slot] = inner._replace(params=member_set(inner.params, 1, value),
+                                        step=inner.step.at[1].set(0))
+        return cfg, state.replace(slot_problems=tuple(problems))
+    if fault == "es_estimate_nan":
+        est = cfg.estimator
         faulty = NaNEstimateES(**{f.name: getattr(est, f.name) for f in dataclasses.fields(est)})
-        trainer.cfg = dataclasses.replace(trainer.cfg, estimator=faulty)
-        state.hparams = Hyperparams(state.hparams.log_step_mult,
-                                    state.hparams.log_sigma.at[1].set(0.0))  # sigma 1
-    else:
-        raise ValueError(fault)
+        return dataclasses.replace(cfg, estimator=faulty), state.replace(hparams=Hyperparams(
+            state.hparams.log_step_mult, state.hparams.log_sigma.at[1].set(0.0)))  # sigma 1
+    raise ValueError(fault)
+
+
+def fault_at(monkeypatch, step: int, fault: str) -> None:
+    """The training loop's outer step ``step`` gets ``fault`` (:func:`inject`)."""
+    def faulty_step(cfg, state):
+        if state.step == step:
+            cfg, state = inject(cfg, state, fault)
+        return train_step(cfg, state)
+
+    monkeypatch.setattr(selfopt.train, "train_step", faulty_step)
 
 
 EXPECTED_KIND = {"weights_nan": "replace_non_finite", "weights_inf": "replace_non_finite",
@@ -98,17 +111,16 @@ EXPECTED_KIND = {"weights_nan": "replace_non_finite", "weights_inf": "replace_no
 
 
 @pytest.mark.parametrize("fault", sorted(EXPECTED_KIND))
-def test_a_numerical_fault_replaces_the_member_and_the_run_goes_on(tmp_path, fault):
+def test_a_numerical_fault_replaces_the_member_and_the_run_goes_on(tmp_path, monkeypatch,
+                                                                   fault):
     infos = []
 
     def on_step(info):
         infos.append({"step": info["state"].step, "replaced": info["metrics"]["replaced"],
                       "replacements": info["metrics"]["replacements"]})
-        if info["state"].step == 2:  # the fault hits outer step 2
-            inject(trainer, info["state"], fault)
 
-    trainer = Trainer(tiny(max_steps=5), tmp_path / "run", on_step=on_step)
-    summary = trainer.run()
+    fault_at(monkeypatch, 2, fault)
+    summary = train(tiny(max_steps=5), tmp_path / "run", on_step=on_step)
     kind = EXPECTED_KIND[fault]
     assert summary["steps"] == 5 and not summary["interrupted"]
     # The final state is finite everywhere.
@@ -125,26 +137,29 @@ def test_a_numerical_fault_replaces_the_member_and_the_run_goes_on(tmp_path, fau
     by_step = {i["step"]: i for i in infos}
     assert by_step[3]["replaced"] == {1: kind} and by_step[3]["replacements"].get(kind) == 1
     assert kind not in by_step[2]["replacements"]
-    assert ckpt.read_metadata(summary["checkpoint"])["replacements"][kind] == 1
+    assert ckpt.read_metadata(summary["checkpoint"])["run"]["replacements"][kind] == 1
     if kind == "replace_diverged":
         # A diverging inner task does not poison the estimate: its loss counts as the cap.
         assert rows[2, 1]["meta_loss"] == pytest.approx(TINY.get("loss_cap", 10.0), rel=1e-5)
         assert math.isfinite(rows[2, 1]["grad_rms"])
 
 
-def test_a_task_whose_loss_is_nan_for_everyone_gives_capped_finite_losses(tmp_path):
+def test_a_task_whose_loss_is_nan_for_everyone_gives_capped_finite_losses(tmp_path,
+                                                                          monkeypatch):
+    make = slots.task
+
     def poisoned(config):
         task = make(config)
         return dataclasses.replace(task, target=task.target * jnp.nan)
 
-    def on_step(info):
-        trainer.task = poisoned if info["state"].step == 2 else make
+    def step(cfg, state):  # outer step 2's task is poisoned
+        monkeypatch.setattr(slots, "task", poisoned if state.step == 2 else make)
+        return train_step(cfg, state)
 
+    monkeypatch.setattr(selfopt.train, "train_step", step)
     # reparam_scale=1: plain quadratics, whose target the poison replaces
-    trainer = Trainer(tiny(max_steps=4, **{"pbt.interval": 100, "tasks.reparam_scale": 1}), tmp_path / "run",
-                      on_step=on_step)
-    make = trainer.task
-    summary = trainer.run()
+    summary = train(tiny(max_steps=4, **{"pbt.interval": 100, "tasks.reparam_scale": 1}),
+                    tmp_path / "run")
     assert summary["steps"] == 4
     rows = [r for r in log_rows(tmp_path / "run", "metrics.jsonl") if r["step"] == 2]
     # the cap, not NaN (exp(log 10) in float32 with the default log normalisation)
@@ -156,20 +171,13 @@ def test_a_task_whose_loss_is_nan_for_everyone_gives_capped_finite_losses(tmp_pa
 
 
 def test_replacements_are_shown_in_the_live_view(tmp_path, capsys, monkeypatch):
-    one_step = Trainer.one_step
-
-    def faulty_one_step(self, state):
-        if state.step == 1:
-            inject(self, state, "weights_nan")
-        return one_step(self, state)
-
-    monkeypatch.setattr(Trainer, "one_step", faulty_one_step)
+    fault_at(monkeypatch, 1, "weights_nan")
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--max-steps", "3", *tiny_argv()]) == 0
     err = capsys.readouterr().err
     assert "replaced: non-finite 1, diverged 0" in err, err
     # The counts survive a resume: the view of the resumed run starts from them.
-    monkeypatch.setattr(Trainer, "one_step", one_step)
+    monkeypatch.setattr(selfopt.train, "train_step", train_step)
     assert main(["train", "--resume", str(out), "--max-steps", "4"]) == 0
     assert "replaced: non-finite 1" in capsys.readouterr().err
 
@@ -216,13 +224,13 @@ def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, ca
     # Space again: the run resumes from step 2 and ends where an uninterrupted run ends.
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
-    Trainer(tiny(max_steps=5, checkpoint_seconds=0), tmp_path / "whole").run()
+    train(tiny(max_steps=5, checkpoint_seconds=0), tmp_path / "whole")
     assert_same_final_state(tmp_path / "whole", out, 5)
 
 
 def test_a_half_written_log_line_and_stale_temp_files_are_cleared_on_resume(tmp_path, capsys):
     out = tmp_path / "run"
-    Trainer(tiny(max_steps=3), out).run()
+    train(tiny(max_steps=3), out)
     with open(out / "metrics.jsonl", "a") as f:  # a crash (or a full disk) mid-append
         f.write('{"step": 3, "elapsed": 1.2, "mem')
     garbage = [out / "checkpoints" / ".step-00000009.safetensors.tmp-4242",
@@ -232,12 +240,12 @@ def test_a_half_written_log_line_and_stale_temp_files_are_cleared_on_resume(tmp_
     assert main(["train", "--resume", str(out), "--quiet", "--max-steps", "5"]) == 0
     assert capsys.readouterr().err == ""
     assert temp_files(out) == []
-    Trainer(tiny(max_steps=5), tmp_path / "whole").run()
+    train(tiny(max_steps=5), tmp_path / "whole")
     assert_same_final_state(tmp_path / "whole", out, 5)
 
 
 def test_a_run_stopped_before_its_first_checkpoint_starts_again_from_step_0(tmp_path, capsys):
-    Trainer(tiny(max_steps=2), tmp_path / "whole").run()
+    train(tiny(max_steps=2), tmp_path / "whole")
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     (out / "config.json").write_bytes((tmp_path / "whole" / "config.json").read_bytes())
@@ -269,7 +277,7 @@ def test_a_directory_holding_only_a_lock_can_be_reused_but_a_file_cannot(tmp_pat
 def saved_run(tmp_path_factory):
     """A finished TINY run (step 2) to take checkpoints from."""
     out = tmp_path_factory.mktemp("saved") / "run"
-    Trainer(tiny(max_steps=2), out).run()
+    train(tiny(max_steps=2), out)
     return out
 
 
@@ -294,34 +302,31 @@ def test_a_checkpoint_of_another_architecture_is_a_clear_error(saved_run, tmp_pa
 
 def test_a_checkpoint_of_another_schema_version_is_a_clear_error(saved_run, tmp_path, capsys,
                                                                   monkeypatch):
-    trainer = Trainer(tiny(max_steps=2), saved_run)
-    state = trainer.load_latest()
+    cfg, state, _ = open_checkpoint(saved_run)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_bytes((saved_run / "config.json").read_bytes())
-    writer = Trainer(tiny(max_steps=2), run)
     monkeypatch.setattr(ckpt, "SCHEMA_VERSION", 99)
-    writer.save(state)
+    RunDir(run).save(cfg, state)
     monkeypatch.undo()
     err = resume_error(run, capsys)
     assert "schema version 99" in err and "reads versions [1, 2]" in err
 
 
 def test_a_version_1_checkpoint_still_loads(saved_run, tmp_path, monkeypatch):
-    trainer = Trainer(tiny(max_steps=2), saved_run)
-    state = trainer.load_latest()
-    writer = Trainer(tiny(max_steps=2), tmp_path / "run")
+    cfg, state, _ = open_checkpoint(saved_run)
+    writer = RunDir(tmp_path / "run")
     monkeypatch.setattr(ckpt, "SCHEMA_VERSION", 1)  # checksum of the arrays only
-    path = writer.save(state)
+    path = writer.save(cfg, state)
     monkeypatch.undo()
     assert ckpt.read_metadata(path)["run"]["step"] == 2
-    loaded = writer.load(path)
+    loaded = writer.load(cfg, path)
     for a, b in zip(jax.tree.leaves(state.thetas), jax.tree.leaves(loaded.thetas)):
         np.testing.assert_array_equal(a, b)
 
 
 def test_files_that_are_not_selfopt_checkpoints_are_clear_errors(saved_run, tmp_path):
-    trainer = Trainer(tiny(max_steps=2), saved_run)
+    cfg, run = tiny(max_steps=2), RunDir(saved_run)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"x": np.zeros(3, np.float32)}, foreign)  # safetensors, not ours
     bogus = tmp_path / "bogus.safetensors"  # ours, checksum fine, not a run state
@@ -337,7 +342,7 @@ def test_files_that_are_not_selfopt_checkpoints_are_clear_errors(saved_run, tmp_
                 tmp_path / "missing.safetensors": "no checkpoint at"}
     for path, message in expected.items():
         with pytest.raises(ckpt.CheckpointError, match=message) as info:
-            trainer.load(path)
+            run.load(cfg, path)
         assert "\n" not in str(info.value)
 
 

@@ -11,7 +11,7 @@ from selfopt.cli import main
 from selfopt.config import make_config
 from selfopt.plots import FIGURES, improvement_rate
 from selfopt.tasks.distribution import HELDOUT_CONFIGS
-from selfopt.train import Trainer
+from selfopt.train import train
 
 TINY = {"population": 4, "estimator.num_pairs": 1, "estimator.truncation_length": 5,
         "estimator.min_inner_length": 10, "estimator.max_inner_length": 30,
@@ -38,7 +38,7 @@ def tiny_run(tmp_path_factory):
     mp.setattr(evaluate_module, "HELDOUT_CONFIGS", SUITE)
     assert len(evaluate_module.suite("quick")) == QUICK_TASKS
     run_dir = root / "run"
-    summary = Trainer(make_config(TINY), run_dir).run()
+    summary = train(make_config(TINY), run_dir)
     assert main(["eval", str(run_dir), "--tasks", "quick", "--steps", "10", "--seeds", "1"]) == 0
     yield run_dir, summary
     mp.undo()

@@ -17,7 +17,11 @@ from selfopt.estimators import PES, TruncatedES
 from selfopt.lopt import MLPLOpt
 from selfopt.population import PBT, AdamControl, SelfTraining
 from selfopt.tasks import TaskDistribution
-from selfopt.train import Trainer
+from selfopt.population import slots
+from selfopt.population.state import step_key
+from selfopt.run_dir import open_checkpoint
+from selfopt.train import train
+from selfopt.train_step import initial_state, outer_step, outer_steps, train_step
 
 TINY = {"population": 4, "estimator.num_pairs": 1, "estimator.truncation_length": 5,
         "estimator.min_inner_length": 10, "estimator.max_inner_length": 30,
@@ -38,9 +42,9 @@ def log_rows(run_dir, name):
 
 
 def test_stop_and_resume_equals_uninterrupted_bitwise(tmp_path):
-    whole = Trainer(tiny(max_steps=6), tmp_path / "whole").run()
-    Trainer(tiny(max_steps=3), tmp_path / "split").run()
-    resumed = Trainer(tiny(max_steps=6), tmp_path / "split").run(resume=True)
+    whole = train(tiny(max_steps=6), tmp_path / "whole")
+    train(tiny(max_steps=3), tmp_path / "split")
+    resumed = train(tiny(max_steps=6), tmp_path / "split", resume=True)
     assert whole["steps"] == resumed["steps"] == 6
     a, b = load_file(whole["checkpoint"]), load_file(resumed["checkpoint"])
     assert a.keys() == b.keys() and len(a) > 10
@@ -120,28 +124,32 @@ def test_ctrl_c_stops_after_the_step_and_writes_a_checkpoint(tmp_path):
         if info["state"].step == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
-    summary = Trainer(tiny(max_steps=50), tmp_path / "run", on_step=interrupt).run()
+    summary = train(tiny(max_steps=50), tmp_path / "run", on_step=interrupt)
     assert summary["interrupted"] and summary["steps"] == 2
     assert (tmp_path / "run" / "checkpoints" / "step-00000002.safetensors").is_file()
-    resumed = Trainer(tiny(max_steps=4), tmp_path / "run").run(resume=True)
+    resumed = train(tiny(max_steps=4), tmp_path / "run", resume=True)
     assert resumed["steps"] == 4 and not resumed["interrupted"]
 
 
-def test_non_finite_member_is_replaced_at_once(tmp_path):
-    trainer = Trainer(tiny(max_steps=1), tmp_path / "run")
-    trainer.run_dir.mkdir()
-    state = trainer.initial_state()
-    state.thetas = jax.tree.map(lambda x: x.at[1].set(jnp.nan), state.thetas)
-    trainer.one_step(state)
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.thetas))
-    (event,) = log_rows(tmp_path / "run", "lineage.jsonl")
+def test_non_finite_member_is_replaced_at_once():
+    cfg = tiny(max_steps=1)
+    state = initial_state(cfg)
+    state = state.replace(thetas=jax.tree.map(lambda x: x.at[1].set(jnp.nan), state.thetas))
+    after, out = train_step(cfg, state)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(after.thetas))
+    (event,) = out.logs["lineage.jsonl"]
     assert event["kind"] == "replace_non_finite" and event["position"] == 1
-    assert state.member_ids[1] == event["child_id"] == 4 and event["parent_id"] != 1
+    assert after.lineage.ids[1] == event["child_id"] == 4 and event["parent_id"] != 1
+    assert dict(after.lineage.counts) == {"replace_non_finite": 1}
+    assert out.metrics["replaced"] == {1: "replace_non_finite"}
+    # the step is pure: the state it was given is untouched
+    assert state.lineage.ids == (0, 1, 2, 3) and state.step == 0
+    assert bool(jnp.isnan(jax.tree.leaves(state.thetas)[0][1]).all())
 
 
 def test_pbt_rounds_record_lineage_and_copy_weights(tmp_path):
-    summary = Trainer(tiny(max_steps=4, **{"pbt.resample_probability": 0.0}),
-                      tmp_path / "run").run()
+    summary = train(tiny(max_steps=4, **{"pbt.resample_probability": 0.0}),
+                      tmp_path / "run")
     events = log_rows(tmp_path / "run", "lineage.jsonl")
     assert [e["step"] for e in events] == [2, 4]  # one member replaced per round (25% of 4)
     for e in events:
@@ -204,7 +212,7 @@ def damage(path, how):
 def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, capsys, how):
     # Checkpoints after every step; keep 2: steps 2 and 3. Step 3 is damaged, so the resume
     # goes on from step 2 and must still reach the uninterrupted run's state bitwise.
-    Trainer(tiny(max_steps=3, checkpoint_seconds=0), tmp_path / "run").run()
+    train(tiny(max_steps=3, checkpoint_seconds=0), tmp_path / "run")
     latest = tmp_path / "run" / "checkpoints" / "step-00000003.safetensors"
     damage(latest, how)
     assert main(["train", "--resume", str(tmp_path / "run"), "--quiet", "--max-steps", "5"]) == 0
@@ -212,7 +220,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, capsys,
     assert err.count("\n") == 1 and err.startswith("selfopt: warning: skipping "
                                                    "step-00000003.safetensors"), err
     assert "resuming from step-00000002.safetensors" in err
-    whole = Trainer(tiny(max_steps=5, checkpoint_seconds=0), tmp_path / "whole").run()
+    whole = train(tiny(max_steps=5, checkpoint_seconds=0), tmp_path / "whole")
     a = load_file(whole["checkpoint"])
     b = load_file(tmp_path / "run" / "checkpoints" / "step-00000005.safetensors")
     assert a.keys() == b.keys()
@@ -224,7 +232,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, capsys,
 
 @pytest.mark.parametrize("how", ["truncate", "flip_array"])
 def test_resume_with_every_checkpoint_damaged_is_a_clear_error(tmp_path, capsys, how):
-    Trainer(tiny(max_steps=3, checkpoint_seconds=0), tmp_path / "run").run()
+    train(tiny(max_steps=3, checkpoint_seconds=0), tmp_path / "run")
     paths = sorted((tmp_path / "run" / "checkpoints").iterdir())
     assert len(paths) == 2
     for path in paths:
@@ -241,7 +249,7 @@ def test_resume_with_every_checkpoint_damaged_is_a_clear_error(tmp_path, capsys,
 def test_a_second_trainer_on_the_same_run_directory_is_refused(tmp_path, capsys):
     import fcntl
 
-    Trainer(tiny(max_steps=2), tmp_path / "run").run()
+    train(tiny(max_steps=2), tmp_path / "run")
     before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
     with open(tmp_path / "run" / ".lock") as held:  # a running trainer holds this lock
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -251,15 +259,12 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused(tmp_path, capsys)
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
 
 
-def test_fused_steps_equal_one_step_at_a_time(tmp_path):
+def test_fused_steps_equal_one_step_at_a_time():
     """``outer_steps`` (one compiled scan) against the same steps one call each."""
-    from selfopt.train import outer_step, outer_steps, step_key
-
-    trainer = Trainer(tiny(), tmp_path / "run")
-    state = trainer.initial_state()
-    cfg = trainer.cfg
-    task = trainer.task(state.slot_configs[0])
-    args = (state.thetas, state.outer_state, state.slot_inner[0])
+    cfg = tiny()
+    state = initial_state(cfg)
+    task = slots.task(state.slot_configs[0])
+    args = (state.thetas, state.outer_state, state.slot_problems[0])
     one = args
     for step in range(5, 8):
         *one, metrics = outer_step(cfg.lopt, cfg.estimator, cfg.outer, *one[:2], state.hparams,
@@ -276,9 +281,9 @@ def test_fused_steps_equal_one_step_at_a_time(tmp_path):
 
 
 def test_fused_run_logs_every_step_and_resumes_bitwise(tmp_path):
-    whole = Trainer(tiny(max_steps=6, steps_per_call=3), tmp_path / "whole").run()
-    Trainer(tiny(max_steps=3, steps_per_call=3), tmp_path / "split").run()
-    resumed = Trainer(tiny(max_steps=6, steps_per_call=3), tmp_path / "split").run(resume=True)
+    whole = train(tiny(max_steps=6, steps_per_call=3), tmp_path / "whole")
+    train(tiny(max_steps=3, steps_per_call=3), tmp_path / "split")
+    resumed = train(tiny(max_steps=6, steps_per_call=3), tmp_path / "split", resume=True)
     assert whole["steps"] == resumed["steps"] == 6
     a, b = load_file(whole["checkpoint"]), load_file(resumed["checkpoint"])
     for name in a:
@@ -301,8 +306,7 @@ def test_a_seeded_short_run_equals_the_run_recorded_before_the_refactor(tmp_path
                num_slots=2, **{"lopt.hidden": [32, 32], "estimator.num_pairs": 2,
                                "tasks.families": ["quadratic", "mlp"],
                                "pbt.score_steps": 10})
-    trainer = Trainer(cfg, tmp_path / "run")
-    trainer.run()
+    train(cfg, tmp_path / "run")
     rows = log_rows(tmp_path / "run", "metrics.jsonl")
     assert [r["task"] for r in rows] == recorded["task"]
     np.testing.assert_allclose([r["meta_loss"] for r in rows], recorded["meta_loss"], rtol=1e-5)
@@ -311,7 +315,7 @@ def test_a_seeded_short_run_equals_the_run_recorded_before_the_refactor(tmp_path
     np.testing.assert_allclose([r["scores"] for r in log_rows(tmp_path / "run",
                                                                "validation.jsonl")],
                                recorded["validation"], rtol=1e-5)
-    state = trainer.load_latest()
+    _, state, _ = open_checkpoint(tmp_path / "run")
     np.testing.assert_allclose(state.elite_score, recorded["elite_score"], rtol=1e-5)
     np.testing.assert_allclose([float(np.sum(np.asarray(x, np.float64)))
                                 for x in jax.tree.leaves(state.thetas)],

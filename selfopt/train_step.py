@@ -1,0 +1,239 @@
+"""One training step of the self-training population, as a pure function of its state.
+
+    population -> ES/PES unrolls on a slot's task -> meta-gradients -> self-update
+               -> replace failed members -> PBT (every pbt.interval) -> elite (every
+                  validate_interval)
+
+:func:`train_step` takes a :class:`~selfopt.population.state.PopulationState` and returns the
+next one with the rows the step logs; it writes nothing. The device work of a step is one
+jitted call (:func:`outer_step`, or :func:`outer_steps` for ``steps_per_call`` steps in one
+``lax.scan``); PBT and the elite run on the host.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selfopt.cache import COMPILER_OPTIONS
+from selfopt.config import TrainConfig
+from selfopt.estimators.inner_problem import ratio_scale
+from selfopt.population import Hyperparams, replace_failed, slots
+from selfopt.population.elite import held_in_meta_loss, keep_best, score
+from selfopt.population.lineage import copy_members
+from selfopt.population.self_training import clip_threshold, clipped_fraction, member_rms
+from selfopt.population.state import Lineage, PopulationState, finite_or_none, step_key, step_rng
+
+
+class StepOutput(NamedTuple):
+    """What one :func:`train_step` reports."""
+
+    metrics: dict[str, Any]  # the last outer step's per-member metrics, and the replacements
+    logs: dict[str, list[dict]]  # rows for each log file of the run directory
+
+
+def _outer_step(lopt, estimator, outer, thetas, outer_state, hparams, best, inner, task, key):
+    """One outer step of the whole population: ES/PES estimates, then the self-update.
+
+    Returns:
+      New weights, outer state and inner problems, and per-member metrics: the meta-loss near
+      theta, whether the member is finite, the sizes of its estimate and update, and the
+      trust-region factor applied to the update (1: not bounded).
+    """
+    num = jax.tree.leaves(thetas)[0].shape[0]
+    es_key, update_key = jax.random.split(key)
+    estimates, inner = jax.vmap(estimator.estimate, in_axes=(None, None, 0, 0, 0, 0))(
+        lopt, task, thetas, jnp.exp(hparams.log_sigma), inner, jax.random.split(es_key, num))
+    new_thetas, outer_state, shrink = outer.update(lopt, thetas, outer_state, estimates.grad,
+                                                   hparams.log_step_mult, best, update_key,
+                                                   estimates.meta_loss)
+    finite = jnp.isfinite(estimates.meta_loss)
+    for leaf in jax.tree.leaves(new_thetas):
+        finite &= jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
+    metrics = {"meta_loss": estimates.meta_loss, "finite": finite,
+               "grad_rms": member_rms(estimates.grad),
+               "clipped": clipped_fraction(estimates.grad, clip_threshold(
+                   estimates.grad, outer.clip, outer.clip_relative)),
+               "update_rms": member_rms(jax.tree.map(jnp.subtract, new_thetas, thetas)),
+               "trust": shrink}
+    return new_thetas, outer_state, inner, metrics
+
+
+outer_step = jax.jit(_outer_step, static_argnames=("lopt", "estimator", "outer"),
+                     compiler_options=COMPILER_OPTIONS)
+
+
+@functools.partial(jax.jit, static_argnames=("lopt", "estimator", "outer", "num_steps"),
+                   compiler_options=COMPILER_OPTIONS)
+def outer_steps(lopt, estimator, outer, thetas, outer_state, hparams, best, inner, task, seed,
+                first_step, num_steps):
+    """``num_steps`` outer steps on one task in one compiled call (``lax.scan`` over
+    :func:`outer_step`), with no trip to the host in between: what a GPU needs, where one outer
+    step takes milliseconds. Step ``first_step + i`` uses the key :func:`step_key` gives it.
+
+    Returns:
+      As :func:`outer_step`, with every metric stacked over the steps: ``(num_steps, K)``.
+    """
+    def body(carry, i):
+        thetas, outer_state, inner = carry
+        key = step_key(seed, first_step + i, 0)
+        thetas, outer_state, inner, metrics = _outer_step(
+            lopt, estimator, outer, thetas, outer_state, hparams, best, inner, task, key)
+        return (thetas, outer_state, inner), metrics
+
+    (thetas, outer_state, inner), metrics = jax.lax.scan(
+        body, (thetas, outer_state, inner), jnp.arange(num_steps))
+    return thetas, outer_state, inner, metrics
+
+
+def initial_thetas(cfg: TrainConfig) -> Any:
+    """The members' random initial weights (a function of the seed only)."""
+    keys = jax.random.split(step_key(cfg.seed, 0, 1), cfg.population)
+    return jax.vmap(cfg.lopt.init)(keys)
+
+
+def initial_state(cfg: TrainConfig) -> PopulationState:
+    """A population of randomly initialised learned optimizers at step 0, nothing else."""
+    thetas = initial_thetas(cfg)
+    configs = tuple(slots.slot_config(cfg, s, 0) for s in range(cfg.num_slots))
+    return PopulationState(
+        thetas=thetas, outer_state=cfg.outer.init(cfg.lopt, thetas),
+        hparams=Hyperparams(*map(jnp.asarray, cfg.pbt.initial(step_rng(cfg.seed, 0, 1),
+                                                               cfg.population))),
+        slot_problems=tuple(slots.fresh_problems(cfg, c, s, 0, thetas)
+                            for s, c in enumerate(configs)),
+        elite=None, step=0, slot_configs=configs, lineage=Lineage.start(cfg.population),
+        scores=(math.inf,) * cfg.population, best=0, elapsed=0.0, start_meta_loss=None)
+
+
+def train_step(cfg: TrainConfig, state: PopulationState) -> tuple[PopulationState, StepOutput]:
+    """``steps_per_call`` outer steps on one slot's task, then PBT and the elite when due.
+
+    Returns:
+      The next state and what the step reports (metrics and log rows).
+    """
+    n, slot = cfg.steps_per_call, slots.slot_of(cfg, state.step)
+    if (config := slots.slot_config(cfg, slot, state.step)) != state.slot_configs[slot]:
+        state = _set_slot(state, slot, config,
+                          slots.fresh_problems(cfg, config, slot, state.step, state.thetas))
+    task = slots.task(state.slot_configs[slot])
+    args = (cfg.lopt, cfg.estimator, cfg.outer, state.thetas, state.outer_state, state.hparams,
+            jnp.asarray(state.best), state.slot_problems[slot], task)
+    if n == 1:  # the plain step (no scan around it)
+        thetas, outer_state, problems, metrics = outer_step(*args, step_key(cfg.seed, state.step, 0))
+        history = {k: np.asarray(v)[None] for k, v in metrics.items()}
+    else:
+        thetas, outer_state, problems, metrics = outer_steps(*args, cfg.seed, state.step, n)
+        history = {k: np.asarray(v) for k, v in metrics.items()}
+    # logged, shown and checked on the ratio scale (1 = no progress)
+    history["meta_loss"] = ratio_scale(history["meta_loss"], cfg.estimator.normalization)
+    before = state
+    state = _set_slot(state, slot, state.slot_configs[slot], problems).replace(
+        thetas=thetas, outer_state=outer_state)
+    if state.start_meta_loss is None:
+        first = history["meta_loss"][0][np.isfinite(history["meta_loss"][0])]
+        state = state.replace(start_meta_loss=float(np.median(first)) if first.size else None)
+    metrics = {k: v[-1] for k, v in history.items()}
+    state, replaced, lineage = replace_failed_members(cfg, state, metrics)
+    logs = {"metrics.jsonl": _metric_rows(cfg, before, history, replaced), "lineage.jsonl": lineage,
+            "validation.jsonl": []}
+    state = state.replace(step=state.step + n)
+    if _crossed(state.step, n, cfg.pbt.interval):
+        state, events = pbt_round(cfg, state, task)
+        logs["lineage.jsonl"] += events
+    if cfg.validate_interval and _crossed(state.step, n, cfg.validate_interval):
+        state, events, row = validate(cfg, state)
+        logs["lineage.jsonl"] += events
+        logs["validation.jsonl"].append(row)
+    metrics.update(replaced=replaced, replacements=dict(state.lineage.counts))
+    return state, StepOutput(metrics, logs)
+
+
+def replace_failed_members(cfg: TrainConfig, state: PopulationState, metrics: dict[str, Any]
+                           ) -> tuple[PopulationState, dict[int, str], list[dict]]:
+    """Replaces non-finite members, and members whose meta-loss reached
+    ``diverged_meta_loss``, by copies of healthy ones (method.md section 5).
+
+    If no member is healthy, the non-finite ones are replaced by copies of finite (diverged)
+    ones, which stay: a diverged member is still a usable starting point.
+
+    Returns:
+      The new state, the kind of each replaced position (``replace_non_finite``,
+      ``replace_diverged``), and the lineage events.
+
+    Raises:
+      FloatingPointError: no member is finite; nothing is left to copy.
+    """
+    finite = metrics["finite"]
+    healthy = finite & (np.nan_to_num(metrics["meta_loss"], nan=np.inf) < cfg.diverged_meta_loss)
+    if healthy.all():
+        return state, {}, []
+    if not finite.any():
+        raise FloatingPointError(
+            f"step {state.step}: every member's weights or meta-loss are not finite; nothing is "
+            "left to copy (try a smaller pbt.step_mult_prior, outer.max_update or "
+            "pbt.sigma_prior)")
+    sources, copies = replace_failed(healthy if healthy.any() else finite,
+                                     np.asarray(state.scores), step_rng(cfg.seed, state.step, 4))
+    kinds = {c: "replace_diverged" if finite[c] else "replace_non_finite" for c, _ in copies}
+    state, events = copy_members(state, sources, copies, kinds)
+    return state, kinds, events
+
+
+def pbt_round(cfg: TrainConfig, state: PopulationState, task) -> tuple[PopulationState, list]:
+    """Scores every member on ``task`` (the same fresh problems, unperturbed weights), then
+    exploit and explore (method.md section 5)."""
+    scores = np.asarray(score(cfg.lopt, state.thetas, task, step_key(cfg.seed, state.step, 3),
+                              cfg.pbt.score_steps, loss=cfg.pbt.score_loss))
+    state = state.replace(scores=tuple(float(s) for s in scores))
+    sources, hparams, copies = cfg.pbt.exploit_and_explore(
+        scores, jax.tree.map(np.asarray, state.hparams), step_rng(cfg.seed, state.step, 2))
+    state, events = copy_members(state, sources, copies, {c: "exploit" for c, _ in copies},
+                                 hparams)
+    return state.replace(best=int(np.argmin(np.nan_to_num(state.scores, nan=np.inf)))), events
+
+
+def held_in_scores(cfg: TrainConfig, thetas: Any) -> np.ndarray:
+    """``(K,)`` each member's held-in validation (the measure of the elite)."""
+    return held_in_meta_loss(cfg.lopt, cfg.tasks.families, thetas, cfg.validate_steps,
+                             cfg.pbt.score_loss)
+
+
+def validate(cfg: TrainConfig, state: PopulationState
+             ) -> tuple[PopulationState, list[dict], dict]:
+    """Held-in validation of every member; keeps the best weights seen as the elite
+    (:func:`~selfopt.population.elite.keep_best`)."""
+    return keep_best(state, held_in_scores(cfg, state.thetas), cfg.restore_elite)
+
+
+def _set_slot(state: PopulationState, slot: int, config: dict, problems: Any) -> PopulationState:
+    configs, inner = list(state.slot_configs), list(state.slot_problems)
+    configs[slot], inner[slot] = config, problems
+    return state.replace(slot_configs=tuple(configs), slot_problems=tuple(inner))
+
+
+def _crossed(step: int, n: int, interval: int) -> bool:
+    """Whether the last ``n`` steps, ending at ``step``, passed a multiple of ``interval``."""
+    return step // interval > (step - n) // interval
+
+
+def _metric_rows(cfg: TrainConfig, state: PopulationState, history: dict[str, np.ndarray],
+                 replaced: dict[int, str]) -> list[dict]:
+    """``metrics.jsonl`` rows of one call: every step and member, as ``state`` (before the
+    call) knew them; ``replaced``: the kind of each member replaced after the call."""
+    n, hparams = len(history["meta_loss"]), jax.tree.map(np.asarray, state.hparams)
+    return [{
+        "step": state.step + j, "elapsed": round(state.elapsed, 3), "member": i,
+        "id": state.lineage.ids[i], "generation": state.lineage.generation[i],
+        **{k: finite_or_none(history[k][j, i])
+           for k in ("meta_loss", "grad_rms", "clipped", "update_rms", "trust")},
+        "step_mult": float(np.exp(hparams.log_step_mult[i])),
+        "sigma": float(np.exp(hparams.log_sigma[i])),
+        "task": state.slot_configs[slots.slot_of(cfg, state.step)]["family"],
+        "outer_optimizer": cfg.outer.label,
+        "replaced": replaced.get(i) if j == n - 1 else None,
+    } for j in range(n) for i in range(cfg.population)]

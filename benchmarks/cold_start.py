@@ -9,7 +9,9 @@ reused), records every XLA compilation through ``jax.monitoring``, and prints JS
 * ``compile_s``: seconds inside compilation (the union of the time spans of tracing,
   lowering and XLA compiling, so nested traces are not counted twice), split into what the
   training loop compiled and what the held-out checks compiled (``eval_compile_s``);
-* ``programs``: XLA programs compiled (``programs_over_1s``: those that took over a second);
+* ``programs``: XLA programs compiled (``programs_over_1s``: those that took over a second;
+  ``training_programs_by_name``: the training loop's programs and their backend-compile
+  seconds by function name);
 * ``steps_2min`` / ``steps_10min``: outer steps done within 2 and 10 minutes of training time
   (the run's clock, which counts compiling and excludes the held-out checks);
 * ``first_eval`` / ``eval_2min``: the held-out check of the random start and the first one at
@@ -34,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from selfopt.run_dir import read_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Runs in the child: listens to JAX's compile events, then runs ``selfopt train``.
@@ -53,14 +57,17 @@ def on_duration(event, secs, **kw):
 mon.register_event_time_span_listener(on_span)
 mon.register_event_duration_secs_listener(on_duration)
 import selfopt.train as train
-check_elite = train.check_elite
+# the held-out check: train.check_elite, or Trainer.evaluate_best before the pure train step
+owner, name = (train, "check_elite") if hasattr(train, "check_elite") else (
+    train.Trainer, "evaluate_best")
+check = getattr(owner, name)
 def tagged(*args, **kwargs):
     evaluating[0] = True
     try:
-        return check_elite(*args, **kwargs)
+        return check(*args, **kwargs)
     finally:
         evaluating[0] = False
-train.check_elite = tagged
+setattr(owner, name, tagged)
 from selfopt.cli import main
 started = time.time()
 code = main(sys.argv[2:])
@@ -88,8 +95,13 @@ def margin(row: dict) -> dict:
     return {"margin": round(ratio(row), 4), "wins": row["wins"], "elapsed": row["elapsed"]}
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def by_name(programs: list) -> dict[str, list]:
+    """``{function name: [programs, backend-compile seconds]}``, costliest first."""
+    totals: dict[str, list] = {}
+    for name, seconds, _ in programs:
+        count, total = totals.get(name, [0, 0.0])
+        totals[name] = [count + 1, total + seconds]
+    return {k: [n, round(t, 1)] for k, (n, t) in sorted(totals.items(), key=lambda x: -x[1][1])}
 
 
 def measure(root: Path, minutes: float, extra: list[str]) -> dict:
@@ -119,6 +131,7 @@ def measure(root: Path, minutes: float, extra: list[str]) -> dict:
         "programs_over_1s": sum(s > 1 for _, s, _ in programs),
         "slowest_programs": [[name, round(s, 1)] for name, s, _ in
                              sorted(programs, key=lambda p: -p[1])[:8]],
+        "training_programs_by_name": by_name([p for p in programs if not p[2]]),
         "steps": len(steps),
         "steps_2min": sum(e <= 120 for _, e in steps),
         "steps_10min": sum(e <= 600 for _, e in steps),

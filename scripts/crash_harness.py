@@ -174,8 +174,7 @@ def compare_runs(base: Path, crash: Path) -> dict:
     meta_b = ckpt.read_metadata(crash / "checkpoints" / name)
     # Log sizes differ with the width of the wall-time fields; the logs are compared below.
     result["metadata_equal"] = (
-        without(meta_a["run"]) == without(meta_b["run"]) and meta_a["config"] == meta_b["config"]
-        and meta_a.get("replacements") == meta_b.get("replacements"))
+        without(meta_a["run"]) == without(meta_b["run"]) and meta_a["config"] == meta_b["config"])
     logs = {}
     for log in ("metrics.jsonl", "lineage.jsonl"):
         (rows_a, partial_a), (rows_b, partial_b) = log_rows(base / log), log_rows(crash / log)

@@ -6,8 +6,8 @@ under one root: tuned-Adam results and JAX's compiled programs.
 The root is ``$SELFOPT_CACHE`` or ``~/.cache/selfopt``. ``adam/`` holds tuned-Adam results
 (:func:`selfopt.evaluate.tune_adam`); ``jax/`` holds XLA executables (JAX's persistent
 compilation cache), so a run's task shapes compile once per machine rather than once per
-process: on a 2-core CPU an outer step of a new task shape takes 6-11 s to compile and about 1.5 s
-to load from the cache. ``SELFOPT_COMPILE_CACHE=0`` turns the compilation cache off.
+process (loading a program takes a fraction of its compile time; docs/results.md has the
+numbers). ``SELFOPT_COMPILE_CACHE=0`` turns the compilation cache off.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from pathlib import Path
 import jax
 
 #: XLA options of selfopt's jitted programs (the outer step, scoring, evaluation): LLVM's
-#: backend optimisation level 1 instead of XLA's default. On this project's programs it cuts
-#: compile time about 2.5-fold and leaves the run time per call unchanged (measured in
-#: docs/results.md); the user's own programs are compiled as JAX's defaults say.
+#: backend optimisation level 1 instead of XLA's default: on this project's programs it cuts
+#: compile time severalfold and leaves the run time per call unchanged (docs/results.md); the
+#: user's own programs are compiled as JAX's defaults say.
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 

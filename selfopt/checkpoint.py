@@ -29,6 +29,8 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save
 
+from selfopt.checks import one_line
+
 #: Version 2: the SHA-256 covers the metadata too (version 1: the arrays only; still read).
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -146,20 +148,14 @@ def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
             raise ValueError("no selfopt header")
     except (SafetensorError, ValueError, KeyError, TypeError, OSError, RecursionError) as err:
         raise CheckpointError(f"{path} is not a readable selfopt checkpoint "
-                              f"({_one_line(err)})") from None
+                              f"({one_line(err, 120)})") from None
     version = header.get("schema_version")
     if version not in READABLE_VERSIONS:
-        raise CheckpointError(f"{path} has schema version {_one_line(version)}; this selfopt "
+        raise CheckpointError(f"{path} has schema version {one_line(version, 120)}; this selfopt "
                               f"reads versions {list(READABLE_VERSIONS)}")
     if header.get("sha256") != _digest(arrays, header["meta"], version):
         raise CheckpointError(f"{path} is damaged: its content does not match its checksum")
     return arrays, header["meta"]
-
-
-def _one_line(value: Any, limit: int = 120) -> str:
-    """``value`` for an error message: one line, at most ``limit`` characters."""
-    text = " ".join(str(value).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def load_checkpoint(path: Path, template: Any) -> tuple[Any, dict[str, Any]]:

@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from selfopt.checks import check_bool, check_int, check_number, require, short_repr
+from selfopt.checks import check_bool, check_int, check_number, one_line, require, short_repr
 from selfopt.estimators import PES, TruncatedES
 from selfopt.lopt import MLPLOpt
 from selfopt.population import PBT, AdamControl, SelfTraining
@@ -52,7 +52,8 @@ class TrainConfig:
       max_steps: outer-step budget; 0: until the time budget is spent.
       seed: every random choice of the run is a function of it and the outer step.
       lopt, estimator, outer, pbt, tasks: the components (see their classes).
-      num_slots: tasks in flight; outer step ``t`` works on slot ``t % num_slots``.
+      num_slots: tasks in flight; outer step ``t`` works on slot
+        ``(t // steps_per_call) % num_slots`` (:mod:`selfopt.population.slots`).
       task_steps: outer steps a slot keeps its task before drawing a new one.
       steps_per_call: outer steps per compiled call (one task, no host round trip in between;
         for GPUs); failed members are replaced, and PBT runs, between calls.
@@ -184,17 +185,12 @@ def _section(name: str, values: Any) -> Any:
 def _field_error(err: Exception, cls: type, prefix: str) -> ConfigError:
     """A component's error ("hidden must be ...") as the configuration's, naming the field by
     its dotted name ("config field 'lopt.hidden' must be ...")."""
-    text = _one_line(err)
+    text = one_line(err)
     first, _, rest = text.partition(" ")
     if first.rstrip(":") in {f.name for f in dataclasses.fields(cls)}:
         return ConfigError(f"config field '{prefix}{first.rstrip(':')}'"
                            f"{':' if first.endswith(':') else ''} {rest}")
     return ConfigError(f"config field {prefix.rstrip('.') or 'value'}: {text}")
-
-
-def _one_line(value: Any, limit: int = 300) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _merge(into: dict[str, Any], values: dict[str, Any], where: str) -> None:
@@ -232,7 +228,7 @@ def make_config(overrides: dict[str, Any] | None = None, file: Path | None = Non
         # ValueError: bad JSON, bad UTF-8, or an integer of 4,300+ digits; RecursionError:
         # nesting too deep for the parser.
         except (OSError, ValueError, RecursionError) as err:
-            raise ConfigError(f"cannot read config file {file}: {_one_line(err, 160)}") from None
+            raise ConfigError(f"cannot read config file {file}: {one_line(err, 160)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {file} must hold a JSON object, not "
                               f"{type(loaded).__name__}")

@@ -25,7 +25,7 @@ def _fmt(value: float, spec: str = ".4f") -> str:
 
 
 class LiveView:
-    """Context manager whose :meth:`update` is the trainer's ``on_step`` callback."""
+    """Context manager whose :meth:`update` is the training loop's ``on_step`` callback."""
 
     def __init__(self, label: str, budget_s: float, every_s: float = 10.0, stream=None):
         self.label, self.budget_s, self.every_s = label, budget_s, every_s
@@ -34,7 +34,6 @@ class LiveView:
         self.live = Live(console=self.console, refresh_per_second=4, transient=False) \
             if self.console.is_terminal else None
         self._last_line = -math.inf
-        self.replacements: dict[str, int] = {}
         self._started = time.monotonic()
         self._inner_steps = 0
 
@@ -51,8 +50,6 @@ class LiveView:
         state, metrics = info["state"], info["metrics"]
         self._inner_steps += info["inner_steps"]
         mean_rate = self._inner_steps / max(time.monotonic() - self._started, 1e-9)
-        # Running counts of the whole run (the trainer keeps them across resumes).
-        self.replacements = dict(metrics.get("replacements", self.replacements))
         losses = metrics["meta_loss"][np.isfinite(metrics["meta_loss"])]
         best = float(losses.min()) if losses.size else math.nan
         median = float(np.median(losses)) if losses.size else math.nan
@@ -61,7 +58,8 @@ class LiveView:
                   f"(mean {mean_rate:,.0f}, compiles included)"
                   f" | meta-loss best {_fmt(best)} median {_fmt(median)}"
                   f" | start {_fmt(state.start_meta_loss)}")
-        footer = replacements_line(self.replacements)
+        # running counts of the whole run (in the lineage: a resumed run restores them)
+        footer = replacements_line(dict(state.lineage.counts))
         if self.live is None:
             # A replacement is news: report it at once rather than at the next periodic line.
             if (time.monotonic() - self._last_line >= self.every_s

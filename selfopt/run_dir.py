@@ -103,7 +103,8 @@ class RunDir:
         """
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         path = self.ckpt_dir / f"step-{state.step:08d}.safetensors"
-        logs = {log.name: log.stat().st_size for log in sorted(self.path.glob("*.jsonl"))}
+        logs = {name: (self.path / name).stat().st_size for name in LOGS
+                if (self.path / name).exists()}
         ckpt.save_checkpoint(path, state.arrays(), {"config": cfg.to_json(),
                                                     "run": state.metadata(), "logs": logs})
         ckpt.remove_temp_files(self.ckpt_dir, "step-*.safetensors")
@@ -128,7 +129,8 @@ class RunDir:
             run = meta["run"]
             template = _template(cfg, run["slot_configs"], run["elite_id"] >= 0)
             arrays, _ = ckpt.load_checkpoint(path, template)
-            return PopulationState.from_checkpoint(arrays, run)
+            # checkpoints of 35feeb9-632c2b2 kept the replacement counts beside ``run``
+            return PopulationState.from_checkpoint(arrays, run, meta.get("replacements"))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
             # The checksum held, so the file is as written, but not by this selfopt's trainer.
             raise ckpt.CheckpointError(f"{path} does not hold a selfopt run state ({err!r})"
@@ -161,15 +163,21 @@ class RunDir:
         older = f" (and the {len(errors) - 1} older ones)" if len(errors) > 1 else ""
         raise ckpt.CheckpointError(f"no usable checkpoint to resume from: {errors[0]}{older}")
 
-    def truncate_logs(self, step: int) -> None:
-        """Drops log lines written after the checkpoint of ``step`` (the one resumed from).
+    def truncate_logs(self, checkpoint: Path | None) -> None:
+        """Drops log lines written after ``checkpoint`` (the one resumed from).
 
         A checkpoint records each log's size when it was written, and the logs are cut back to
-        exactly that: this keeps the PBT round logged at ``step`` just before its checkpoint and
-        drops a line that a crash or a full disk cut short. Without that checkpoint (a run
-        stopped before its first), every log starts empty."""
-        path = self.ckpt_dir / f"step-{step:08d}.safetensors"
-        sizes = ckpt.read_metadata(path)["logs"] if path.exists() else {}
+        exactly that: this keeps the PBT round logged at its step just before it and drops a
+        line that a crash or a full disk cut short. Without a checkpoint (a run stopped before
+        its first), every log starts empty.
+
+        Raises:
+          CheckpointError: the checkpoint does not record its logs' sizes.
+        """
+        sizes = ckpt.read_metadata(checkpoint).get("logs") if checkpoint else {}
+        if not isinstance(sizes, dict):
+            raise ckpt.CheckpointError(f"{checkpoint} does not record the sizes of the run's "
+                                       "logs (saved by an older selfopt); cannot resume from it")
         for name in LOGS:
             log = self.path / name
             if log.exists() and log.stat().st_size != sizes.get(name, 0):

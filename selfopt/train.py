@@ -51,42 +51,50 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False,
       RunInUseError: another process is training in this run directory.
       CheckpointError: resuming, no checkpoint is usable.
     """
-    run = RunDir(run_dir)
-    with run.lock(), _stop_on_signals(threading.Event()) as stop:
+    run, stop = RunDir(run_dir), threading.Event()
+    with run.lock():
         state = _start(cfg, run, resume)
         if cfg.validate_interval and state.elite is None:  # the random start is the first elite
             state, events, row = validate(cfg, state)
             run.append({"lineage.jsonl": events, "validation.jsonl": [row]})
-        # ``elapsed`` counts training only: the budget, the logs and time-to-beat-Adam use it.
-        session_start, elapsed0, evaluating = time.monotonic(), state.elapsed, 0.0
-        last_save = time.monotonic()
-        inner_per_call = (cfg.population * cfg.estimator.num_pairs * 2
-                          * cfg.estimator.truncation_length * cfg.steps_per_call)
-        every = 60.0 * cfg.eval_minutes
-        next_eval = every * (state.elapsed // every + 1) if resume and every else 0.0
-        while not stop.is_set():
-            if every and state.elapsed >= next_eval:
-                evaluating += check_elite(cfg, run, state, on_eval)
-                next_eval = every * (state.elapsed // every + 1)
-            if budget_spent(cfg, state) or stop.is_set():
-                break
-            started = time.monotonic()
-            state, out = train_step(cfg, state)
-            state = state.replace(
-                elapsed=elapsed0 + time.monotonic() - session_start - evaluating)
-            run.append(out.logs)
-            if on_step:
-                on_step({"state": state, "metrics": out.metrics, "inner_steps": inner_per_call,
-                         "inner_steps_per_s": inner_per_call / max(time.monotonic() - started,
-                                                                   1e-9)})
-            if time.monotonic() - last_save >= cfg.checkpoint_seconds:
-                run.save(cfg, state)
-                last_save = time.monotonic()
-        path = run.save(cfg, state)
-        evals = run.read("eval.jsonl")
-        if every and not stop.is_set() and (not evals or evals[-1]["step"] != state.step):
-            check_elite(cfg, run, state, on_eval)  # the end state, unless Ctrl-C asked to stop
+        with _stop_on_signals(stop):
+            state, path = _loop(cfg, run, state, resume, stop, on_step, on_eval)
         return summarize(cfg, run, state, path, stop.is_set())
+
+
+def _loop(cfg: TrainConfig, run: RunDir, state: PopulationState, resume: bool,
+          stop: threading.Event, on_step, on_eval) -> tuple[PopulationState, Path]:
+    """Steps until the budget is spent or ``stop`` is set; returns the last state and its
+    checkpoint."""
+    # ``elapsed`` counts training only: the budget, the logs and time-to-beat-Adam use it.
+    session_start, elapsed0, evaluating = time.monotonic(), state.elapsed, 0.0
+    last_save = time.monotonic()
+    inner_per_call = (cfg.population * cfg.estimator.num_pairs * 2
+                      * cfg.estimator.truncation_length * cfg.steps_per_call)
+    every = 60.0 * cfg.eval_minutes
+    next_eval = every * (state.elapsed // every + 1) if resume and every else 0.0
+    while not stop.is_set():
+        if every and state.elapsed >= next_eval:
+            evaluating += check_elite(cfg, run, state, on_eval)
+            next_eval = every * (state.elapsed // every + 1)
+        if budget_spent(cfg, state) or stop.is_set():
+            break
+        started = time.monotonic()
+        state, out = train_step(cfg, state)
+        state = state.replace(elapsed=elapsed0 + time.monotonic() - session_start - evaluating)
+        run.append(out.logs)
+        if on_step:
+            on_step({"state": state, "metrics": out.metrics, "inner_steps": inner_per_call,
+                     "inner_steps_per_s": inner_per_call / max(time.monotonic() - started,
+                                                               1e-9)})
+        if time.monotonic() - last_save >= cfg.checkpoint_seconds:
+            run.save(cfg, state)
+            last_save = time.monotonic()
+    path = run.save(cfg, state)
+    evals = run.read("eval.jsonl")
+    if every and not stop.is_set() and (not evals or evals[-1]["step"] != state.step):
+        check_elite(cfg, run, state, on_eval)  # the end state, unless Ctrl-C asked to stop
+    return state, path
 
 
 def _start(cfg: TrainConfig, run: RunDir, resume: bool) -> PopulationState:
@@ -99,9 +107,8 @@ def _start(cfg: TrainConfig, run: RunDir, resume: bool) -> PopulationState:
     if latest is None:
         ckpt.warn(f"{run.path} has no checkpoint yet (stopped before its first one); starting it "
                   "again from step 0")
-    state = initial_state(cfg) if latest is None else latest[0]
-    run.truncate_logs(state.step)
-    return state
+    run.truncate_logs(latest and latest[1])
+    return initial_state(cfg) if latest is None else latest[0]
 
 
 def budget_spent(cfg: TrainConfig, state: PopulationState) -> bool:
@@ -126,9 +133,9 @@ def check_elite(cfg: TrainConfig, run: RunDir, state: PopulationState,
     ``eval.jsonl`` with the training time; returns its seconds. Tuned Adam is cached on disk
     (:func:`~selfopt.evaluate.default_cache_dir`): only a run's first check pays for it."""
     started = time.monotonic()
-    theta, source, _ = answer(state)
-    result = evaluate(lopt_candidate(cfg.lopt, theta, f"member {source['member']}"),
-                      suite("quick"), cfg.eval_steps, cfg.eval_seeds, cache_dir=default_cache_dir())
+    elite, source = candidate(cfg, state)
+    result = evaluate(elite, suite("quick"), cfg.eval_steps, cfg.eval_seeds,
+                      cache_dir=default_cache_dir())
     seconds = time.monotonic() - started
     row = {"step": state.step, "elapsed": round(state.elapsed, 3),
            "eval_seconds": round(seconds, 3), "member": source["member"],
@@ -180,7 +187,7 @@ def _stop_on_signals(stop: threading.Event):
     """Ctrl-C / SIGTERM set ``stop`` (the loop ends after the current step and checkpoints);
     a second Ctrl-C interrupts at once."""
     if threading.current_thread() is not threading.main_thread():
-        yield stop
+        yield
         return
 
     def handler(signum, frame):
@@ -190,7 +197,7 @@ def _stop_on_signals(stop: threading.Event):
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield stop
+        yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

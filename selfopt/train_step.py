@@ -24,15 +24,17 @@ from selfopt.config import TrainConfig
 from selfopt.estimators.inner_problem import ratio_scale
 from selfopt.population import Hyperparams, replace_failed, slots
 from selfopt.population.elite import held_in_meta_loss, keep_best, score
-from selfopt.population.lineage import copy_members
-from selfopt.population.self_training import clip_threshold, clipped_fraction, member_rms
-from selfopt.population.state import Lineage, PopulationState, finite_or_none, step_key, step_rng
+from selfopt.population.lineage import copy_members, hparams_at
+from selfopt.population.self_training import clipped_fraction, member_rms
+from selfopt.population.state import (ESTIMATE, EXPLORE, INIT, REPLACE, SCORE, Lineage,
+                                      PopulationState, finite_or_none, step_key, step_rng)
 
 
 class StepOutput(NamedTuple):
     """What one :func:`train_step` reports."""
 
-    metrics: dict[str, Any]  # the last outer step's per-member metrics, and the replacements
+    metrics: dict[str, Any]  # the last outer step's per-member metrics; ``replaced``: {position:
+    # kind} of the members replaced after it
     logs: dict[str, list[dict]]  # rows for each log file of the run directory
 
 
@@ -56,8 +58,7 @@ def _outer_step(lopt, estimator, outer, thetas, outer_state, hparams, best, inne
         finite &= jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
     metrics = {"meta_loss": estimates.meta_loss, "finite": finite,
                "grad_rms": member_rms(estimates.grad),
-               "clipped": clipped_fraction(estimates.grad, clip_threshold(
-                   estimates.grad, outer.clip, outer.clip_relative)),
+               "clipped": clipped_fraction(estimates.grad, outer.threshold(estimates.grad)),
                "update_rms": member_rms(jax.tree.map(jnp.subtract, new_thetas, thetas)),
                "trust": shrink}
     return new_thetas, outer_state, inner, metrics
@@ -80,7 +81,7 @@ def outer_steps(lopt, estimator, outer, thetas, outer_state, hparams, best, inne
     """
     def body(carry, i):
         thetas, outer_state, inner = carry
-        key = step_key(seed, first_step + i, 0)
+        key = step_key(seed, first_step + i, ESTIMATE)
         thetas, outer_state, inner, metrics = _outer_step(
             lopt, estimator, outer, thetas, outer_state, hparams, best, inner, task, key)
         return (thetas, outer_state, inner), metrics
@@ -92,7 +93,7 @@ def outer_steps(lopt, estimator, outer, thetas, outer_state, hparams, best, inne
 
 def initial_thetas(cfg: TrainConfig) -> Any:
     """The members' random initial weights (a function of the seed only)."""
-    keys = jax.random.split(step_key(cfg.seed, 0, 1), cfg.population)
+    keys = jax.random.split(step_key(cfg.seed, 0, INIT), cfg.population)
     return jax.vmap(cfg.lopt.init)(keys)
 
 
@@ -102,7 +103,7 @@ def initial_state(cfg: TrainConfig) -> PopulationState:
     configs = tuple(slots.slot_config(cfg, s, 0) for s in range(cfg.num_slots))
     return PopulationState(
         thetas=thetas, outer_state=cfg.outer.init(cfg.lopt, thetas),
-        hparams=Hyperparams(*map(jnp.asarray, cfg.pbt.initial(step_rng(cfg.seed, 0, 1),
+        hparams=Hyperparams(*map(jnp.asarray, cfg.pbt.initial(step_rng(cfg.seed, 0, INIT),
                                                                cfg.population))),
         slot_problems=tuple(slots.fresh_problems(cfg, c, s, 0, thetas)
                             for s, c in enumerate(configs)),
@@ -124,7 +125,7 @@ def train_step(cfg: TrainConfig, state: PopulationState) -> tuple[PopulationStat
     args = (cfg.lopt, cfg.estimator, cfg.outer, state.thetas, state.outer_state, state.hparams,
             jnp.asarray(state.best), state.slot_problems[slot], task)
     if n == 1:  # the plain step (no scan around it)
-        thetas, outer_state, problems, metrics = outer_step(*args, step_key(cfg.seed, state.step, 0))
+        thetas, outer_state, problems, metrics = outer_step(*args, step_key(cfg.seed, state.step, ESTIMATE))
         history = {k: np.asarray(v)[None] for k, v in metrics.items()}
     else:
         thetas, outer_state, problems, metrics = outer_steps(*args, cfg.seed, state.step, n)
@@ -139,8 +140,8 @@ def train_step(cfg: TrainConfig, state: PopulationState) -> tuple[PopulationStat
         state = state.replace(start_meta_loss=float(np.median(first)) if first.size else None)
     metrics = {k: v[-1] for k, v in history.items()}
     state, replaced, lineage = replace_failed_members(cfg, state, metrics)
-    logs = {"metrics.jsonl": _metric_rows(cfg, before, history, replaced), "lineage.jsonl": lineage,
-            "validation.jsonl": []}
+    logs = {"metrics.jsonl": _metric_rows(cfg, before, slot, history, replaced),
+            "lineage.jsonl": lineage, "validation.jsonl": []}
     state = state.replace(step=state.step + n)
     if _crossed(state.step, n, cfg.pbt.interval):
         state, events = pbt_round(cfg, state, task)
@@ -149,7 +150,7 @@ def train_step(cfg: TrainConfig, state: PopulationState) -> tuple[PopulationStat
         state, events, row = validate(cfg, state)
         logs["lineage.jsonl"] += events
         logs["validation.jsonl"].append(row)
-    metrics.update(replaced=replaced, replacements=dict(state.lineage.counts))
+    metrics["replaced"] = replaced
     return state, StepOutput(metrics, logs)
 
 
@@ -178,7 +179,7 @@ def replace_failed_members(cfg: TrainConfig, state: PopulationState, metrics: di
             "left to copy (try a smaller pbt.step_mult_prior, outer.max_update or "
             "pbt.sigma_prior)")
     sources, copies = replace_failed(healthy if healthy.any() else finite,
-                                     np.asarray(state.scores), step_rng(cfg.seed, state.step, 4))
+                                     np.asarray(state.scores), step_rng(cfg.seed, state.step, REPLACE))
     kinds = {c: "replace_diverged" if finite[c] else "replace_non_finite" for c, _ in copies}
     state, events = copy_members(state, sources, copies, kinds)
     return state, kinds, events
@@ -187,11 +188,11 @@ def replace_failed_members(cfg: TrainConfig, state: PopulationState, metrics: di
 def pbt_round(cfg: TrainConfig, state: PopulationState, task) -> tuple[PopulationState, list]:
     """Scores every member on ``task`` (the same fresh problems, unperturbed weights), then
     exploit and explore (method.md section 5)."""
-    scores = np.asarray(score(cfg.lopt, state.thetas, task, step_key(cfg.seed, state.step, 3),
+    scores = np.asarray(score(cfg.lopt, state.thetas, task, step_key(cfg.seed, state.step, SCORE),
                               cfg.pbt.score_steps, loss=cfg.pbt.score_loss))
     state = state.replace(scores=tuple(float(s) for s in scores))
     sources, hparams, copies = cfg.pbt.exploit_and_explore(
-        scores, jax.tree.map(np.asarray, state.hparams), step_rng(cfg.seed, state.step, 2))
+        scores, jax.tree.map(np.asarray, state.hparams), step_rng(cfg.seed, state.step, EXPLORE))
     state, events = copy_members(state, sources, copies, {c: "exploit" for c, _ in copies},
                                  hparams)
     return state.replace(best=int(np.argmin(np.nan_to_num(state.scores, nan=np.inf)))), events
@@ -221,19 +222,17 @@ def _crossed(step: int, n: int, interval: int) -> bool:
     return step // interval > (step - n) // interval
 
 
-def _metric_rows(cfg: TrainConfig, state: PopulationState, history: dict[str, np.ndarray],
-                 replaced: dict[int, str]) -> list[dict]:
-    """``metrics.jsonl`` rows of one call: every step and member, as ``state`` (before the
-    call) knew them; ``replaced``: the kind of each member replaced after the call."""
+def _metric_rows(cfg: TrainConfig, state: PopulationState, slot: int,
+                 history: dict[str, np.ndarray], replaced: dict[int, str]) -> list[dict]:
+    """``metrics.jsonl`` rows of one call on ``slot``: every step and member, as ``state``
+    (before the call) knew them; ``replaced``: the kind of each member replaced after it."""
     n, hparams = len(history["meta_loss"]), jax.tree.map(np.asarray, state.hparams)
     return [{
         "step": state.step + j, "elapsed": round(state.elapsed, 3), "member": i,
         "id": state.lineage.ids[i], "generation": state.lineage.generation[i],
         **{k: finite_or_none(history[k][j, i])
            for k in ("meta_loss", "grad_rms", "clipped", "update_rms", "trust")},
-        "step_mult": float(np.exp(hparams.log_step_mult[i])),
-        "sigma": float(np.exp(hparams.log_sigma[i])),
-        "task": state.slot_configs[slots.slot_of(cfg, state.step)]["family"],
+        **hparams_at(hparams, i), "task": state.slot_configs[slot]["family"],
         "outer_optimizer": cfg.outer.label,
         "replaced": replaced.get(i) if j == n - 1 else None,
     } for j in range(n) for i in range(cfg.population)]

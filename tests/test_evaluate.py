@@ -45,6 +45,32 @@ def test_tuned_adam_is_cached_and_reproducible(tmp_path, monkeypatch):
     np.testing.assert_array_equal(second.valid_losses, first.valid_losses)
 
 
+def shipped_path(config):
+    from selfopt.evaluate import SHIPPED_ADAM, _cache_path
+    from selfopt.tasks.distribution import full_config
+    return _cache_path(SHIPPED_ADAM, full_config(config), 300, 3, 0, ADAM_LEARNING_RATES)
+
+
+def test_every_held_out_task_has_tuned_adam_shipped_at_the_default_budget():
+    from selfopt.evaluate import suite
+    missing = [c for c in suite("heldout") if not shipped_path(c).is_file()]
+    assert not missing, f"run scripts/ship_tuned_adam.py: no shipped result for {missing}"
+
+
+def test_shipped_tuned_adam_is_read_without_tuning_and_equals_a_fresh_tuning(tmp_path,
+                                                                           monkeypatch):
+    import selfopt.evaluate as evaluate
+    config = evaluate.suite("quick")[0]  # the dimension-32 quadratic: seconds to tune
+    fresh = tune_adam(config, 300, 3)  # no cache: computed here
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate, "_adam_grid", lambda *a, **k: pytest.fail("tuned again"))
+        shipped = tune_adam(config, 300, 3, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # read from the package, nothing written
+    assert shipped.learning_rate == fresh.learning_rate
+    np.testing.assert_allclose(shipped.train_losses, fresh.train_losses, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(shipped.valid_losses, fresh.valid_losses, rtol=1e-4, atol=1e-7)
+
+
 def test_linear_decay_adam_is_optax_adam_with_a_linear_schedule_and_cached_apart(tmp_path):
     rates = (1e-2, 1e-1)
     decayed = tune_adam(QUAD, num_steps=40, num_seeds=2, learning_rates=rates,

@@ -23,6 +23,7 @@ from selfopt.estimators import TruncatedES
 from selfopt.live_view import LiveView
 import selfopt.train
 from selfopt.population import Hyperparams, slots
+from selfopt.population.state import Lineage
 from selfopt.run_dir import RunDir, open_checkpoint
 from selfopt.train import train
 from selfopt.train_step import train_step
@@ -117,7 +118,7 @@ def test_a_numerical_fault_replaces_the_member_and_the_run_goes_on(tmp_path, mon
 
     def on_step(info):
         infos.append({"step": info["state"].step, "replaced": info["metrics"]["replaced"],
-                      "replacements": info["metrics"]["replacements"]})
+                      "replacements": dict(info["state"].lineage.counts)})
 
     fault_at(monkeypatch, 2, fault)
     summary = train(tiny(max_steps=5), tmp_path / "run", on_step=on_step)
@@ -184,12 +185,13 @@ def test_replacements_are_shown_in_the_live_view(tmp_path, capsys, monkeypatch):
 
 def test_live_view_footer_counts_every_kind():
     view = LiveView("self-training", 60.0, stream=__import__("io").StringIO())
-    state = type("S", (), {"step": 7, "elapsed": 3.0, "start_meta_loss": 1.0})()
+    lineage = Lineage((0, 1), (0, 0), 2, (("exploit", 11), ("replace_diverged", 3),
+                                           ("replace_non_finite", 2)))
+    state = type("S", (), {"step": 7, "elapsed": 3.0, "start_meta_loss": 1.0,
+                           "lineage": lineage})()
     view.update({"state": state, "inner_steps": 10, "inner_steps_per_s": 100.0,
                  "metrics": {"meta_loss": np.array([0.5, 0.7]), "finite": np.array([True, True]),
-                             "replaced": {0: "replace_diverged"},
-                             "replacements": {"replace_non_finite": 2, "replace_diverged": 3,
-                                              "exploit": 11}}})
+                             "replaced": {0: "replace_diverged"}}})
     line = view.stream.getvalue()
     assert line.count("\n") == 1
     assert "replaced: non-finite 2, diverged 3 | PBT copies 11" in line

@@ -23,7 +23,7 @@ from selfopt.lopt.base import LearnedOptimizer, Theta
 from selfopt.tasks.base import Task
 
 NORMALIZATIONS = ("ratio", "log")
-#: What a meta-loss or a score averages over an unroll's normalised losses: every step
+#: What a score averages over an unroll's normalised losses: every step
 #: (``mean``) or the last 10% of the steps, at least one (``final``, as evaluation's final loss).
 LOSS_AVERAGES = ("mean", "final")
 
@@ -56,7 +56,8 @@ def new_inner_state(lopt: LearnedOptimizer, theta: Theta, task: Task, key: jax.A
     length = schedule.sample(length_key)
     return InnerState(
         params=params,
-        # the problem's length is its horizon (for an LO that reads the time left)
+        # the problem's length is its horizon: the learned-optimizer protocol passes it (and the
+        # loss) for an architecture that reads them; MLPLOpt does not
         opt_state=lopt.optimizer(theta, num_steps=length).init(params),
         step=jnp.zeros([], jnp.int32),
         length=length,

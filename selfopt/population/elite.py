@@ -8,7 +8,6 @@ elite is what a run hands over: it is what the evaluations during training score
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -16,37 +15,31 @@ import numpy as np
 
 from selfopt.cache import COMPILER_OPTIONS
 from selfopt.lopt.base import LearnedOptimizer
+from selfopt.population import slots
 from selfopt.population.lineage import hparams_at, record
 from selfopt.population.pbt import score_members
 from selfopt.population.state import Elite, PopulationState, finite_or_none, member_slice
-from selfopt.tasks import make_task
 
 #: Seed of the fixed held-in problems (inside the training seed range: not held out).
 HELD_IN_SEED = 424_242
 
 #: :func:`score_members` compiled (PBT rounds and validations).
-score = jax.jit(score_members, static_argnames=("lopt", "num_steps", "num_problems", "loss"),
+score = jax.jit(score_members, static_argnames=("lopt", "num_steps", "loss"),
                 compiler_options=COMPILER_OPTIONS)
-
-
-@functools.lru_cache(maxsize=32)
-def held_in_task(family: str):
-    """The held-in task of one training family: its default configuration."""
-    return make_task({"family": family, "seed": HELD_IN_SEED})
 
 
 def held_in_meta_loss(lopt: LearnedOptimizer, families: tuple[str, ...], thetas: Any,
                       num_steps: int, loss: str) -> np.ndarray:
     """``(K,)`` meta-loss of each member on the fixed held-in problems.
 
-    Every training family's default task (instance seed :data:`HELD_IN_SEED`), two problems
-    each, ``num_steps`` steps, unperturbed weights, averaged as ``loss`` says
+    Every training family's default task (instance seed :data:`HELD_IN_SEED`),
+    :data:`~selfopt.population.pbt.SCORE_PROBLEMS` problems each, ``num_steps`` steps, unperturbed weights, averaged as ``loss`` says
     (:func:`score_members`); the mean over families. The same problems every time, so scores
     compare like with like.
     """
     key = jax.random.key(HELD_IN_SEED)
-    per_family = [np.asarray(score(lopt, thetas, held_in_task(family), key, num_steps,
-                                   loss=loss)) for family in families]
+    per_family = [np.asarray(score(lopt, thetas, slots.task({"family": f, "seed": HELD_IN_SEED}),
+                                   key, num_steps, loss=loss)) for f in families]
     return np.mean(np.stack(per_family), axis=0)
 
 

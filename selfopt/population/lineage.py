@@ -16,10 +16,6 @@ import numpy as np
 from selfopt.population.pbt import Hyperparams
 from selfopt.population.state import Lineage, PopulationState, finite_or_none
 
-#: The kinds of copy: PBT's exploit, a failed member replaced, the elite put back.
-KINDS = ("exploit", "replace_non_finite", "replace_diverged", "restore_elite")
-
-
 def select(tree: Any, sources: np.ndarray) -> Any:
     """Every member position ``i`` takes the value of position ``sources[i]``."""
     index = jnp.asarray(sources)
@@ -65,7 +61,8 @@ def copy_members(state: PopulationState, sources: np.ndarray, copies: list[tuple
       state: the population.
       sources: for each position, the position it copies (itself if kept).
       copies: ``(child, parent)`` pairs, as :meth:`PBT.exploit_and_explore` gives them.
-      kinds: the kind (:data:`KINDS`) of each child's copy.
+      kinds: the kind of each child's copy (``exploit``, ``replace_non_finite``,
+        ``replace_diverged``; ``restore_elite`` is recorded by the elite).
       new_hparams: everyone's hyperparameters after the copies (PBT's explore); by default
         the children take their parents'.
 

@@ -30,6 +30,10 @@ from selfopt.lopt.base import LearnedOptimizer, Theta
 from selfopt.tasks.base import Task
 
 
+#: Problems every member trains, and averages, in a score (:func:`score_members`).
+SCORE_PROBLEMS = 2
+
+
 class Hyperparams(NamedTuple):
     """Per-member hyperparameters under PBT's control, as logs; each leaf ``(K,)``."""
 
@@ -161,16 +165,16 @@ def replace_failed(healthy: np.ndarray, scores: np.ndarray,
 
 
 def score_members(lopt: LearnedOptimizer, thetas: Theta, task: Task, key: jax.Array,
-                  num_steps: int, num_problems: int = 2, loss: str = "mean") -> jax.Array:
+                  num_steps: int, loss: str = "mean") -> jax.Array:
     """Fair, low-noise scores: every member trains the same problems with unperturbed weights.
 
     Args:
       lopt: the members' architecture.
       thetas: members' weights, leading axis K.
       task: the task to score on.
-      key: draws the ``num_problems`` problems (initial parameters and batches), shared by all.
+      key: draws the :data:`SCORE_PROBLEMS` problems (initial parameters and batches), shared
+        by all.
       num_steps: inner steps per problem.
-      num_problems: problems averaged per member.
       loss: ``mean`` (normalised training loss averaged over all steps: rewards fast progress)
         or ``final`` (averaged over the last 10% of the steps, at least one: rewards where
         training ends, as evaluation does, so an optimizer that is fast at first and then
@@ -179,9 +183,7 @@ def score_members(lopt: LearnedOptimizer, thetas: Theta, task: Task, key: jax.Ar
     Returns:
       ``(K,)`` scores, lower is better; capped and NaN-proof as the meta-loss is.
     """
-    if loss not in inner_problem.LOSS_AVERAGES:
-        raise ValueError(f"loss must be one of {inner_problem.LOSS_AVERAGES}, got {loss!r}")
-    keys = jax.random.split(key, num_problems)
+    keys = jax.random.split(key, SCORE_PROBLEMS)
     tail = inner_problem.tail_steps(num_steps, loss)
 
     def one_member(theta):

@@ -51,8 +51,8 @@ def clip_threshold(grads: Theta, clip: float, relative: bool = False) -> jax.Arr
     """``(K,)`` each member's elementwise clip threshold for its ES estimate (method.md
     section 3): ``clip`` itself, or with ``relative`` **(ours)** ``clip`` times the RMS of the
     member's estimate over all its weights. An absolute threshold turns ES into sign-ES once
-    the estimate's scale grows past it (the paper's 0.1 clips most of an estimate of RMS 0.3);
-    a relative one cuts only the outliers, whatever the scale."""
+    the estimate's scale grows well past it; a relative one cuts only the outliers, whatever
+    the scale."""
     num = jax.tree.leaves(grads)[0].shape[0]
     return clip * member_rms(grads) if relative else jnp.full((num,), clip, jnp.float32)
 
@@ -107,9 +107,13 @@ class OuterUpdate:
         check_bool(self, "clip_relative")
         check_number(self, "max_update", 0, 1e6, open_low=True)
 
+    def threshold(self, grads: Theta) -> jax.Array:
+        """``(K,)`` each member's clip threshold (:func:`clip_threshold`)."""
+        return clip_threshold(grads, self.clip, self.clip_relative)
+
     def clipped(self, grads: Theta) -> Theta:
         """Each member's ES estimate, clipped elementwise."""
-        return clip_estimate(grads, clip_threshold(grads, self.clip, self.clip_relative))
+        return clip_estimate(grads, self.threshold(grads))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 
 from selfopt.cache import COMPILER_OPTIONS
-from selfopt.population.state import step_key
+from selfopt.population.state import SLOT_PROBLEMS, SLOT_TASK, step_key
 from selfopt.tasks import make_task
 
 if TYPE_CHECKING:
@@ -49,10 +49,10 @@ def slot_config(cfg: TrainConfig, slot: int, step: int) -> dict:
     """The task slot ``slot`` holds at ``step``, drawn from the task distribution; slots draw
     anew every ``task_steps``, staggered."""
     epoch = (step + slot * cfg.task_steps // cfg.num_slots) // cfg.task_steps
-    return cfg.tasks.sample(step_key(cfg.seed, epoch, 1000 + slot))
+    return cfg.tasks.sample(step_key(cfg.seed, epoch, SLOT_TASK + slot))
 
 
 def fresh_problems(cfg: TrainConfig, config: dict, slot: int, step: int, thetas: Any) -> Any:
     """Every member's new inner problems on the task ``config`` of ``slot`` at ``step``."""
     return init_problems(cfg.lopt, cfg.estimator, task(config), thetas,
-                         step_key(cfg.seed, step, 2000 + slot))
+                         step_key(cfg.seed, step, SLOT_PROBLEMS + slot))

@@ -3,8 +3,10 @@
 :class:`PopulationState` is an immutable pytree (evosax's style): its leaves are the device
 arrays (members' weights, outer-optimizer state, PBT hyperparameters, every slot's inner
 problems, the elite's weights); the host record (step, lineage, PBT scores, the slots' task
-configurations, the elite's score) is its static part. A step returns a new state with
-``state.replace(...)``; nothing mutates one in place.
+configurations, the best member, the training time, the elite's score) is its static part,
+plain host values (so ``jax.tree.map`` reaches every array, but a whole state is not a ``jit``
+argument). A step returns a new state with ``state.replace(...)``; nothing mutates one in
+place.
 
 Randomness is a pure function of the seed and the outer step (:func:`step_key`,
 :func:`step_rng`), so a run resumed from a checkpoint reaches bitwise the state of one never
@@ -20,6 +22,13 @@ import jax
 import numpy as np
 
 from selfopt.population.pbt import Hyperparams
+
+
+#: The ``purpose`` of each random draw of a step (:func:`step_key`, :func:`step_rng`): the ES
+#: perturbations and the self-update; the initial weights and hyperparameters (at step 0); PBT's
+#: exploit and explore; PBT's scoring problems; the replacement of failed members; a slot's task
+#: (at its task epoch) and its problems (both plus the slot's index).
+(ESTIMATE, INIT, EXPLORE, SCORE, REPLACE, SLOT_TASK, SLOT_PROBLEMS) = (0, 1, 2, 3, 4, 1000, 2000)
 
 
 def step_key(seed: int, step: int, purpose: int) -> jax.Array:
@@ -71,7 +80,7 @@ class PopulationState:
 
     thetas: Any  # members' learned-optimizer weights
     outer_state: Any  # per-member state of the outer optimizer
-    hparams: Hyperparams  # per-member PBT hyperparameters (logs)
+    hparams: Hyperparams  # per-member PBT hyperparameters (log scale)
     slot_problems: tuple[Any, ...]  # each slot's inner problems, leading axes (K, pairs)
     elite: Elite | None  # the best held-in validation so far (None: not validated yet)
     step: int = _static()
@@ -114,12 +123,15 @@ class PopulationState:
                 "elite_generation": 0 if elite is None else elite.generation}
 
     @classmethod
-    def from_checkpoint(cls, arrays: dict[str, Any], run: dict[str, Any]) -> PopulationState:
-        """The state of :meth:`arrays` and :meth:`metadata` as a checkpoint gave them back.
+    def from_checkpoint(cls, arrays: dict[str, Any], run: dict[str, Any],
+                        replacements: dict[str, int] | None = None) -> PopulationState:
+        """The state of :meth:`arrays` and :meth:`metadata` as a checkpoint gave them back
+        (``replacements``: the counts of a checkpoint that kept them outside ``run``).
 
         Raises:
           KeyError, TypeError, ValueError: ``run`` is not such a record.
         """
+        replacements = run.get("replacements", replacements or {})
         elite = None
         if "elite" in arrays:
             elite = Elite(arrays["elite"]["theta"], arrays["elite"]["outer_state"],
@@ -132,7 +144,7 @@ class PopulationState:
             lineage=Lineage(tuple(map(int, run["member_ids"])),
                             tuple(map(int, run["generation"])), int(run["next_id"]),
                             tuple(sorted((str(k), int(v))
-                                         for k, v in run["replacements"].items()))),
+                                         for k, v in replacements.items()))),
             scores=tuple(none_as_inf(s) for s in run["scores"]), best=int(run["best"]),
             elapsed=float(run["elapsed"]), start_meta_loss=run["start_meta_loss"])
 

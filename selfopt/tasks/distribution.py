@@ -79,8 +79,8 @@ TRAIN_GRIDS: dict[str, dict[str, tuple]] = {
 
 #: The compact grids: the families' variety in conditioning, noise, functions, data sets and
 #: activations, but few *shapes* (6 for the default families, against 14): each new shape
-#: costs a compilation of 8-19 s on a 2-core CPU, which in a 6-minute run on the full grid was
-#: 80% of the training time. Families not listed use their full grid.
+#: costs seconds of compiling on a CPU, which on the full grid ate most of a short run
+#: (docs/results.md). Families not listed use their full grid.
 COMPACT_GRIDS: dict[str, dict[str, tuple]] = {
     **TRAIN_GRIDS,
     "quadratic": {**TRAIN_GRIDS["quadratic"], "dim": (16, 64)},
@@ -234,18 +234,6 @@ class TaskDistribution:
             fields["reparam_scale"] = self.reparam_scale
         return full_config({"family": family, "seed": int(rng.integers(HELDOUT_SEED_START)),
                             **fields})
-
-    def distinct_configs(self, family: str, count: int, seed: int) -> list[dict[str, Any]]:
-        """``count`` configurations of ``family`` drawn by ``seed`` that differ in more than
-        their seed where the grid allows (up to 20 draws per configuration)."""
-        rng, configs = np.random.default_rng(seed), []
-        for _ in range(count):
-            for _ in range(20):
-                config = self.sample_family(family, rng)
-                if all({**c, "seed": 0} != {**config, "seed": 0} for c in configs):
-                    break
-            configs.append(config)
-        return configs
 
     def heldout(self) -> list[dict[str, Any]]:
         """The fixed evaluation configurations (:data:`HELDOUT_CONFIGS`), as full configs.

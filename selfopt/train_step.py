@@ -201,7 +201,7 @@ def pbt_round(cfg: TrainConfig, state: PopulationState, task) -> tuple[Populatio
 def held_in_scores(cfg: TrainConfig, thetas: Any) -> np.ndarray:
     """``(K,)`` each member's held-in validation (the measure of the elite)."""
     return held_in_meta_loss(cfg.lopt, cfg.tasks.families, thetas, cfg.validate_steps,
-                             cfg.pbt.score_loss)
+                             cfg.pbt.score_loss, augmented=cfg.tasks.reparam_scale > 1)
 
 
 def validate(cfg: TrainConfig, state: PopulationState

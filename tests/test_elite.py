@@ -101,3 +101,33 @@ def test_the_elite_survives_a_checkpoint_exactly_and_is_what_evaluation_takes(tm
     start = held_in_scores(cfg, initial_thetas(cfg))
     assert summary["held_in_start"] == {"median": float(np.median(start)),
                                         "best": float(start.min())}
+
+
+def test_validation_and_pbt_scores_share_one_compiled_program_per_task_shape():
+    from selfopt.population import elite, slots
+    # quadratics of the compact grid, augmented (tasks.reparam_scale 10); an architecture no
+    # other test compiles, so the count starts from nothing
+    cfg = tiny(**{"lopt.hidden": [5]})
+    training = next(c for c in (cfg.tasks.sample(s) for s in range(50)) if c["dim"] == 16)
+    thetas = initial_thetas(cfg)
+    before = elite.score._cache_size()
+    held_in_scores(cfg, thetas)  # the held-in quadratic: dim 16, every scale 1
+    elite.score(cfg.lopt, thetas, slots.task(training), jax.random.key(1), 7,
+                loss=cfg.pbt.score_loss)  # a PBT round's score: another task, other steps
+    assert elite.score._cache_size() - before == 1
+
+
+def test_the_identity_augmentation_is_the_task_itself_exactly():
+    from selfopt.population.elite import held_in_task
+    from selfopt.tasks.augmentation import Reparametrized
+    plain, wrapped = held_in_task("mlp", False), held_in_task("mlp", True)
+    assert isinstance(wrapped, Reparametrized) and wrapped.task is plain
+    key = jax.random.key(3)
+    params, batch = plain.init(key), plain.sample_batch(key)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(wrapped.init(key))):
+        np.testing.assert_array_equal(a, b)
+    loss, grads = jax.value_and_grad(plain.loss)(params, batch)
+    loss_w, grads_w = jax.value_and_grad(wrapped.loss)(params, batch)
+    assert loss == loss_w
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_w)):
+        np.testing.assert_array_equal(a, b)

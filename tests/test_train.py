@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -320,3 +321,16 @@ def test_a_seeded_short_run_equals_the_run_recorded_before_the_refactor(tmp_path
     np.testing.assert_allclose([float(np.sum(np.asarray(x, np.float64)))
                                 for x in jax.tree.leaves(state.thetas)],
                                recorded["theta_sums"], rtol=1e-3, atol=1e-3)
+
+
+def test_a_run_of_the_previous_checkpoint_layout_resumes(tmp_path):
+    # tests/data/run_632c2b2: a TINY run (2 steps, a PBT round each step) saved at commit
+    # 632c2b2, whose checkpoints kept the replacement counts beside the run record.
+    run_dir = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "data" / "run_632c2b2", run_dir)
+    _, old, _ = open_checkpoint(run_dir)
+    assert old.step == 2 and dict(old.lineage.counts) == {"exploit": 2}
+    assert main(["train", "--resume", str(run_dir), "--quiet", "--max-steps", "3"]) == 0
+    _, state, _ = open_checkpoint(run_dir)
+    assert state.step == 3 and dict(state.lineage.counts) == {"exploit": 3}
+    assert state.elite.id == old.elite.id or state.elite.score < old.elite.score

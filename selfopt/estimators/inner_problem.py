@@ -144,19 +144,24 @@ def unroll(lopt: LearnedOptimizer, theta: Theta, task: Task, state: InnerState, 
       last ``tail`` steps) of the normalised training loss before each update.
     """
     opt = lopt.optimizer(theta)
-
-    def step(s: InnerState, _):
-        key, params = jax.random.fold_in(s.data_key, s.step), s.params
-        batch = task.sample_batch(key)
-        loss, grads = jax.value_and_grad(task.loss)(params, batch)
-        updates, opt_state = opt.update(grads, s.opt_state, params, loss=loss)
-        s = s._replace(
-            params=optax.apply_updates(params, updates),
-            opt_state=opt_state,
-            step=s.step + 1,
-            diverged=s.diverged | ~jnp.isfinite(loss),
-        )
-        return s, normalized_loss(task, loss, s.init_loss, normalization, loss_cap, log_floor)
-
+    step = lambda s, _: inner_step(opt, task, s, normalization, loss_cap, log_floor)
     state, losses = jax.lax.scan(step, state, None, length=num_steps)
     return state, jnp.mean(losses if tail is None else losses[num_steps - tail:])
+
+
+def inner_step(opt: optax.GradientTransformation, task: Task, s: InnerState,
+               normalization: str = "ratio", loss_cap: float = 10.0, log_floor: float = 1e-6
+               ) -> tuple[InnerState, jax.Array]:
+    """One step of an inner problem under the learned optimizer ``opt``: the next state and
+    the normalised training loss before the update (:func:`normalized_loss`)."""
+    key, params = jax.random.fold_in(s.data_key, s.step), s.params
+    batch = task.sample_batch(key)
+    loss, grads = jax.value_and_grad(task.loss)(params, batch)
+    updates, opt_state = opt.update(grads, s.opt_state, params, loss=loss)
+    s = s._replace(
+        params=optax.apply_updates(params, updates),
+        opt_state=opt_state,
+        step=s.step + 1,
+        diverged=s.diverged | ~jnp.isfinite(loss),
+    )
+    return s, normalized_loss(task, loss, s.init_loss, normalization, loss_cap, log_floor)

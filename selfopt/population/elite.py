@@ -19,27 +19,37 @@ from selfopt.population import slots
 from selfopt.population.lineage import hparams_at, record
 from selfopt.population.pbt import score_members
 from selfopt.population.state import Elite, PopulationState, finite_or_none, member_slice
+from selfopt.tasks.augmentation import Reparametrized
 
 #: Seed of the fixed held-in problems (inside the training seed range: not held out).
 HELD_IN_SEED = 424_242
 
-#: :func:`score_members` compiled (PBT rounds and validations).
-score = jax.jit(score_members, static_argnames=("lopt", "num_steps", "loss"),
-                compiler_options=COMPILER_OPTIONS)
+#: :func:`score_members` compiled (PBT rounds and validations share its programs).
+score = jax.jit(score_members, static_argnames=("lopt", "loss"), compiler_options=COMPILER_OPTIONS)
+
+
+def held_in_task(family: str, augmented: bool):
+    """The held-in task of one training family: its default configuration. ``augmented``: in
+    the wrapper of the training tasks (:class:`~selfopt.tasks.augmentation.Reparametrized`) with
+    every scale 1, the same problem exactly, so that it has a training task's shape and shares
+    its compiled programs."""
+    task = slots.task({"family": family, "seed": HELD_IN_SEED})
+    return Reparametrized.identity(task) if augmented else task
 
 
 def held_in_meta_loss(lopt: LearnedOptimizer, families: tuple[str, ...], thetas: Any,
-                      num_steps: int, loss: str) -> np.ndarray:
+                      num_steps: int, loss: str, augmented: bool = False) -> np.ndarray:
     """``(K,)`` meta-loss of each member on the fixed held-in problems.
 
     Every training family's default task (instance seed :data:`HELD_IN_SEED`),
     :data:`~selfopt.population.pbt.SCORE_PROBLEMS` problems each, ``num_steps`` steps, unperturbed weights, averaged as ``loss`` says
     (:func:`score_members`); the mean over families. The same problems every time, so scores
-    compare like with like.
+    compare like with like. ``augmented``: the training tasks are augmented
+    (:func:`held_in_task`).
     """
     key = jax.random.key(HELD_IN_SEED)
-    per_family = [np.asarray(score(lopt, thetas, slots.task({"family": f, "seed": HELD_IN_SEED}),
-                                   key, num_steps, loss=loss)) for f in families]
+    per_family = [np.asarray(score(lopt, thetas, held_in_task(f, augmented), key, num_steps,
+                                   loss=loss)) for f in families]
     return np.mean(np.stack(per_family), axis=0)
 
 

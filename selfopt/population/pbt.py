@@ -25,7 +25,6 @@ import numpy as np
 from selfopt.checks import (as_tuple, check_bool, check_choice, check_int, check_number,
                             is_number, require)
 from selfopt.estimators import inner_problem
-from selfopt.estimators.truncation import ConstantLength
 from selfopt.lopt.base import LearnedOptimizer, Theta
 from selfopt.tasks.base import Task
 
@@ -164,9 +163,23 @@ def replace_failed(healthy: np.ndarray, scores: np.ndarray,
     return sources, copies
 
 
+@dataclasses.dataclass(frozen=True)
+class _Horizon:
+    """The length schedule of a score: every problem runs ``length`` steps (may be traced)."""
+
+    length: jax.Array
+
+    def sample(self, key: jax.Array) -> jax.Array:
+        del key
+        return self.length
+
+
 def score_members(lopt: LearnedOptimizer, thetas: Theta, task: Task, key: jax.Array,
-                  num_steps: int, loss: str = "mean") -> jax.Array:
+                  num_steps: int | jax.Array, loss: str = "mean") -> jax.Array:
     """Fair, low-noise scores: every member trains the same problems with unperturbed weights.
+
+    ``num_steps`` may be traced (a ``while`` loop, not a ``scan`` of static length), so one
+    compiled program per task shape serves PBT's short scores and the validation's long ones.
 
     Args:
       lopt: the members' architecture.
@@ -174,7 +187,7 @@ def score_members(lopt: LearnedOptimizer, thetas: Theta, task: Task, key: jax.Ar
       task: the task to score on.
       key: draws the :data:`SCORE_PROBLEMS` problems (initial parameters and batches), shared
         by all.
-      num_steps: inner steps per problem.
+      num_steps: inner steps per problem (at least 1).
       loss: ``mean`` (normalised training loss averaged over all steps: rewards fast progress)
         or ``final`` (averaged over the last 10% of the steps, at least one: rewards where
         training ends, as evaluation does, so an optimizer that is fast at first and then
@@ -183,13 +196,26 @@ def score_members(lopt: LearnedOptimizer, thetas: Theta, task: Task, key: jax.Ar
     Returns:
       ``(K,)`` scores, lower is better; capped and NaN-proof as the meta-loss is.
     """
+    if loss not in inner_problem.LOSS_AVERAGES:
+        raise ValueError(f"unknown loss average {loss!r}; choose one of "
+                         f"{inner_problem.LOSS_AVERAGES}")
     keys = jax.random.split(key, SCORE_PROBLEMS)
-    tail = inner_problem.tail_steps(num_steps, loss)
+    num_steps = jnp.asarray(num_steps, jnp.int32)
+    # the steps averaged: all (mean), or the last 10%, at least one (final)
+    tail = jnp.maximum(1, num_steps // 10) if loss == "final" else num_steps
 
     def one_member(theta):
+        opt = lopt.optimizer(theta)
+
         def one_problem(k):
-            state = inner_problem.new_inner_state(lopt, theta, task, k, ConstantLength(num_steps))
-            return inner_problem.unroll(lopt, theta, task, state, num_steps, tail=tail)[1]
+            state = inner_problem.new_inner_state(lopt, theta, task, k, _Horizon(num_steps))
+
+            def step(t, carry):
+                state, total = carry
+                state, term = inner_problem.inner_step(opt, task, state)
+                return state, total + jnp.where(t >= num_steps - tail, term, 0.0)
+
+            return jax.lax.fori_loop(0, num_steps, step, (state, jnp.float32(0.0)))[1] / tail
         return jnp.mean(jax.vmap(one_problem)(keys))
 
     return jax.vmap(one_member)(thetas)

@@ -59,6 +59,14 @@ class Reparametrized(Task):
         return cls(task=task, log_scales=jax.tree_util.tree_unflatten(
             treedef, [jnp.asarray(x) for x in log_scales]))
 
+    @classmethod
+    def identity(cls, task: Task) -> Reparametrized:
+        """``task`` itself (every scale 1) in this wrapper: the same losses and gradients
+        exactly, with the structure of an augmented task."""
+        shapes = jax.eval_shape(task.init, jax.random.key(0))
+        return cls(task=task, log_scales=jax.tree_util.tree_map(
+            lambda _: jnp.zeros([], jnp.float32), shapes))
+
     @property
     def family(self) -> str:  # type: ignore[override]
         return self.task.family

@@ -93,16 +93,22 @@ def outer_steps(lopt, estimator, outer, thetas, outer_state, hparams, best, inne
 
 def initial_thetas(cfg: TrainConfig) -> Any:
     """The members' random initial weights (a function of the seed only)."""
-    keys = jax.random.split(step_key(cfg.seed, 0, INIT), cfg.population)
-    return jax.vmap(cfg.lopt.init)(keys)
+    return _init(cfg.lopt, cfg.outer, step_key(cfg.seed, 0, INIT), cfg.population)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("lopt", "outer", "num"))
+def _init(lopt, outer, key, num):
+    """``num`` members' random weights and their outer states: one program, not one per op."""
+    thetas = jax.vmap(lopt.init)(jax.random.split(key, num))
+    return thetas, outer.init(lopt, thetas)
 
 
 def initial_state(cfg: TrainConfig) -> PopulationState:
     """A population of randomly initialised learned optimizers at step 0, nothing else."""
-    thetas = initial_thetas(cfg)
+    thetas, outer_state = _init(cfg.lopt, cfg.outer, step_key(cfg.seed, 0, INIT), cfg.population)
     configs = tuple(slots.slot_config(cfg, s, 0) for s in range(cfg.num_slots))
     return PopulationState(
-        thetas=thetas, outer_state=cfg.outer.init(cfg.lopt, thetas),
+        thetas=thetas, outer_state=outer_state,
         hparams=Hyperparams(*map(jnp.asarray, cfg.pbt.initial(step_rng(cfg.seed, 0, INIT),
                                                                cfg.population))),
         slot_problems=tuple(slots.fresh_problems(cfg, c, s, 0, thetas)
@@ -117,41 +123,53 @@ def train_step(cfg: TrainConfig, state: PopulationState) -> tuple[PopulationStat
     Returns:
       The next state and what the step reports (metrics and log rows).
     """
-    n, slot = cfg.steps_per_call, slots.slot_of(cfg, state.step)
-    if (config := slots.slot_config(cfg, slot, state.step)) != state.slot_configs[slot]:
-        state = _set_slot(state, slot, config,
-                          slots.fresh_problems(cfg, config, slot, state.step, state.thetas))
+    state, slot = _refresh_slot(cfg, state)
     task = slots.task(state.slot_configs[slot])
-    args = (cfg.lopt, cfg.estimator, cfg.outer, state.thetas, state.outer_state, state.hparams,
-            jnp.asarray(state.best), state.slot_problems[slot], task)
-    if n == 1:  # the plain step (no scan around it)
-        thetas, outer_state, problems, metrics = outer_step(*args, step_key(cfg.seed, state.step, ESTIMATE))
-        history = {k: np.asarray(v)[None] for k, v in metrics.items()}
-    else:
-        thetas, outer_state, problems, metrics = outer_steps(*args, cfg.seed, state.step, n)
-        history = {k: np.asarray(v) for k, v in metrics.items()}
-    # logged, shown and checked on the ratio scale (1 = no progress)
-    history["meta_loss"] = ratio_scale(history["meta_loss"], cfg.estimator.normalization)
-    before = state
-    state = _set_slot(state, slot, state.slot_configs[slot], problems).replace(
-        thetas=thetas, outer_state=outer_state)
-    if state.start_meta_loss is None:
-        first = history["meta_loss"][0][np.isfinite(history["meta_loss"][0])]
-        state = state.replace(start_meta_loss=float(np.median(first)) if first.size else None)
+    state, history = estimate_and_update(cfg, state, slot, task)  # one jitted call
     metrics = {k: v[-1] for k, v in history.items()}
+    rows = _metric_rows(cfg, state, slot, history)
     state, replaced, lineage = replace_failed_members(cfg, state, metrics)
-    logs = {"metrics.jsonl": _metric_rows(cfg, before, slot, history, replaced),
-            "lineage.jsonl": lineage, "validation.jsonl": []}
-    state = state.replace(step=state.step + n)
-    if _crossed(state.step, n, cfg.pbt.interval):
+    for row in rows[-cfg.population:]:  # the call's last step: who was replaced after it
+        row["replaced"] = replaced.get(row["member"])
+    logs = {"metrics.jsonl": rows, "lineage.jsonl": lineage, "validation.jsonl": []}
+    state = state.replace(step=state.step + cfg.steps_per_call)
+    if _crossed(state.step, cfg.steps_per_call, cfg.pbt.interval):
         state, events = pbt_round(cfg, state, task)
         logs["lineage.jsonl"] += events
-    if cfg.validate_interval and _crossed(state.step, n, cfg.validate_interval):
+    if cfg.validate_interval and _crossed(state.step, cfg.steps_per_call, cfg.validate_interval):
         state, events, row = validate(cfg, state)
         logs["lineage.jsonl"] += events
         logs["validation.jsonl"].append(row)
     metrics["replaced"] = replaced
     return state, StepOutput(metrics, logs)
+
+
+def estimate_and_update(cfg: TrainConfig, state: PopulationState, slot: int, task
+                        ) -> tuple[PopulationState, dict[str, np.ndarray]]:
+    """Every member's ES/PES meta-gradient on ``slot``'s problems and its self-update, for
+    ``steps_per_call`` outer steps in one compiled call.
+
+    Returns:
+      The state with new weights, outer states and problems (the step not yet advanced), and
+      each metric of :func:`outer_step` as ``(steps_per_call, K)``, the meta-loss on the ratio
+      scale (1 = no progress) as it is logged, shown and checked.
+    """
+    args = (cfg.lopt, cfg.estimator, cfg.outer, state.thetas, state.outer_state, state.hparams,
+            jnp.asarray(state.best), state.slot_problems[slot], task)
+    if cfg.steps_per_call == 1:  # the plain step (no scan around it)
+        *new, metrics = outer_step(*args, step_key(cfg.seed, state.step, ESTIMATE))
+        history = {k: np.asarray(v)[None] for k, v in metrics.items()}
+    else:
+        *new, metrics = outer_steps(*args, cfg.seed, state.step, cfg.steps_per_call)
+        history = {k: np.asarray(v) for k, v in metrics.items()}
+    history["meta_loss"] = ratio_scale(history["meta_loss"], cfg.estimator.normalization)
+    thetas, outer_state, problems = new
+    state = _set_slot(state, slot, state.slot_configs[slot], problems).replace(
+        thetas=thetas, outer_state=outer_state)
+    if state.start_meta_loss is None:
+        first = history["meta_loss"][0][np.isfinite(history["meta_loss"][0])]
+        state = state.replace(start_meta_loss=float(np.median(first)) if first.size else None)
+    return state, history
 
 
 def replace_failed_members(cfg: TrainConfig, state: PopulationState, metrics: dict[str, Any]
@@ -211,6 +229,15 @@ def validate(cfg: TrainConfig, state: PopulationState
     return keep_best(state, held_in_scores(cfg, state.thetas), cfg.restore_elite)
 
 
+def _refresh_slot(cfg: TrainConfig, state: PopulationState) -> tuple[PopulationState, int]:
+    """The slot of this step, with fresh problems if its task has moved on."""
+    slot = slots.slot_of(cfg, state.step)
+    if (config := slots.slot_config(cfg, slot, state.step)) != state.slot_configs[slot]:
+        state = _set_slot(state, slot, config,
+                          slots.fresh_problems(cfg, config, slot, state.step, state.thetas))
+    return state, slot
+
+
 def _set_slot(state: PopulationState, slot: int, config: dict, problems: Any) -> PopulationState:
     configs, inner = list(state.slot_configs), list(state.slot_problems)
     configs[slot], inner[slot] = config, problems
@@ -223,9 +250,9 @@ def _crossed(step: int, n: int, interval: int) -> bool:
 
 
 def _metric_rows(cfg: TrainConfig, state: PopulationState, slot: int,
-                 history: dict[str, np.ndarray], replaced: dict[int, str]) -> list[dict]:
-    """``metrics.jsonl`` rows of one call on ``slot``: every step and member, as ``state``
-    (before the call) knew them; ``replaced``: the kind of each member replaced after it."""
+                 history: dict[str, np.ndarray]) -> list[dict]:
+    """``metrics.jsonl`` rows of one call on ``slot``: every step and member, with the
+    lineage and hyperparameters of ``state`` (before any replacement)."""
     n, hparams = len(history["meta_loss"]), jax.tree.map(np.asarray, state.hparams)
     return [{
         "step": state.step + j, "elapsed": round(state.elapsed, 3), "member": i,
@@ -233,6 +260,5 @@ def _metric_rows(cfg: TrainConfig, state: PopulationState, slot: int,
         **{k: finite_or_none(history[k][j, i])
            for k in ("meta_loss", "grad_rms", "clipped", "update_rms", "trust")},
         **hparams_at(hparams, i), "task": state.slot_configs[slot]["family"],
-        "outer_optimizer": cfg.outer.label,
-        "replaced": replaced.get(i) if j == n - 1 else None,
+        "outer_optimizer": cfg.outer.label, "replaced": None,
     } for j in range(n) for i in range(cfg.population)]

@@ -73,12 +73,12 @@ def keep_best(state: PopulationState, scores: np.ndarray, restore: bool
                                           generation=state.lineage.generation[best]))
     elif restore and state.elite is not None:
         restored, elite = int(np.argmax(scores)), state.elite
-        put = lambda tree, value: jax.tree.map(lambda x, v: x.at[restored].set(v), tree, value)
         hparams = hparams_at(jax.tree.map(np.asarray, state.hparams), restored)
         lineage, event = record(state, state.lineage, restored, "restore_elite", elite.id, None,
                                 elite.generation, elite.score, hparams, hparams)
-        state, events = state.replace(thetas=put(state.thetas, elite.theta),
-                                      outer_state=put(state.outer_state, elite.outer_state),
+        thetas, outer_state = _put((state.thetas, state.outer_state), restored,
+                                   (elite.theta, elite.outer_state))
+        state, events = state.replace(thetas=thetas, outer_state=outer_state,
                                       lineage=lineage), [event]
     elite = state.elite
     row = {"step": state.step, "elapsed": round(state.elapsed, 3),
@@ -87,6 +87,12 @@ def keep_best(state: PopulationState, scores: np.ndarray, restore: bool
            "elite_id": -1 if elite is None else elite.id,
            "elite_step": -1 if elite is None else elite.step, "restored": restored}
     return state, events, row
+
+
+@jax.jit
+def _put(tree: Any, member: int, value: Any) -> Any:
+    """``tree`` with member position ``member`` set to ``value`` (one member's pytree)."""
+    return jax.tree.map(lambda x, v: x.at[member].set(v), tree, value)
 
 
 def answer(state: PopulationState, member: int | None = None) -> tuple[Any, dict[str, Any], str]:

@@ -16,10 +16,11 @@ import numpy as np
 from selfopt.population.pbt import Hyperparams
 from selfopt.population.state import Lineage, PopulationState, finite_or_none
 
+@jax.jit
 def select(tree: Any, sources: np.ndarray) -> Any:
-    """Every member position ``i`` takes the value of position ``sources[i]``."""
-    index = jnp.asarray(sources)
-    return jax.tree.map(lambda x: x[index], tree)
+    """Every member position ``i`` takes the value of position ``sources[i]`` (one compiled
+    program for the whole tree, not one per leaf shape)."""
+    return jax.tree.map(lambda x: x[sources], tree)
 
 
 def hparams_at(hparams: Hyperparams, member: int) -> dict[str, float]:
@@ -70,7 +71,7 @@ def copy_members(state: PopulationState, sources: np.ndarray, copies: list[tuple
       The new state and the lineage events.
     """
     old = jax.tree.map(np.asarray, state.hparams)
-    hparams = new_hparams if new_hparams is not None else select(old, sources)
+    hparams = new_hparams if new_hparams is not None else jax.tree.map(lambda x: x[sources], old)
     lineage, events = state.lineage, []
     for child, parent in copies:
         lineage, event = record(state, lineage, child, kinds[child], state.lineage.ids[parent],

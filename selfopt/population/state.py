@@ -160,6 +160,7 @@ def none_as_inf(value: float | None) -> float:
     return math.inf if value is None else float(value)
 
 
+@jax.jit
 def member_slice(tree: Any, member: int) -> Any:
     """One member's part of a population pytree (leading axis removed)."""
     return jax.tree.map(lambda x: x[member], tree)

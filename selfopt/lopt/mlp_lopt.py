@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +76,8 @@ class MLPLOpt:
       depth_power: 0 (off) or a power ``a``: every step of a model with ``K >= 1`` tensors of two
         or more dimensions is multiplied by ``K ** -a``.
     """
+
+    kind: ClassVar[str] = "mlp"
 
     hidden: tuple[int, ...] = (32, 32)
     decays: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999, 0.9999)
@@ -194,6 +196,54 @@ class MLPLOpt:
         out = x @ last["w"] + last["b"]
         return out[:, 0], out[:, 1]
 
+    def leaf_steps(self, theta: Theta, grads: Any, state: Any, params: Any, step: jax.Array
+                   ) -> tuple[Any, list, list[jax.Array], tuple[list, list, list]]:
+        """The MLP's step for every tensor, before any per-tensor scale of a subclass.
+
+        Args:
+          theta: the LO weights.
+          grads, params: the model's gradient and parameters (pytrees of one structure).
+          state: the accumulators (``momenta``, ``rms``) before this update.
+          step: the count of this update (1 for the first).
+
+        Returns:
+          The treedef of ``params``, its leaves, each leaf's float32 step (shaped like it, width
+          and depth factors applied), and the new momenta and RMS leaves with the flat
+          ``(g, p, m, v)`` of every leaf (what a per-tensor statistic reads).
+        """
+        if params is None:
+            raise ValueError(f"{type(self).__name__}.update needs params: the parameter value "
+                             "is a feature")
+        check_float_params(grads, "grads")
+        k, decays = len(self.decays), jnp.asarray(self.decays)
+        g_leaves, treedef = jax.tree_util.tree_flatten(grads)
+        p_leaves = treedef.flatten_up_to(params)
+        m_leaves = treedef.flatten_up_to(state.momenta)
+        v_leaves = treedef.flatten_up_to(state.rms)
+
+        new_m, new_v, flat, feats = [], [], [], []
+        for g, p, m, v in zip(g_leaves, p_leaves, m_leaves, v_leaves):
+            flat_g, flat_p = jnp.ravel(g).astype(jnp.float32), jnp.ravel(p).astype(jnp.float32)
+            flat_m = decays * m.reshape(-1, k) + (1 - decays) * flat_g[:, None]
+            flat_v = self.rms_decay * jnp.ravel(v) + (1 - self.rms_decay) * jnp.square(flat_g)
+            feats.append(self.param_features(flat_g, flat_p, flat_m, flat_v))
+            flat.append((flat_g, flat_p, flat_m, flat_v))
+            new_m.append(flat_m.reshape(m.shape))
+            new_v.append(flat_v.reshape(v.shape))
+
+        # One MLP call over the parameters of all tensors at once (one matmul, not one per leaf).
+        direction, magnitude = self.apply_mlp(theta, jnp.concatenate(feats), step)
+        steps = -direction * jnp.exp(self.exp_mult * magnitude) * self.step_mult
+        depth_factor = self.depth_factor(sum(jnp.ndim(p) >= 2 for p in p_leaves))
+        updates, offset = [], 0
+        for p in p_leaves:
+            size = jnp.size(p)
+            update = steps[offset:offset + size].reshape(jnp.shape(p))
+            factor = self.width_factor(jnp.shape(p)) * depth_factor
+            updates.append(update * factor if factor != 1.0 else update)
+            offset += size
+        return treedef, p_leaves, updates, (new_m, new_v, flat)
+
     def optimizer(self, theta: Theta, num_steps: int | jax.Array | None = None
                   ) -> optax.GradientTransformationExtraArgs:
         """The optax optimizer that these weights define (use :func:`as_optax` to check theta).
@@ -215,39 +265,10 @@ class MLPLOpt:
 
         def update_fn(grads, state, params=None, **extra_args):
             del extra_args  # the loss: this architecture does not read it
-            if params is None:
-                raise ValueError("MLPLOpt.update needs params: the parameter value is a feature")
-            check_float_params(grads, "grads")
             step = state.step + 1
-            decays = jnp.asarray(self.decays)
-            g_leaves, treedef = jax.tree_util.tree_flatten(grads)
-            p_leaves = treedef.flatten_up_to(params)
-            m_leaves = treedef.flatten_up_to(state.momenta)
-            v_leaves = treedef.flatten_up_to(state.rms)
-
-            new_m, new_v, feats = [], [], []
-            for g, p, m, v in zip(g_leaves, p_leaves, m_leaves, v_leaves):
-                flat_g = jnp.ravel(g).astype(jnp.float32)
-                flat_m = decays * m.reshape(-1, k) + (1 - decays) * flat_g[:, None]
-                flat_v = self.rms_decay * jnp.ravel(v) + (1 - self.rms_decay) * jnp.square(flat_g)
-                feats.append(self.param_features(flat_g, jnp.ravel(p).astype(jnp.float32),
-                                                 flat_m, flat_v))
-                new_m.append(flat_m.reshape(m.shape))
-                new_v.append(flat_v.reshape(v.shape))
-
-            # One MLP call over the parameters of all tensors at once (one matmul, not one per leaf).
-            direction, magnitude = self.apply_mlp(theta, jnp.concatenate(feats), step)
-            steps = -direction * jnp.exp(self.exp_mult * magnitude) * self.step_mult
-            depth_factor = self.depth_factor(sum(jnp.ndim(p) >= 2 for p in p_leaves))
-            updates, offset = [], 0
-            for p in p_leaves:
-                size = jnp.size(p)
-                update = steps[offset:offset + size].reshape(jnp.shape(p))
-                factor = self.width_factor(jnp.shape(p)) * depth_factor
-                if factor != 1.0:
-                    update = update * factor
-                updates.append(update.astype(jnp.result_type(p)))
-                offset += size
+            treedef, p_leaves, steps, (new_m, new_v, _) = self.leaf_steps(theta, grads, state,
+                                                                         params, step)
+            updates = [u.astype(jnp.result_type(p)) for u, p in zip(steps, p_leaves)]
             new_state = MLPLOptState(momenta=jax.tree_util.tree_unflatten(treedef, new_m),
                                      rms=jax.tree_util.tree_unflatten(treedef, new_v), step=step)
             return jax.tree_util.tree_unflatten(treedef, updates), new_state

@@ -32,7 +32,7 @@ from selfopt.cache import COMPILER_OPTIONS, cache_root
 from selfopt.checkpoint import atomic_write_bytes
 from selfopt.lopt.base import LearnedOptimizer, check_theta
 from selfopt.tasks.base import Task
-from selfopt.tasks.distribution import HELDOUT_CONFIGS, full_config, make_task
+from selfopt.tasks.distribution import HELDOUT_CONFIGS, TEST_CONFIGS, full_config, make_task
 
 #: Adam's learning-rate grid: 14 log-spaced values from 1e-4 to 1.
 ADAM_LEARNING_RATES = tuple(float(x) for x in np.logspace(-4, 0, 14))
@@ -44,7 +44,7 @@ NORMALIZED_CAP = 10.0
 #: Held-out families too slow to evaluate every few minutes during training (``quick`` suite).
 SLOW_FAMILIES = ("convnet", "language_model")
 #: Task suites by name (see :func:`suite`).
-SUITES = ("heldout", "quick")
+SUITES = ("heldout", "quick", "test")
 _CACHE_VERSION = 2
 #: Tuned Adam of the held-out suite at the default budget (300 steps, 3 seeds, seed 0), shipped
 #: so that a first run's held-out checks neither tune nor compile Adam: cache files as
@@ -323,15 +323,20 @@ def optax_candidate(spec: str) -> Candidate:
 def suite(name: str = "heldout") -> list[dict[str, Any]]:
     """The task configurations of a named suite.
 
-    ``heldout``: the 12 held-out configurations (:data:`HELDOUT_CONFIGS`). ``quick``: those
-    minus the slow families (:data:`SLOW_FAMILIES`): 9 tasks, seconds each; what ``selfopt
-    train`` evaluates during a run.
+    ``heldout``: the 12 held-out configurations (:data:`HELDOUT_CONFIGS`), the *validation*
+    suite that options and defaults are chosen on. ``quick``: those minus the slow families
+    (:data:`SLOW_FAMILIES`): 9 tasks, seconds each; what ``selfopt train`` evaluates during a
+    run. ``test``: :data:`~selfopt.tasks.distribution.TEST_CONFIGS`, which chooses nothing; its
+    new tasks carry their own ``steps``.
 
     Raises:
       ValueError: an unknown suite name.
     """
     if name not in SUITES:
         raise ValueError(f"unknown task suite {name!r}; choose one of {list(SUITES)}")
+    if name == "test":
+        return [{**full_config({k: v for k, v in c.items() if k != "steps"}),
+                 **({"steps": c["steps"]} if "steps" in c else {})} for c in TEST_CONFIGS]
     configs = [full_config(c) for c in HELDOUT_CONFIGS]
     if name == "quick":
         configs = [c for c in configs if c["family"] not in SLOW_FAMILIES]
@@ -354,6 +359,7 @@ class TaskComparison:
 
     label: str
     config: dict[str, Any]
+    steps: int  # inner steps of every run
     init_loss: float  # training loss at step 0 (same initial parameters for both)
     final: float  # final training loss (:func:`final_loss`)
     mean: float  # mean training loss over the run (area under the curve)
@@ -448,7 +454,8 @@ def compare_on_task(candidate: Candidate, config: Mapping[str, Any], num_steps: 
 
     Args:
       candidate: the optimizer under test.
-      config: the task configuration.
+      config: the task configuration; a ``steps`` entry, where present, replaces
+        ``num_steps`` for this task (the test suite's longer horizons).
       num_steps: inner steps of every run.
       num_seeds: runs per optimizer (and per Adam learning rate).
       seed: the evaluation seed (:func:`seed_keys`).
@@ -457,7 +464,12 @@ def compare_on_task(candidate: Candidate, config: Mapping[str, Any], num_steps: 
     Returns:
       The comparison; losses are means over the seeds.
     """
-    config = full_config(config)
+    config = dict(config)
+    steps = config.pop("steps", num_steps)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps of a task must be a positive int, got {steps!r}")
+    label = task_label(config) + ("" if steps == num_steps else f" @{steps} steps")
+    config, num_steps = full_config(config), steps
     task = make_task(config)
     adam = tune_adam(config, num_steps, num_seeds, cache_dir=cache_dir, seed=seed)
     losses, valid = candidate.runs(task, jnp.stack(seed_keys(config, num_seeds, seed)), num_steps)
@@ -466,7 +478,7 @@ def compare_on_task(candidate: Candidate, config: Mapping[str, Any], num_steps: 
     final, adam_final = float(final_loss(losses).mean()), float(final_loss(adam.train_losses).mean())
     mean_curve = losses.mean(axis=0)
     return TaskComparison(
-        label=task_label(config), config=config, init_loss=init, final=final,
+        label=label, config=config, steps=num_steps, init_loss=init, final=final,
         mean=float(np.mean(losses)) if np.isfinite(losses).all() else math.inf,
         valid=float(valid.mean()) if np.isfinite(valid).all() else math.inf,
         normalized=normalized_final(task, final, init), adam_final=adam_final,

@@ -108,7 +108,8 @@ import jax.numpy as jnp  # noqa: E402
 from selfopt.evaluate import (NORMALIZED_CAP, Candidate, Evaluation, TaskComparison,  # noqa: E402
                               compare_on_task, evaluate, lopt_candidate, optax_candidate, suite)
 from selfopt.lopt import MLPLOpt  # noqa: E402
-from selfopt.tasks import TaskDistribution  # noqa: E402
+from selfopt.tasks import (TEST_HORIZON, TEST_SEED_START, TRAIN_GRIDS,  # noqa: E402
+                           TaskDistribution)
 
 
 def scaled_adam_curve(factor):
@@ -136,7 +137,7 @@ def test_normalised_loss_and_wins_on_synthetic_curves(tmp_path):
 
 
 def _row(label, normalized, adam_normalized):
-    return TaskComparison(label, {}, 1.0, normalized, normalized, normalized, normalized,
+    return TaskComparison(label, {}, 10, 1.0, normalized, normalized, normalized, normalized,
                           adam_normalized, adam_normalized, adam_normalized, adam_normalized,
                           1e-3, 1.0)
 
@@ -188,6 +189,34 @@ def test_suites_are_the_held_out_configurations():
     assert all(c in heldout for c in quick)
     with pytest.raises(ValueError, match="unknown task suite"):
         suite("train")
+
+
+def test_the_test_suite_is_disjoint_from_validation_and_training():
+    test, heldout = suite("test"), suite("heldout")
+    strip = lambda c: {k: v for k, v in c.items() if k not in ("seed", "steps")}
+    # every held-out task again, with a new seed, then new tasks of their own horizon
+    assert [strip(c) for c in test[:12]] == [strip(c) for c in heldout]
+    assert all(c["seed"] >= TEST_SEED_START and "steps" not in c for c in test[:12])
+    new = test[12:]
+    assert len(new) >= 4 and all(c["steps"] == TEST_HORIZON for c in new)
+    assert not {c["seed"] for c in test} & {c["seed"] for c in heldout}
+    for config in new:
+        assert strip(config) not in [strip(c) for c in heldout]
+        make_task({k: v for k, v in config.items() if k != "steps"})  # every task builds
+        grid = TRAIN_GRIDS.get(config["family"], {})
+        # a field value no training grid draws, or a family the default distribution never does
+        assert (config["family"] not in TaskDistribution().families
+                or any(config[k] not in [list(v) if isinstance(v, tuple) else v for v in values]
+                       for k, values in grid.items() if k in config))
+
+
+def test_a_task_may_carry_its_own_horizon(tmp_path):
+    adam = optax_candidate("adam:0.01")
+    row = compare_on_task(adam, {**QUAD, "steps": 12}, 40, 2, cache_dir=tmp_path)
+    assert row.steps == 12 and row.label.endswith("@12 steps") and "steps" not in row.config
+    assert compare_on_task(adam, QUAD, 12, 2, cache_dir=tmp_path).final == row.final
+    with pytest.raises(ValueError, match="steps of a task must be a positive int"):
+        compare_on_task(adam, {**QUAD, "steps": 0}, 40, 2, cache_dir=tmp_path)
 
 
 

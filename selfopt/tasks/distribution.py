@@ -111,6 +111,31 @@ HELDOUT_CONFIGS: tuple[dict[str, Any], ...] = (
      "activation": "tanh", "batch_size": 64},
 )
 
+#: Seeds of the test suite: at least this, above every held-out seed.
+TEST_SEED_START = 2_000_000
+#: Inner steps of the test suite's tasks that are new (the others keep the suite's budget).
+TEST_HORIZON = 1000
+
+#: The test suite (issue 32): nothing is chosen with it; it reports the default once fixed.
+#: Every held-out task again with a new seed, then tasks unlike any training family and any
+#: held-out task, each trained for :data:`TEST_HORIZON` steps (its ``steps``, read by
+#: :func:`selfopt.evaluate.evaluate`); the comment says what is new.
+TEST_CONFIGS: tuple[dict[str, Any], ...] = (
+    *({**config, "seed": TEST_SEED_START + i} for i, config in enumerate(HELDOUT_CONFIGS)),
+    {"family": "mlp", "seed": TEST_SEED_START + 100, "dataset": "fashion_mnist16",
+     "hidden": [64, 64, 64], "activation": "gelu", "batch_size": 64,
+     "steps": TEST_HORIZON},  # three hidden layers, 256 inputs, gelu
+    {"family": "autoencoder", "seed": TEST_SEED_START + 101, "hidden": [48, 24, 6],
+     "activation": "elu", "batch_size": 16, "steps": TEST_HORIZON},  # deeper, small batches
+    {"family": "regression", "seed": TEST_SEED_START + 102, "dataset": "digits8",
+     "hidden": [96], "activation": "silu", "outputs": 4, "noise": 0.05, "batch_size": 32,
+     "steps": TEST_HORIZON},  # squared loss on a random teacher: a family never trained on
+    {"family": "quadratic", "seed": TEST_SEED_START + 103, "dim": 256, "log_condition": 2.5,
+     "noise": 0.05, "steps": TEST_HORIZON},  # four times the largest training dimension
+    {"family": "logistic", "seed": TEST_SEED_START + 104, "dataset": "fashion_mnist16",
+     "batch_size": 8, "steps": TEST_HORIZON},  # batches of 8
+)
+
 
 def full_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Checks a configuration's names and fills in every default.

@@ -246,6 +246,9 @@ def print_summary(summary: dict, run_dir: Path) -> None:
               f"{last['mean_normalized']:.4f} vs tuned Adam {last['adam_mean_normalized']:.4f}, "
               f"wins {last['wins']}/{last['tasks']}; first beat tuned Adam: "
               + ("never" if ttb is None else f"after {ttb / 60:.1f} training minutes"))
+    if (bound := summary.get("step_bound")) and bound["all"] is not None:
+        print(f"the step bound (outer.max_update) shortened {bound['all']:.0%} of member steps "
+              f"({bound['last_third']:.0%} in the last third of the run)")
     print(f"best member: position {summary['best_position']} (lineage id {summary['best_id']},"
           f" PBT score {fmt(summary['best_score'])})")
     print(f"checkpoint: {summary['checkpoint']}")

@@ -1,13 +1,15 @@
 """What a person watching ``selfopt train`` sees: a live table, or periodic lines in a log.
 
 On a terminal, a ``rich`` live view redraws after every outer step: step, elapsed time, inner
-steps per second, best and median meta-loss, and one row per member with its lineage id,
+steps per second, best and median meta-loss, how often the step bound (``outer.max_update``)
+shortened a member's step over the last 100 outer steps, and one row per member with its lineage id,
 generation, hyperparameters, latest meta-loss and PBT score, and a footer line with the members
 replaced so far in the run (non-finite, diverged) and PBT's copies. Without a terminal (a log
 file, CI) it prints one line every ``every_s`` seconds instead, replacements included.
 """
 from __future__ import annotations
 
+import collections
 import math
 import sys
 import time
@@ -18,6 +20,10 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
+
+
+#: Outer steps over which the live view reports how often the step bound shortened a step.
+BOUND_WINDOW = 100
 
 
 def _fmt(value: float, spec: str = ".4f") -> str:
@@ -36,6 +42,7 @@ class LiveView:
         self._last_line = -math.inf
         self._started = time.monotonic()
         self._inner_steps = 0
+        self._bound = collections.deque(maxlen=BOUND_WINDOW)  # per outer step: members bound
 
     def __enter__(self) -> LiveView:
         if self.live:
@@ -53,11 +60,13 @@ class LiveView:
         losses = metrics["meta_loss"][np.isfinite(metrics["meta_loss"])]
         best = float(losses.min()) if losses.size else math.nan
         median = float(np.median(losses)) if losses.size else math.nan
+        self._bound.append(float(np.mean(np.asarray(metrics["trust"]) < 1.0)))
         header = (f"{self.label} | step {state.step} | {state.elapsed / 60:.1f}/"
                   f"{self.budget_s / 60:g} min | inner steps/s {info['inner_steps_per_s']:,.0f} "
                   f"(mean {mean_rate:,.0f}, compiles included)"
                   f" | meta-loss best {_fmt(best)} median {_fmt(median)}"
-                  f" | start {_fmt(state.start_meta_loss)}")
+                  f" | start {_fmt(state.start_meta_loss)}"
+                  f" | bound {np.mean(self._bound):.0%} of steps (last {len(self._bound)})")
         # running counts of the whole run (in the lineage: a resumed run restores them)
         footer = replacements_line(dict(state.lineage.counts))
         if self.live is None:

@@ -6,6 +6,8 @@
   step (thin), the population's best and median (bold), PBT copies and replacements marked;
 * ``improvement_rate``: how fast the median meta-loss (and the held-out loss) falls, in decades
   per minute: the positive feedback loop of self-training shows as a rate that grows;
+* ``step_bound``: the fraction of member steps that ``outer.max_update`` shortened, and the
+  members' median step length, over the run;
 * ``heldout``: the best member's mean normalised held-out loss during training against tuned
   Adam's, and the fraction of tasks it wins (from ``eval.jsonl``);
 * ``per_task``: the final evaluation, task by task, against tuned Adam (``evaluation.json``);
@@ -289,8 +291,45 @@ def ancestry(lineage: list[dict[str, Any]], member_id: int) -> list[int]:
     return chain
 
 
+def step_bound_figure(data: RunData) -> Figure | None:
+    """How often ``outer.max_update`` shortened a member's step, and the length of the
+    members' steps, over the run (issue 32: the members should set their own step length)."""
+    rows = [r for r in data.metrics if r.get("trust") is not None]
+    if not rows:
+        return None
+    steps = np.asarray([r["step"] for r in rows])
+    bound = np.asarray([r["trust"] < 1.0 for r in rows], float)
+    length = np.asarray([r["update_rms"] if r["update_rms"] is not None else np.nan
+                         for r in rows])
+    edges = np.unique(np.linspace(steps.min(), steps.max() + 1, 21).astype(int))
+    at = np.digitize(steps, edges) - 1
+    centres = (edges[:-1] + edges[1:]) / 2
+    with np.errstate(all="ignore"):
+        fraction = np.array([bound[at == i].mean() if (at == i).any() else np.nan
+                             for i in range(len(centres))])
+        median = np.array([np.nanmedian(length[at == i]) if (at == i).any() else np.nan
+                           for i in range(len(centres))])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    left.plot(centres, 100 * fraction, marker="o", color="tab:red")
+    left.axhline(10, color="grey", ls="--", lw=1, label="10%")
+    left.set(xlabel="outer step", ylabel="member steps shortened by the bound (%)", ylim=(-2, 102))
+    left.legend(fontsize=8)
+    right.plot(centres, median, marker="o", label="median member step (RMS)")
+    cap = (data.config.get("outer") or {}).get("max_update")
+    if cap:
+        right.axhline(cap, color="tab:red", ls="--", lw=1, label=f"outer.max_update = {cap:g}")
+    right.set(xlabel="outer step", ylabel="RMS of a member's step", yscale="log")
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(f"{data.label}: who sets the length of the members' steps")
+    fig.tight_layout()
+    return fig
+
+
 FIGURES: dict[str, Callable[[RunData], Figure | None]] = {
     "meta_loss": meta_loss_figure, "improvement_rate": improvement_rate_figure,
+    "step_bound": step_bound_figure,
     "heldout": heldout_figure, "per_task": per_task_figure, "lineage": lineage_figure,
 }
 

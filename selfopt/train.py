@@ -154,8 +154,8 @@ def summarize(cfg: TrainConfig, run: RunDir, state: PopulationState, path: Path,
     problems and measure, so nothing compiles for the summary alone), the best member, the
     elite, the last held-out check and the checkpoint written; saved as ``summary.json``."""
     start, end = held_in_scores(cfg, initial_thetas(cfg)), held_in_scores(cfg, state.thetas)
-    evals = run.read("eval.jsonl")
-    recent = [r["meta_loss"] for r in run.read("metrics.jsonl")
+    evals, rows = run.read("eval.jsonl"), run.read("metrics.jsonl")
+    recent = [r["meta_loss"] for r in rows
               if r["step"] >= state.step - 10 and r["meta_loss"] is not None]
     elite = state.elite
     summary = {
@@ -172,9 +172,18 @@ def summarize(cfg: TrainConfig, run: RunDir, state: PopulationState, path: Path,
                                              "validation": finite_or_none(elite.score)},
         "checkpoint": str(path), "interrupted": interrupted,
         "last_eval": {k: evals[-1][k] for k in EVAL_SUMMARY_FIELDS} if evals else None,
-        "time_to_beat_adam_s": time_to_beat_adam(evals)}
+        "time_to_beat_adam_s": time_to_beat_adam(evals),
+        "step_bound": {"all": bound_fraction(rows),
+                       "last_third": bound_fraction(rows, 2 * state.step // 3)}}
     run.write_json("summary.json", summary)
     return summary
+
+
+def bound_fraction(rows: list[dict[str, Any]], from_step: int = 0) -> float | None:
+    """The fraction of member steps from ``from_step`` on that ``outer.max_update`` shortened
+    (``trust`` below 1 in ``metrics.jsonl``); ``None`` without any."""
+    trust = [r["trust"] for r in rows if r["step"] >= from_step and r.get("trust") is not None]
+    return float(np.mean(np.asarray(trust) < 1.0)) if trust else None
 
 
 def time_to_beat_adam(eval_rows: list[dict[str, Any]]) -> float | None:

@@ -21,7 +21,7 @@ from selfopt.tasks import TaskDistribution
 from selfopt.population import slots
 from selfopt.population.state import step_key
 from selfopt.run_dir import open_checkpoint
-from selfopt.train import train
+from selfopt.train import bound_fraction, train
 from selfopt.train_step import initial_state, outer_step, outer_steps, train_step
 
 TINY = {"population": 4, "estimator.num_pairs": 1, "estimator.truncation_length": 5,
@@ -130,6 +130,17 @@ def test_ctrl_c_stops_after_the_step_and_writes_a_checkpoint(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step-00000002.safetensors").is_file()
     resumed = train(tiny(max_steps=4), tmp_path / "run", resume=True)
     assert resumed["steps"] == 4 and not resumed["interrupted"]
+
+
+def test_the_summary_reports_how_often_the_step_bound_shortened_a_step(tmp_path):
+    rows = [{"step": s, "trust": t}
+            for s, t in [(0, 1.0), (0, 0.5), (1, 1.0), (1, None), (2, 0.2), (2, 0.9)]]
+    assert bound_fraction(rows) == pytest.approx(3 / 5)
+    assert bound_fraction(rows, from_step=2) == 1.0 and bound_fraction([]) is None
+    # a bound so small that it shortens every step, and one so large that it shortens none
+    for cap, expected in ((1e-12, 1.0), (1e6, 0.0)):
+        summary = train(tiny(max_steps=3, **{"outer.max_update": cap}), tmp_path / str(cap))
+        assert summary["step_bound"] == {"all": expected, "last_third": expected}
 
 
 def test_non_finite_member_is_replaced_at_once():

@@ -191,10 +191,11 @@ def test_live_view_footer_counts_every_kind():
                            "lineage": lineage})()
     view.update({"state": state, "inner_steps": 10, "inner_steps_per_s": 100.0,
                  "metrics": {"meta_loss": np.array([0.5, 0.7]), "finite": np.array([True, True]),
-                             "replaced": {0: "replace_diverged"}}})
+                             "trust": np.array([1.0, 0.5]), "replaced": {0: "replace_diverged"}}})
     line = view.stream.getvalue()
     assert line.count("\n") == 1
     assert "replaced: non-finite 2, diverged 3 | PBT copies 11" in line
+    assert "bound 50% of steps (last 1)" in line  # one of the two members' steps was shortened
 
 
 # -- disk full, half-written logs, leftovers of crashes -------------------------------------

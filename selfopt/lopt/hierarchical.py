@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import optax
 
 from selfopt.checks import as_tuple, check_int, is_number, require
-from selfopt.lopt.base import Theta, check_float_params
+from selfopt.lopt.base import Theta
 from selfopt.lopt.mlp_lopt import EPS, MLPLOpt
 
 #: Momentum decays whose consistency (item 2) the cell reads; each must be one of the MLP's.
@@ -163,16 +163,11 @@ class HierarchicalLOpt(MLPLOpt):
           num_steps: the run's number of updates, read by :meth:`init` (the fraction of
             training done); ``None``: unknown.
         """
-        k = len(self.decays)
-
         def init_fn(params):
-            check_float_params(params)
             num_tensors = len(jax.tree.leaves(params))
             zeros = jnp.zeros(len(self.loss_decays), jnp.float32)
             return HierarchicalLOptState(
-                momenta=jax.tree.map(lambda p: jnp.zeros((*jnp.shape(p), k), jnp.float32), params),
-                rms=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
-                step=jnp.zeros([], jnp.int32),
+                *self.init_accumulators(params),
                 hidden=jnp.zeros((num_tensors, self.cell_size), jnp.float32),
                 loss_mean=zeros, loss_var=zeros,
                 horizon=jnp.asarray(0 if num_steps is None else num_steps, jnp.float32))

@@ -196,6 +196,14 @@ class MLPLOpt:
         out = x @ last["w"] + last["b"]
         return out[:, 0], out[:, 1]
 
+    def init_accumulators(self, params: Any) -> tuple[Any, Any, jax.Array]:
+        """Zero momenta (one per decay) and RMS accumulators like ``params``, and step 0."""
+        check_float_params(params)
+        k = len(self.decays)
+        return (jax.tree.map(lambda p: jnp.zeros((*jnp.shape(p), k), jnp.float32), params),
+                jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
+                jnp.zeros([], jnp.int32))
+
     def leaf_steps(self, theta: Theta, grads: Any, state: Any, params: Any, step: jax.Array
                    ) -> tuple[Any, list, list[jax.Array], tuple[list, list, list]]:
         """The MLP's step for every tensor, before any per-tensor scale of a subclass.
@@ -254,14 +262,9 @@ class MLPLOpt:
             read it).
         """
         del num_steps
-        k = len(self.decays)
 
         def init_fn(params):
-            check_float_params(params)
-            return MLPLOptState(
-                momenta=jax.tree.map(lambda p: jnp.zeros((*jnp.shape(p), k), jnp.float32), params),
-                rms=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
-                step=jnp.zeros([], jnp.int32))
+            return MLPLOptState(*self.init_accumulators(params))
 
         def update_fn(grads, state, params=None, **extra_args):
             del extra_args  # the loss: this architecture does not read it

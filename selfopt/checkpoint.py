@@ -1,14 +1,10 @@
 """Checkpoints: pytrees of arrays in safetensors, everything else as JSON, written atomically.
 
-One checkpoint is one ``.safetensors`` file. Arrays are stored under their pytree paths
+One checkpoint is one ``.safetensors`` file (:mod:`selfopt.safe_io`: an atomic write, a
+SHA-256 of the arrays and the metadata). Arrays are stored under their pytree paths
 (``thetas['layers'][0]['w']``); JSON metadata (step, lineage ids, task configurations, schema
-version, and a SHA-256 of the array bytes *and* of the metadata) goes in the file's string
-metadata. Nothing is pickled, so loading a file cannot execute code. A file is written to a
-temporary name in the same folder (``.NAME.tmp-PID``), flushed and fsync-ed, then renamed over
-the final name (an atomic step on POSIX), and the folder is fsync-ed: a crash leaves either the
-old checkpoint or the new one, never half of one, plus at most a temporary file that
-:func:`remove_temp_files` clears. A failed write (a full disk) removes its temporary file and
-leaves the previous checkpoint as it was.
+version) goes in the file's string metadata. Nothing is pickled, so loading a file cannot
+execute code. A crash leaves either the old checkpoint or the new one, never half of one.
 
 Loading needs a *template*: a pytree of the expected structure, shapes and dtypes (built from
 the configuration). Every array must be present with the template's shape, else a one-line
@@ -16,9 +12,6 @@ the configuration). Every array must be present with the template's shape, else 
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,10 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save
 
 from selfopt.checks import one_line
+from selfopt.safe_io import FileCheckError, digest, read_checked, write_checked
 
 #: Version 2: the SHA-256 covers the metadata too (version 1: the arrays only; still read).
 SCHEMA_VERSION = 2
@@ -51,61 +43,6 @@ def _to_numpy(leaf: Any) -> np.ndarray:
     return np.asarray(leaf, order="C")  # (np.ascontiguousarray would make a scalar 1-d)
 
 
-def _digest(arrays: dict[str, np.ndarray], meta: Any, version: int) -> str:
-    """SHA-256 of the arrays (names and bytes) and, from version 2, of the metadata in canonical
-    JSON (a flipped digit in a step count parses fine; only the checksum can tell)."""
-    sha = hashlib.sha256()
-    for name in sorted(arrays):
-        sha.update(name.encode())
-        sha.update(arrays[name].tobytes())
-    if version >= 2:
-        sha.update(json.dumps(meta, sort_keys=True).encode())
-    return sha.hexdigest()
-
-
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def remove_temp_files(folder: Path, name_glob: str = "*") -> list[Path]:
-    """Removes temporary files that writes of ``folder/NAME`` (NAME matching ``name_glob``) left
-    behind when a crash cut them short. Only call it while holding the run's lock: a live
-    writer's temporary file looks the same.
-
-    Returns:
-      The files removed.
-    """
-    removed = []
-    for tmp in Path(folder).glob(f".{name_glob}.tmp-*"):
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp)
-    return removed
-
-
-def fsync_dir(path: Path) -> None:
-    """Makes a rename or a new file in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` atomically (temporary file, fsync, rename, fsync folder)."""
-    path = Path(path)
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
 def save_checkpoint(path: Path, tree: Any, metadata: dict[str, Any]) -> None:
     """Saves the arrays of ``tree`` and JSON-able ``metadata`` to ``path`` atomically.
 
@@ -115,11 +52,9 @@ def save_checkpoint(path: Path, tree: Any, metadata: dict[str, Any]) -> None:
     """
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     arrays = {jax.tree_util.keystr(p): _to_numpy(x) for p, x in leaves}
-    metadata = json.loads(json.dumps(metadata))  # the form a reader sees (tuples -> lists)
-    header = {"schema_version": SCHEMA_VERSION,
-              "sha256": _digest(arrays, metadata, SCHEMA_VERSION), "meta": metadata}
     try:
-        atomic_write_bytes(path, save(arrays, metadata={"selfopt": json.dumps(header)}))
+        write_checked(path, arrays, "selfopt", metadata, with_meta=SCHEMA_VERSION >= 2,
+                      schema_version=SCHEMA_VERSION)
     except OSError as err:
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}; the "
                               "previous checkpoint is kept") from None
@@ -135,25 +70,16 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 
 def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
     try:
-        arrays = load_file(str(path))
-        with open(path, "rb") as f:  # the header: 8-byte length, then JSON
-            size = int.from_bytes(f.read(8), "little")
-            header_json = json.loads(f.read(size))
-        header = json.loads(header_json["__metadata__"]["selfopt"])
-        if not isinstance(header, dict) or not isinstance(header.get("meta"), dict):
-            raise ValueError("no selfopt header")
-    except (SafetensorError, ValueError, KeyError, TypeError, OSError, RecursionError) as err:
-        raise CheckpointError(f"{path} is not a readable selfopt checkpoint "
-                              f"({one_line(err, 120)})") from None
+        arrays, header = read_checked(path, "selfopt", "selfopt checkpoint")
+    except FileCheckError as err:
+        raise CheckpointError(str(err).replace("no selfopt checkpoint", "no checkpoint")
+                              ) from None
     version = header.get("schema_version")
     if version not in READABLE_VERSIONS:
         raise CheckpointError(f"{path} has schema version {one_line(version, 120)}; this selfopt "
                               f"reads versions {list(READABLE_VERSIONS)}")
-    if header.get("sha256") != _digest(arrays, header["meta"], version):
+    if header.get("sha256") != digest(arrays, header["meta"], with_meta=version >= 2):
         raise CheckpointError(f"{path} is damaged: its content does not match its checksum")
     return arrays, header["meta"]
 

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "tuned per task over 14 learning rates (cached on disk), same seeds, "
                     "initialisations and batches, and compare them task by task.")
     ev.add_argument("target", metavar="RUN_OR_CHECKPOINT",
-                    help="a run directory (its latest checkpoint), a checkpoint file, or "
+                    help="a run directory (its latest checkpoint), a checkpoint file, a file "
+                         "of selfopt export, 'pretrained' (the shipped optimizer), or "
                          "optax:NAME[:LR] for a hand-designed optax optimizer (e.g. optax:sgd:0.1)")
     ev.add_argument("--member", type=_non_negative_int,
                     help="population position to evaluate (default: the run's elite, the best "
@@ -120,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=_non_negative_int, default=0, help="evaluation seed")
     ev.add_argument("--out", type=Path, help="JSON file for the results (default: "
                                              "RUN/evaluation.json for a run directory)")
+
+    export = commands.add_parser(
+        "export", help="write a run's elite as one file to hand on (selfopt.load, selfopt.torch)",
+        description="Write a run's answer (its elite, the best held-in validation so far) as "
+                    "one safetensors file with its architecture, how it was trained and how it "
+                    "evaluated; load it with selfopt.load(FILE) (optax) or "
+                    "selfopt.torch.load(FILE) (PyTorch).")
+    export.add_argument("target", type=Path, metavar="RUN_OR_CHECKPOINT",
+                        help="a run directory (its latest checkpoint) or a checkpoint file")
+    export.add_argument("--out", type=Path,
+                        help="file to write (default RUN/optimizer.safetensors)")
+    export.add_argument("--member", type=_non_negative_int,
+                        help="population position to export instead of the elite")
 
     plot = commands.add_parser("plot", help="draw a run's curves (PNG and SVG)",
                                description="Draw a run's meta-loss, improvement rate, held-out "
@@ -257,8 +271,11 @@ def print_summary(summary: dict, run_dir: Path) -> None:
 
 def evaluation(args: argparse.Namespace) -> int:
     from selfopt.checkpoint import CheckpointError
-    from selfopt.evaluate import (default_cache_dir, evaluate, optax_candidate, print_progress,
-                                  suite)
+    from selfopt.evaluate import (default_cache_dir, evaluate, lopt_candidate, optax_candidate,
+                                  print_progress, suite)
+    from selfopt.export import PRETRAINED
+    from selfopt.export import read as read_export
+    from selfopt.lopt_file import LOptFileError, is_lopt_file
     from selfopt.run_dir import open_checkpoint
     from selfopt.train import candidate as run_candidate
 
@@ -270,6 +287,17 @@ def evaluation(args: argparse.Namespace) -> int:
             candidate = optax_candidate(args.target.removeprefix("optax:"))
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    elif args.target == "pretrained" or is_lopt_file(Path(args.target)):
+        if args.member is not None:
+            raise ConfigError("--member applies to a run or checkpoint, not to an exported "
+                              "optimizer")
+        path = PRETRAINED if args.target == "pretrained" else Path(args.target)
+        try:
+            lopt, theta, meta = read_export(path)
+        except LOptFileError as err:
+            raise ConfigError(str(err)) from None
+        candidate = lopt_candidate(lopt, theta, meta.get("description", path.name))
+        source.update(file=str(path))
     else:
         try:
             cfg, state, path = open_checkpoint(Path(args.target))
@@ -308,6 +336,27 @@ def print_evaluation(result) -> None:
     print(f"{s['candidate']}: mean normalised loss {s['mean_normalized']:.4f} vs tuned Adam "
           f"{s['adam_mean_normalized']:.4f} (margin {s['margin']:.3g}); wins {s['wins']}/"
           f"{s['tasks']}; beats tuned Adam: {'YES' if s['beats_adam'] else 'no'}")
+
+
+def export(args: argparse.Namespace) -> int:
+    from selfopt.checkpoint import CheckpointError
+    from selfopt.export import export as export_file
+
+    if args.out is not None and args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a directory; name the file to write")
+    try:
+        out, meta = export_file(args.target, args.out, args.member)
+    except (CheckpointError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    except OSError as err:
+        raise ConfigError(f"cannot write {args.out or 'the file'}: {err}") from None
+    evaluation = (meta["evaluation"] or {}).get("summary")
+    scored = (f"; on {evaluation['tasks']} held-out tasks, margin {evaluation['margin']:.3g} "
+              f"against tuned Adam, {evaluation['wins']} wins" if evaluation else
+              "; not evaluated yet (selfopt eval RUN records it)")
+    print(f"{meta['description']}: {meta['architecture']['kind']} learned optimizer{scored}")
+    print(f"wrote {out} (load it with selfopt.load({str(out)!r}))")
+    return 0
 
 
 def plot(args: argparse.Namespace) -> int:
@@ -366,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     enable_compilation_cache()
     try:
-        return {"demo": demo, "train": train, "eval": evaluation, "plot": plot,
+        return {"demo": demo, "train": train, "eval": evaluation, "export": export, "plot": plot,
                 "report": report, "experiment": experiment}[args.command](args)
     except ConfigError as err:
         print(f"selfopt: error: {err}", file=sys.stderr)

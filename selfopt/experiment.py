@@ -20,7 +20,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from selfopt.checkpoint import atomic_write_bytes
+from selfopt.safe_io import atomic_write_bytes
 from selfopt.config import make_config
 from selfopt.evaluate import Evaluation, default_cache_dir, evaluate, print_progress, suite
 from selfopt.live_view import LiveView

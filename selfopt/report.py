@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 
 import matplotlib.pyplot as plt
 
-from selfopt.checkpoint import atomic_write_bytes
+from selfopt.safe_io import atomic_write_bytes
 from selfopt.plots import RunData, ancestry, answer_id, render
 
 _STYLE = """

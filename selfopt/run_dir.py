@@ -1,6 +1,7 @@
 """A run directory on disk: its lock, logs, checkpoints and summary.
 
     RUN/config.json          the configuration (written once, atomically)
+    RUN/provenance.json      the command, commit and date that started the run
     RUN/metrics.jsonl        one row per outer step and member
     RUN/lineage.jsonl        every copy of a member over another (PBT, replacements, elite)
     RUN/validation.jsonl     every held-in validation
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from selfopt import checkpoint as ckpt
+from selfopt import safe_io
 from selfopt.config import ConfigError, TrainConfig, make_config
 from selfopt.population import Hyperparams, slots
 from selfopt.population.state import PopulationState, member_slice
@@ -72,7 +74,7 @@ class RunDir:
             os.close(fd)
 
     def write_json(self, name: str, value: Any) -> None:
-        ckpt.atomic_write_bytes(self.path / name, (json.dumps(value, indent=2) + "\n").encode())
+        safe_io.atomic_write_bytes(self.path / name, (json.dumps(value, indent=2) + "\n").encode())
 
     def append(self, logs: dict[str, list[dict]]) -> None:
         """Appends rows to log files (name -> rows)."""
@@ -107,9 +109,9 @@ class RunDir:
                 if (self.path / name).exists()}
         ckpt.save_checkpoint(path, state.arrays(), {"config": cfg.to_json(),
                                                     "run": state.metadata(), "logs": logs})
-        ckpt.remove_temp_files(self.ckpt_dir, "step-*.safetensors")
+        safe_io.remove_temp_files(self.ckpt_dir, "step-*.safetensors")
         for name in ("config.json", "*.jsonl"):
-            ckpt.remove_temp_files(self.path, name)
+            safe_io.remove_temp_files(self.path, name)
         paths = self.checkpoints()
         for later in paths[paths.index(path) + 1:]:
             later.unlink(missing_ok=True)
@@ -181,7 +183,7 @@ class RunDir:
         for name in LOGS:
             log = self.path / name
             if log.exists() and log.stat().st_size != sizes.get(name, 0):
-                ckpt.atomic_write_bytes(log, log.read_bytes()[:sizes.get(name, 0)])
+                safe_io.atomic_write_bytes(log, log.read_bytes()[:sizes.get(name, 0)])
 
 
 def _template(cfg: TrainConfig, slot_configs: list[dict], elite: bool) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from selfopt.config import TrainConfig
 from selfopt.evaluate import Candidate, default_cache_dir, evaluate, lopt_candidate, suite
 from selfopt.population.elite import answer
 from selfopt.population.state import PopulationState, finite_or_none
+from selfopt.provenance import provenance
 from selfopt.run_dir import RunDir
 from selfopt.train_step import (held_in_scores, initial_state, initial_thetas, train_step,
                                 validate)
@@ -102,6 +103,7 @@ def _start(cfg: TrainConfig, run: RunDir, resume: bool) -> PopulationState:
     it)."""
     if not resume:
         run.write_json("config.json", cfg.to_json())
+        run.write_json("provenance.json", provenance())
         return initial_state(cfg)
     latest = run.load_latest(cfg)
     if latest is None:

@@ -29,6 +29,7 @@ BENCHMARKS = {
     "adam_rates": [],
     "tasks": [],
     "lopt_step": [],
+    "torch_step": [],
     "elite_probe": ["all"],
 }
 AFTER = {"elite_probe": "ttb"}
@@ -113,6 +114,17 @@ def test_lopt_step(runs):
     assert out["results"]
     for row in out["results"]:
         has(row, "model", "num_params", "lopt_ms", "adam_ms", "ratio")
+
+
+def test_torch_step(runs):
+    pytest.importorskip("torch")
+    out = runs.result("torch_step")
+    has(out, "benchmark", "torch", "flops_per_param", "matmul_gflops",
+        "selfopt_fraction_of_matmul_rate", "convnet_step.selfopt_s", "convnet_step.adam_s",
+        "convnet_step.adamw_foreach_s", "convnet_step.ratio_to_adam")
+    for row in out["optimizer_step"].values():
+        has(row, "params", "selfopt_s", "adam_s", "adamw_foreach_s", "ratio_to_adam",
+            "selfopt_gflops")
 
 
 def test_throughput(runs):

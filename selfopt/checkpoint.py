@@ -71,10 +71,9 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     try:
-        arrays, header = read_checked(path, "selfopt", "selfopt checkpoint")
+        arrays, header = read_checked(path, "selfopt", "checkpoint")
     except FileCheckError as err:
-        raise CheckpointError(str(err).replace("no selfopt checkpoint", "no checkpoint")
-                              ) from None
+        raise CheckpointError(str(err)) from None
     version = header.get("schema_version")
     if version not in READABLE_VERSIONS:
         raise CheckpointError(f"{path} has schema version {one_line(version, 120)}; this selfopt "

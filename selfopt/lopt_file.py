@@ -79,17 +79,22 @@ def write(path: Path, theta: Any, meta: dict[str, Any]) -> None:
     write_checked(Path(path), flatten(theta), KEY, meta, format_version=FORMAT_VERSION)
 
 
-def is_lopt_file(path: Path) -> bool:
-    """Whether ``path`` is a safetensors file with an exported optimizer's header (damaged or
-    not: :func:`read` says which); ``False`` for a training checkpoint or anything else."""
+def _metadata_keys(path: Path) -> set[str]:
+    """The keys of a safetensors file's string metadata (empty for anything else)."""
     try:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             if not 0 < size < 100_000_000:
-                return False
-            return KEY in json.loads(f.read(size)).get("__metadata__", {})
-    except (OSError, ValueError, AttributeError):
-        return False
+                return set()
+            return set(json.loads(f.read(size)).get("__metadata__") or {})
+    except (OSError, ValueError, AttributeError, TypeError):
+        return set()
+
+
+def is_lopt_file(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file with an exported optimizer's header (damaged or
+    not: :func:`read` says which); ``False`` for a training checkpoint or anything else."""
+    return KEY in _metadata_keys(path)
 
 
 def read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -101,10 +106,10 @@ def read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         architecture.
     """
     try:
-        arrays, header = read_checked(path, KEY, "selfopt optimizer file")
+        arrays, header = read_checked(path, KEY, "optimizer file")
     except FileCheckError as err:
-        hint = ("; a training checkpoint? export it with: selfopt export RUN"
-                if Path(path).is_file() and "selfopt.lopt" in str(err) else "")
+        hint = ("; it is a training checkpoint: export it with selfopt export RUN"
+                if "selfopt" in _metadata_keys(path) else "")
         raise LOptFileError(f"{err}{hint}") from None
     version = header.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:

@@ -109,7 +109,7 @@ def read_checked(path: Path, key: str, what: str
 
     Raises:
       FileCheckError: missing, not a safetensors file, or without a header under ``key``
-        (``what`` names the expected kind of file in the message).
+        (``what`` names the expected kind of file in the message: "checkpoint").
     """
     path = Path(path)
     if not path.is_file():
@@ -123,5 +123,6 @@ def read_checked(path: Path, key: str, what: str
         if not isinstance(header, dict) or not isinstance(header.get("meta"), dict):
             raise ValueError(f"no {key} header")
     except (SafetensorError, ValueError, KeyError, TypeError, OSError, RecursionError) as err:
-        raise FileCheckError(f"{path} is not a readable {what} ({one_line(err, 120)})") from None
+        raise FileCheckError(f"{path} is not a readable selfopt {what} ({one_line(err, 120)})"
+                             ) from None
     return arrays, header

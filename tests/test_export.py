@@ -106,7 +106,7 @@ def test_damaged_newer_foreign_and_mismatched_files_give_one_line_errors(tmp_pat
 
     # a training checkpoint is not an optimizer file
     ckpt = sorted((RUN / "checkpoints").glob("*.safetensors"))[-1]
-    with pytest.raises(LOptFileError, match="selfopt export RUN"):
+    with pytest.raises(LOptFileError, match="training checkpoint: export it with selfopt export RUN"):
         read(ckpt)
 
     # weights of another architecture under this one's name

@@ -29,8 +29,8 @@ import numpy as np
 import optax
 
 from selfopt.cache import COMPILER_OPTIONS, cache_root
-from selfopt.safe_io import atomic_write_bytes
 from selfopt.lopt.base import LearnedOptimizer, check_theta
+from selfopt.safe_io import atomic_write_bytes
 from selfopt.tasks.base import Task
 from selfopt.tasks.distribution import HELDOUT_CONFIGS, TEST_CONFIGS, full_config, make_task
 

@@ -20,12 +20,12 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from selfopt.safe_io import atomic_write_bytes
 from selfopt.config import make_config
 from selfopt.evaluate import Evaluation, default_cache_dir, evaluate, print_progress, suite
 from selfopt.live_view import LiveView
 from selfopt.report import comparison_page, figure_html, table
 from selfopt.run_dir import open_checkpoint, read_jsonl
+from selfopt.safe_io import atomic_write_bytes
 from selfopt.train import candidate, train
 
 #: The two arms: run folder, config value of ``outer.kind``, label.

@@ -20,8 +20,8 @@ from typing import Any, Iterable, Sequence
 
 import matplotlib.pyplot as plt
 
-from selfopt.safe_io import atomic_write_bytes
 from selfopt.plots import RunData, ancestry, answer_id, render
+from selfopt.safe_io import atomic_write_bytes
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }

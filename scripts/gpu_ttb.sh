@@ -11,7 +11,7 @@ python -c "import jax; print('devices:', jax.devices())"
 python benchmarks/throughput.py --quick > "$OUT/throughput.json"
 cat "$OUT/throughput.json"
 python benchmarks/ttb.py --minutes "$MINUTES" --eval-minutes 0.5 --control \
-  --set population=16 --set num_pairs=8 --set steps_per_call=10 --out "$OUT/ttb" > "$OUT/ttb.json"
+  --set population=16 --set estimator.num_pairs=8 --set steps_per_call=10 --out "$OUT/ttb" > "$OUT/ttb.json"
 python - "$OUT/ttb.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))

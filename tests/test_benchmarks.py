@@ -169,3 +169,17 @@ def test_cold_start(runs):
     out = runs.result("cold_start")
     has(out, "this.compile_s", "this.programs", "this.steps")
     assert out["this"]["exit_code"] == 0 and out["this"]["steps"] == 2
+
+
+def test_the_gpu_script_names_only_real_config_fields():
+    """scripts/gpu_ttb.sh runs only where a GPU is lent, so nothing else would notice a
+    renamed field in its ``--set`` flags."""
+    import re
+
+    from selfopt.cli import parse_assignment
+    from selfopt.config import make_config
+
+    text = (ROOT / "scripts" / "gpu_ttb.sh").read_text()
+    overrides = dict(parse_assignment(m) for m in re.findall(r"--set (\S+)", text))
+    assert overrides
+    make_config(overrides)  # raises ConfigError naming an unknown field

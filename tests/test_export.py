@@ -160,3 +160,21 @@ def test_eval_accepts_an_exported_file(run, capsys):
     assert main(["eval", str(out), "--tasks", "quick", "--steps", "20", "--seeds", "1",
                  "--member", "1"]) == 2
     assert "--member applies to a run" in capsys.readouterr().err
+
+
+def test_a_new_run_records_its_provenance_and_the_export_carries_it(tmp_path, monkeypatch):
+    from test_reliability import tiny_argv
+
+    out = tmp_path / "run"
+    monkeypatch.setattr("sys.argv", ["/somewhere/bin/selfopt", "train", "--seed", "7"])
+    assert main(["train", "--out", str(out), "--max-steps", "2", "--quiet", *tiny_argv()]) == 0
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["command"] == "selfopt train --seed 7"
+    assert record["date"].startswith("20") and "commit" in record
+    monkeypatch.setattr("sys.argv", ["selfopt", "train", "--resume", str(out)])
+    assert main(["train", "--resume", str(out), "--max-steps", "3", "--quiet"]) == 0
+    assert json.loads((out / "provenance.json").read_text()) == record  # the start's, kept
+    assert main(["export", str(out)]) == 0
+    _, _, meta = read(out / "optimizer.safetensors")
+    assert meta["training"]["command"] == "selfopt train --seed 7"
+    assert meta["training"]["outer_steps"] == 3 and meta["evaluation"] is None

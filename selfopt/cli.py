@@ -2,8 +2,9 @@
 
     selfopt train [--config FILE] [--population 8] [--minutes 10] [--seed 0] [--out runs/NAME]
                   [--outer-optimizer self|adam] [--set FIELD=VALUE ...] [--resume RUN]
-    selfopt eval RUN_OR_CHECKPOINT|optax:NAME[:LR] [--member N] [--tasks heldout|quick]
-                 [--steps 300] [--seeds 3] [--seed 0] [--out FILE]
+    selfopt eval RUN_OR_CHECKPOINT|FILE|pretrained|optax:NAME[:LR] [--member N]
+                 [--tasks heldout|quick|test] [--steps 300] [--seeds 3] [--seed 0] [--out FILE]
+    selfopt export RUN_OR_CHECKPOINT [--out FILE] [--member N]
     selfopt plot RUN [--out DIR]
     selfopt report RUN [--out FILE]
     selfopt experiment self-vs-adam [--minutes 10] [--out DIR] [--seed 0]

@@ -215,25 +215,33 @@ class LearnedOptimizer(torch.optim.Optimizer):
             sums = torch.zeros((len(params), values.shape[1]), device=device)
             return sums.index_add_(0, seg, values) / counts
 
-        clip = c["feature_clip"]
+        # The (n, F) features written in place into one buffer, in MLPLOpt's order: g, p, m,
+        # sqrt(v), m / sqrt(v) (each divided by its RMS over the tensor, clipped), the log
+        # magnitudes of g, p and sqrt(v), and m / sqrt(v) clipped.
+        clip, k = c["feature_clip"], len(c["decays"])
+        n_scaled = 3 + 2 * k
+        features = torch.empty((g.shape[0], n_scaled + 3 + k), device=device)
+        scaled = features[:, :n_scaled]
         rms = v.sqrt()
-        adam = m / (v + EPS).sqrt()[:, None]
-        scaled = torch.cat([g[:, None], x[:, None], m, rms[:, None], adam], dim=1)
-        scaled = scaled * torch.rsqrt(segment_mean(scaled.square()) + EPS)[seg]
-        features = torch.cat([
-            scaled.clamp(-clip, clip),
-            (torch.stack([g, x, rms], dim=1).abs() + 1e-12).log().div(5.0).clamp(-5.0, 5.0),
-            adam.clamp(-clip, clip)], dim=1)
+        adam = features[:, n_scaled + 3:]
+        torch.div(m, (v + EPS).sqrt_()[:, None], out=adam)
+        features[:, 0], features[:, 1], features[:, 2:2 + k] = g, x, m
+        features[:, 2 + k], features[:, 3 + k:n_scaled] = rms, adam
+        scaled.mul_(torch.rsqrt(segment_mean(scaled.square()) + EPS)[seg]).clamp_(-clip, clip)
+        magnitudes = features[:, n_scaled:n_scaled + 3]
+        magnitudes[:, 0], magnitudes[:, 1], magnitudes[:, 2] = g, x, rms
+        magnitudes.abs_().add_(1e-12).log_().div_(5.0).clamp_(-5.0, 5.0)
+        adam.clamp_(-clip, clip)
 
         layers = [(theta[f"layers.{i}.w"], theta[f"layers.{i}.b"])
                   for i in range(len(c["hidden"]) + 1)]
         (w0, b0), *hidden, (wl, bl) = layers
         split = features.shape[1]
         time = torch.tanh(step / layout["timescales"])
-        h = torch.relu(features @ w0[:split] + (time @ w0[split:] + b0))
+        h = torch.addmm(time @ w0[split:] + b0, features, w0[:split]).relu_()
         for wi, bi in hidden:
-            h = torch.relu(h @ wi + bi)
-        out = h @ wl + bl
+            h = torch.addmm(bi, h, wi).relu_()
+        out = torch.addmm(bl, h, wl)
         steps = -out[:, 0] * torch.exp(c["exp_mult"] * out[:, 1]) * c["step_mult"]
         steps = steps * layout["factors"]
         if w.kind == "hierarchical":

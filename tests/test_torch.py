@@ -86,7 +86,7 @@ def train(model, opt, x, y, steps, closure=False):
             loss.backward()
             return loss
         if closure:
-            losses.append(float(opt.step(compute)))
+            losses.append(float(opt.step(compute).detach()))
         else:
             loss = compute()
             opt.step(loss=loss)

@@ -21,8 +21,12 @@ import numpy as np
 import optax
 
 from selfopt import lopt_file
+from selfopt.config import ConfigError, make_config
 from selfopt.lopt import LearnedOptimizer, as_optax, check_theta
 from selfopt.lopt_file import LOptFileError
+from selfopt.population.elite import answer
+from selfopt.provenance import provenance
+from selfopt.run_dir import open_checkpoint
 
 #: The self-trained optimizer shipped with the package (its card: docs/pretrained.md).
 PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "selfopt-mlp.safetensors"
@@ -52,10 +56,6 @@ def export(target: Path, out: Path | None = None, member: int | None = None
       ValueError: ``member`` is not a position of the population.
       OSError: ``out`` cannot be written (nothing there changed).
     """
-    from selfopt.population.elite import answer
-    from selfopt.provenance import provenance
-    from selfopt.run_dir import open_checkpoint
-
     target = Path(target)
     cfg, state, path = open_checkpoint(target)
     theta, source, description = answer(state, member)
@@ -99,7 +99,6 @@ def read(path: Path) -> tuple[LearnedOptimizer, Any, dict[str, Any]]:
       LOptFileError: the file cannot be used: missing, damaged, newer, of an unknown
         architecture, or with weights that do not fit its architecture.
     """
-    from selfopt.config import ConfigError, make_config
 
     arrays, meta = lopt_file.read(path)
     arch = meta["architecture"]

@@ -137,6 +137,19 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     raise TypeError(f"a parameter has dtype {p.dtype}; a learned optimizer can "
                                     "only train floating-point parameters")
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, but the state stays float32: torch
+        casts floating state to each parameter's dtype, which would round the accumulators of
+        bfloat16 parameters."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for p, saved_id in zip(params, saved_ids):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32,
+                                                  copy=True)
+
     def _theta(self, device: torch.device) -> dict[str, torch.Tensor]:
         if device not in self._on:
             self._on[device] = {k: v.to(device) for k, v in self.weights.tensors.items()}

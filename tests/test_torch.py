@@ -134,6 +134,13 @@ def test_bfloat16_parameters_take_the_float32_steps_rounded():
     assert all(p.dtype == torch.bfloat16 for p in model16.parameters())
     assert l16[-1] < 0.8 * l16[0]
     assert abs(l16[-1] - l32[-1]) < 0.1 * l32[0]
+    # state stays float32 through a state_dict round trip (torch.optim would cast it to bf16)
+    opt16b = st.LearnedOptimizer(model16.parameters(), weights=st.pretrained())
+    opt16b.load_state_dict(copy.deepcopy(opt16.state_dict()))
+    state = opt16b.state[next(model16.parameters())]
+    assert state["momenta"].dtype == state["rms"].dtype == torch.float32
+    torch.testing.assert_close(state["momenta"], opt16.state[next(model16.parameters())]["momenta"],
+                               rtol=0, atol=0)
 
 
 def test_bad_input_is_refused_in_one_line(tmp_path):

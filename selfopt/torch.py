@@ -39,13 +39,11 @@ from selfopt import lopt_file
 EPS = 1e-8
 #: Momentum decays whose consistency the hierarchical cell reads (as selfopt.lopt).
 CONSISTENCY_DECAYS = (0.9, 0.99)
-#: Defaults of the architectures' fields, for files that leave one out.
-MLP_DEFAULTS = {"hidden": (32, 32), "decays": (0.5, 0.9, 0.99, 0.999, 0.9999),
-                "rms_decay": 0.999, "timescales": (1.0, 10.0, 100.0, 1e3, 1e4, 1e5),
-                "step_mult": 1e-3, "exp_mult": 1e-3, "feature_clip": 5.0, "width_base": 32,
-                "depth_power": 1.5}
-HIERARCHICAL_DEFAULTS = {**MLP_DEFAULTS, "cell_size": 8, "loss_decays": (0.9, 0.99)}
-KINDS = {"mlp": MLP_DEFAULTS, "hierarchical": HIERARCHICAL_DEFAULTS}
+#: The fields of each architecture this module runs (a file names every one: the exporter
+#: writes them all, so no default is repeated here).
+MLP_FIELDS = ("hidden", "decays", "rms_decay", "timescales", "step_mult", "exp_mult",
+              "feature_clip", "width_base", "depth_power")
+KINDS = {"mlp": MLP_FIELDS, "hierarchical": (*MLP_FIELDS, "cell_size", "loss_decays")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +79,8 @@ def load(path: str | Path) -> Weights:
     if kind not in KINDS:
         raise lopt_file.LOptFileError(f"{path}: architecture {kind!r} is not one this selfopt "
                                       f"runs in PyTorch ({sorted(KINDS)})")
-    config = {**KINDS[kind], **config}
+    if missing := [f for f in KINDS[kind] if f not in config]:
+        raise lopt_file.LOptFileError(f"{path}: its {kind} configuration lacks {missing}")
     weights = Weights(kind, config, {k: torch.from_numpy(np.array(v, np.float32))
                                      for k, v in arrays.items()}, meta)
     expected = _expected_shapes(weights)

@@ -168,3 +168,10 @@ def test_selfopt_torch_runs_without_importing_jax():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_the_torch_side_knows_every_field_of_each_architecture():
+    import dataclasses
+
+    for lopt in (MLPLOpt(), HierarchicalLOpt()):
+        assert set(st.KINDS[lopt.kind]) == {f.name for f in dataclasses.fields(lopt)}

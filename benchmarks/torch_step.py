@@ -64,11 +64,12 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def optimizers(params) -> dict[str, torch.optim.Optimizer]:
-    params = list(params)
-    return {"selfopt": st.LearnedOptimizer(params, weights=st.pretrained()),
-            "adam": torch.optim.Adam(params, lr=1e-3),
-            "adamw_foreach": torch.optim.AdamW(params, lr=1e-3, foreach=True)}
+#: The optimizers compared: label -> constructor from (parameters, learned-optimizer weights).
+OPTIMIZERS = {
+    "selfopt": lambda params, weights: st.LearnedOptimizer(params, weights=weights),
+    "adam": lambda params, weights: torch.optim.Adam(params, lr=1e-3),
+    "adamw_foreach": lambda params, weights: torch.optim.AdamW(params, lr=1e-3, foreach=True),
+}
 
 
 def optimizer_steps(sizes, repeats, weights) -> dict:
@@ -78,7 +79,8 @@ def optimizer_steps(sizes, repeats, weights) -> dict:
         n = sum(p.numel() for p in model.parameters())
         model(torch.randn(32, widths[0])).square().mean().backward()
         row = {"params": n}
-        for label, opt in optimizers(model.parameters()).items():
+        for label, make in OPTIMIZERS.items():
+            opt = make(model.parameters(), weights)
             with torch.no_grad():
                 saved = [p.clone() for p in model.parameters()]
             row[f"{label}_s"] = median_seconds(opt.step, repeats)
@@ -97,13 +99,13 @@ def matmul_gflops(n: int, repeats: int) -> float:
     return 2 * n * 32 * 32 / seconds / 1e9
 
 
-def convnet_steps(batch: int, repeats: int) -> dict:
+def convnet_steps(batch: int, repeats: int, weights: st.Weights) -> dict:
     torch.manual_seed(0)
     x, y = torch.randn(batch, 1, 16, 16), torch.randint(0, 10, (batch,))
     out = {}
-    for label in ("selfopt", "adam", "adamw_foreach"):
+    for label, make in OPTIMIZERS.items():
         model = ConvNet()
-        opt = optimizers(model.parameters())[label]
+        opt = make(model.parameters(), weights)
 
         def step():
             opt.zero_grad()
@@ -132,7 +134,7 @@ def main() -> None:
         "machine": platform.machine(), "cpus": os.cpu_count(),
         "flops_per_param": flops_per_param(weights), "optimizer_step": steps,
         "matmul_gflops": matmul_gflops(largest, repeats),
-        "convnet_step": convnet_steps(8 if args.smoke else 128, repeats),
+        "convnet_step": convnet_steps(8 if args.smoke else 128, repeats, weights),
     }
     result["selfopt_fraction_of_matmul_rate"] = (
         steps[max(steps, key=lambda k: steps[k]["params"])]["selfopt_gflops"]

@@ -274,9 +274,8 @@ def evaluation(args: argparse.Namespace) -> int:
     from selfopt.checkpoint import CheckpointError
     from selfopt.evaluate import (default_cache_dir, evaluate, lopt_candidate, optax_candidate,
                                   print_progress, suite)
-    from selfopt.export import PRETRAINED
     from selfopt.export import read as read_export
-    from selfopt.lopt_file import LOptFileError, is_lopt_file
+    from selfopt.lopt_file import PRETRAINED, LOptFileError, is_lopt_file
     from selfopt.run_dir import open_checkpoint
     from selfopt.train import candidate as run_candidate
 

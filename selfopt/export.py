@@ -16,21 +16,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from selfopt import lopt_file
 from selfopt.config import ConfigError, make_config
-from selfopt.lopt import LearnedOptimizer, as_optax, check_theta
-from selfopt.lopt_file import LOptFileError
+from selfopt.lopt import LearnedOptimizer, check_theta
+from selfopt.lopt_file import PRETRAINED, LOptFileError
 from selfopt.population.elite import answer
 from selfopt.provenance import provenance
 from selfopt.run_dir import open_checkpoint
-
-#: The self-trained optimizer shipped with the package (its card: docs/pretrained.md).
-PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "selfopt-mlp.safetensors"
-
 
 def architecture(lopt: LearnedOptimizer) -> dict[str, Any]:
     """``{"kind", "config"}``: what a loader needs, besides the weights, to rebuild ``lopt``."""
@@ -70,8 +66,7 @@ def export(target: Path, out: Path | None = None, member: int | None = None
         "exported": provenance(),
     }
     out = Path(out) if out is not None else run_dir / "optimizer.safetensors"
-    lopt_file.write(out, theta, meta)
-    return out, lopt_file.read(out)[1]
+    return out, lopt_file.write(out, theta, meta)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -99,7 +94,6 @@ def read(path: Path) -> tuple[LearnedOptimizer, Any, dict[str, Any]]:
       LOptFileError: the file cannot be used: missing, damaged, newer, of an unknown
         architecture, or with weights that do not fit its architecture.
     """
-
     arrays, meta = lopt_file.read(path)
     arch = meta["architecture"]
     try:
@@ -107,7 +101,7 @@ def read(path: Path) -> tuple[LearnedOptimizer, Any, dict[str, Any]]:
     except ConfigError as err:
         raise LOptFileError(f"{path}: this selfopt cannot build its architecture ({err})"
                             ) from None
-    theta = _as_jax(lopt_file.unflatten(arrays))
+    theta = jax.tree.map(jnp.asarray, lopt_file.unflatten(arrays))
     try:
         check_theta(lopt, theta)
     except ValueError as err:
@@ -115,16 +109,8 @@ def read(path: Path) -> tuple[LearnedOptimizer, Any, dict[str, Any]]:
     return lopt, theta, meta
 
 
-def _as_jax(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _as_jax(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_as_jax(v) for v in tree]
-    return jnp.asarray(np.asarray(tree, np.float32))
-
-
 def load(path: Path, num_steps: int | None = None) -> optax.GradientTransformationExtraArgs:
-    """The optax optimizer of an exported file (:func:`read`'s checks first).
+    """The optax optimizer of an exported file (after :func:`read`'s checks, theta's included).
 
     Args:
       path: the ``.safetensors`` file ``selfopt export`` wrote.
@@ -132,7 +118,7 @@ def load(path: Path, num_steps: int | None = None) -> optax.GradientTransformati
         time left (the hierarchical optimizer); others ignore it.
     """
     lopt, theta, _ = read(path)
-    return as_optax(lopt, theta, num_steps)
+    return lopt.optimizer(theta, num_steps)
 
 
 def pretrained(num_steps: int | None = None) -> optax.GradientTransformationExtraArgs:

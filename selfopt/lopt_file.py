@@ -14,15 +14,16 @@ arrays and the metadata. Metadata:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from selfopt.checks import one_line
-from selfopt.safe_io import FileCheckError, digest, read_checked, write_checked
+from selfopt.safe_io import FileCheckError, digest, read_checked, string_metadata, write_checked
 
+#: The self-trained optimizer shipped with the package (its card: docs/pretrained.md).
+PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "selfopt-mlp.safetensors"
 #: The header's key in the safetensors metadata.
 KEY = "selfopt.lopt"
 #: Version 1: the first. A reader refuses a newer version (it may not know its fields).
@@ -69,25 +70,21 @@ def unflatten(arrays: dict[str, Any]) -> Any:
     return lists(root, "")
 
 
-def write(path: Path, theta: Any, meta: dict[str, Any]) -> None:
+def write(path: Path, theta: Any, meta: dict[str, Any]) -> dict[str, Any]:
     """Writes ``theta`` (nested arrays) and ``meta`` (JSON-able, with ``architecture``)
-    atomically.
+    atomically; returns ``meta`` as stored (as :func:`read` will return it).
 
     Raises:
       OSError: the write failed; nothing at ``path`` changed.
     """
-    write_checked(Path(path), flatten(theta), KEY, meta, format_version=FORMAT_VERSION)
+    return write_checked(Path(path), flatten(theta), KEY, meta, format_version=FORMAT_VERSION)
 
 
 def _metadata_keys(path: Path) -> set[str]:
     """The keys of a safetensors file's string metadata (empty for anything else)."""
     try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size < 100_000_000:
-                return set()
-            return set(json.loads(f.read(size)).get("__metadata__") or {})
-    except (OSError, ValueError, AttributeError, TypeError):
+        return set(string_metadata(path))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return set()
 
 

@@ -110,7 +110,7 @@ class RunDir:
         ckpt.save_checkpoint(path, state.arrays(), {"config": cfg.to_json(),
                                                     "run": state.metadata(), "logs": logs})
         safe_io.remove_temp_files(self.ckpt_dir, "step-*.safetensors")
-        for name in ("config.json", "*.jsonl"):
+        for name in ("config.json", "provenance.json", "*.jsonl"):
             safe_io.remove_temp_files(self.path, name)
         paths = self.checkpoints()
         for later in paths[paths.index(path) + 1:]:

@@ -87,10 +87,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_checked(path: Path, arrays: dict[str, np.ndarray], key: str, meta: dict[str, Any],
-                  with_meta: bool = True, **fields: Any) -> None:
+                  with_meta: bool = True, **fields: Any) -> dict[str, Any]:
     """Writes ``arrays`` and the header ``{**fields, "sha256", "meta"}`` (under ``key``)
     atomically. ``meta`` must be JSON-able; it is stored as a reader will see it (tuples as
     lists). ``with_meta``: the checksum covers ``meta`` too (:func:`digest`).
+
+    Returns:
+      ``meta`` as stored.
 
     Raises:
       OSError: the write failed; nothing at ``path`` changed.
@@ -98,6 +101,21 @@ def write_checked(path: Path, arrays: dict[str, np.ndarray], key: str, meta: dic
     meta = json.loads(json.dumps(meta))
     header = {**fields, "sha256": digest(arrays, meta, with_meta), "meta": meta}
     atomic_write_bytes(path, save(arrays, metadata={key: json.dumps(header)}))
+    return meta
+
+
+def string_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (its header: an 8-byte length, then JSON).
+
+    Raises:
+      OSError, ValueError, KeyError, TypeError, RecursionError: not a readable safetensors
+        header.
+    """
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size < 100_000_000:
+            raise ValueError(f"header length {size} is not a safetensors header's")
+        return dict(json.loads(f.read(size)).get("__metadata__") or {})
 
 
 def read_checked(path: Path, key: str, what: str
@@ -116,10 +134,7 @@ def read_checked(path: Path, key: str, what: str
         raise FileCheckError(f"no {what} at {path}")
     try:
         arrays = load_file(str(path))
-        with open(path, "rb") as f:  # the header: 8-byte length, then JSON
-            size = int.from_bytes(f.read(8), "little")
-            header_json = json.loads(f.read(size))
-        header = json.loads(header_json["__metadata__"][key])
+        header = json.loads(string_metadata(path)[key])
         if not isinstance(header, dict) or not isinstance(header.get("meta"), dict):
             raise ValueError(f"no {key} header")
     except (SafetensorError, ValueError, KeyError, TypeError, OSError, RecursionError) as err:

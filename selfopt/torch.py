@@ -95,7 +95,7 @@ def load(path: str | Path) -> Weights:
 
 def pretrained() -> Weights:
     """The self-trained optimizer shipped with selfopt (docs/pretrained.md is its card)."""
-    return load(Path(__file__).resolve().parent / "pretrained" / "selfopt-mlp.safetensors")
+    return load(lopt_file.PRETRAINED)
 
 
 def _expected_shapes(w: Weights) -> dict[str, tuple[int, ...]]:

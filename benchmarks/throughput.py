@@ -41,7 +41,12 @@ from selfopt.lopt import MLPLOpt
 from selfopt.population import Hyperparams, SelfTraining
 from selfopt.tasks import make_task
 from selfopt.population.slots import init_problems
-from selfopt.train_step import outer_step, outer_steps
+from selfopt.cache import COMPILER_OPTIONS
+from selfopt.train_step import outer_step as one_outer_step, outer_steps
+
+#: One whole outer step (estimates and update) in one compiled call.
+outer_step = jax.jit(one_outer_step, static_argnames=("lopt", "estimator", "outer"),
+                     compiler_options=COMPILER_OPTIONS)
 
 TASK = {"family": "mlp", "dataset": "fashion_mnist8", "hidden": [32], "batch_size": 128,
         "activation": "relu"}

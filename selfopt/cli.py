@@ -102,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="FIELD=VALUE",
                        help="any config field, dotted (outer.max_update=0.01), value as JSON")
     train.add_argument("--quiet", action="store_true", help="no live view")
+    train.add_argument("--backend", choices=("local", "ray"), default="local",
+                       help="where the members' ES work runs: local (this process, the "
+                            "default) or ray (one Ray worker per block of members; --set "
+                            "shards=N cuts the population into N blocks; docs/scaling.md)")
+    train.add_argument("--address", metavar="HOST:PORT",
+                       help="with --backend ray: a running Ray cluster (default: start a local "
+                            "Ray instance on this machine)")
+    train.add_argument("--worker-cpus", type=_positive_float, default=1.0,
+                       help="with --backend ray: CPUs Ray reserves for each worker (default 1)")
 
     ev = commands.add_parser(
         "eval", help="compare an optimizer with per-task tuned Adam on the held-out tasks",
@@ -190,6 +199,7 @@ def train(args: argparse.Namespace) -> int:
     from selfopt.live_view import LiveView
     from selfopt.run_dir import RunInUseError
     from selfopt.train import train as run_training
+    from selfopt.train_step import BackendError, in_process
 
     overrides = train_overrides(args)
     if args.resume is not None:
@@ -216,13 +226,15 @@ def train(args: argparse.Namespace) -> int:
             raise ConfigError(f"{run_dir} already holds a run; resume it with --resume "
                               f"{run_dir}, or choose another --out")
 
+    backend = make_backend(args, cfg)  # before the run directory is touched
     with LiveView("Adam control" if cfg.outer.kind == "adam" else "self-training",
                   60 * cfg.minutes) as view:
         on_eval = lambda row: view.console.print(eval_line(row), highlight=False, soft_wrap=True)
         try:
             summary = run_training(cfg, run_dir, resume=args.resume is not None,
-                                   on_step=None if args.quiet else view.update, on_eval=on_eval)
-        except (CheckpointError, RunInUseError, FloatingPointError) as err:
+                                   on_step=None if args.quiet else view.update, on_eval=on_eval,
+                                   backend=backend)
+        except (CheckpointError, RunInUseError, FloatingPointError, BackendError) as err:
             raise ConfigError(str(err)) from None
         except OSError as err:  # a full disk, a folder we may not write: one line, no traceback
             raise ConfigError(f"{run_dir}: {err}") from None
@@ -230,8 +242,27 @@ def train(args: argparse.Namespace) -> int:
             print(f"selfopt: interrupted; resume with: selfopt train --resume {run_dir}",
                   file=sys.stderr)
             return 130
+        finally:
+            if backend is not in_process:
+                backend.close()
     print_summary(summary, run_dir)
     return 130 if summary["interrupted"] else 0
+
+
+def make_backend(args: argparse.Namespace, cfg) -> object:
+    """The backend ``--backend`` names (the Ray one connected and its workers started)."""
+    from selfopt.train_step import BackendError, in_process
+
+    if args.backend == "local":
+        if args.address is not None:
+            raise ConfigError("--address needs --backend ray")
+        return in_process
+    from selfopt.ray_backend import RayBackend
+
+    try:
+        return RayBackend(cfg, args.address, args.worker_cpus)
+    except BackendError as err:
+        raise ConfigError(str(err)) from None
 
 
 def eval_line(row: dict) -> str:

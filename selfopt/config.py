@@ -57,6 +57,10 @@ class TrainConfig:
       task_steps: outer steps a slot keeps its task before drawing a new one.
       steps_per_call: outer steps per compiled call (one task, no host round trip in between;
         for GPUs); failed members are replaced, and PBT runs, between calls.
+      shards: blocks of members the ES work of an outer step is cut into, one compiled call
+        each; the Ray backend runs them on its workers at once (docs/scaling.md). Results
+        depend on ``shards`` (a block of fewer members rounds differently), never on where
+        the blocks run.
       diverged_meta_loss: a member at or above this meta-loss (ratio scale: 1 = no progress) is
         replaced at once.
       validate_interval: outer steps between held-in validations (0: never); the best weights
@@ -83,6 +87,7 @@ class TrainConfig:
     num_slots: int = 2
     task_steps: int = 40
     steps_per_call: int = 1
+    shards: int = 1
     diverged_meta_loss: float = 5.0
     validate_interval: int = 50
     validate_steps: int = 300
@@ -101,8 +106,15 @@ class TrainConfig:
                              ("validate_interval", 0, 1_000_000),
                              ("validate_steps", 1, 1_000_000),
                              ("eval_steps", 10, 1_000_000), ("eval_seeds", 1, 1000),
-                             ("keep_checkpoints", 1, 1000), ("max_steps", 0, 10**9)):
+                             ("keep_checkpoints", 1, 1000), ("max_steps", 0, 10**9),
+                             ("shards", 1, 4096)):
             check_int(self, name, lo, hi)
+        if self.population % self.shards:
+            raise ValueError(f"shards must divide population ({self.population}) into equal "
+                              f"blocks, got {self.shards}")
+        if self.shards > 1 and self.steps_per_call > 1:
+            raise ValueError("shards > 1 needs steps_per_call = 1 (a call of several steps "
+                              "cannot leave its device between steps)")
         check_int(self, "seed", 0, 2**31 - 1)
         check_number(self, "minutes", 0, 60 * 24 * 30, open_low=True)
         check_number(self, "eval_minutes", 0, 60 * 24 * 30, note=" (0: never)")

@@ -24,8 +24,8 @@ from selfopt.population.elite import answer
 from selfopt.population.state import PopulationState, finite_or_none
 from selfopt.provenance import provenance
 from selfopt.run_dir import RunDir
-from selfopt.train_step import (held_in_scores, initial_state, initial_thetas, train_step,
-                                validate)
+from selfopt.train_step import (Backend, BackendError, held_in_scores, in_process,
+                                initial_state, initial_thetas, train_step, validate)
 
 #: Fields of an ``eval.jsonl`` row that the run summary repeats for the last evaluation.
 EVAL_SUMMARY_FIELDS = ("step", "elapsed", "mean_normalized", "adam_mean_normalized", "wins",
@@ -34,7 +34,8 @@ EVAL_SUMMARY_FIELDS = ("step", "elapsed", "mean_normalized", "adam_mean_normaliz
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False,
           on_step: Callable[[dict[str, Any]], None] | None = None,
-          on_eval: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+          on_eval: Callable[[dict[str, Any]], None] | None = None,
+          backend: Backend = in_process) -> dict[str, Any]:
     """Trains in ``run_dir`` until the step or time budget is spent, or Ctrl-C.
 
     Args:
@@ -44,6 +45,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False,
       on_step: called after every step with ``{"state", "metrics", "inner_steps",
         "inner_steps_per_s"}`` (the live view).
       on_eval: called with each row of ``eval.jsonl``.
+      backend: where the members' estimates run (:data:`~selfopt.train_step.Backend`; the
+        results do not depend on it).
 
     Returns:
       The run's summary (also written to ``summary.json``).
@@ -51,6 +54,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False,
     Raises:
       RunInUseError: another process is training in this run directory.
       CheckpointError: resuming, no checkpoint is usable.
+      BackendError: the backend lost its workers; the last finished step is checkpointed.
     """
     run, stop = RunDir(run_dir), threading.Event()
     with run.lock():
@@ -59,12 +63,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False,
             state, events, row = validate(cfg, state)
             run.append({"lineage.jsonl": events, "validation.jsonl": [row]})
         with _stop_on_signals(stop):
-            state, path = _loop(cfg, run, state, resume, stop, on_step, on_eval)
+            state, path = _loop(cfg, run, state, resume, stop, on_step, on_eval, backend)
         return summarize(cfg, run, state, path, stop.is_set())
 
 
 def _loop(cfg: TrainConfig, run: RunDir, state: PopulationState, resume: bool,
-          stop: threading.Event, on_step, on_eval) -> tuple[PopulationState, Path]:
+          stop: threading.Event, on_step, on_eval, backend: Backend
+          ) -> tuple[PopulationState, Path]:
     """Steps until the budget is spent or ``stop`` is set; returns the last state and its
     checkpoint."""
     # ``elapsed`` counts training only: the budget, the logs and time-to-beat-Adam use it.
@@ -81,7 +86,11 @@ def _loop(cfg: TrainConfig, run: RunDir, state: PopulationState, resume: bool,
         if budget_spent(cfg, state) or stop.is_set():
             break
         started = time.monotonic()
-        state, out = train_step(cfg, state)
+        try:
+            state, out = train_step(cfg, state, backend)
+        except BackendError:
+            run.save(cfg, state)
+            raise
         state = state.replace(elapsed=elapsed0 + time.monotonic() - session_start - evaluating)
         run.append(out.logs)
         if on_step:

@@ -5,15 +5,16 @@
                   validate_interval)
 
 :func:`train_step` takes a :class:`~selfopt.population.state.PopulationState` and returns the
-next one with the rows the step logs; it writes nothing. The device work of a step is one
-jitted call (:func:`outer_step`, or :func:`outer_steps` for ``steps_per_call`` steps in one
-``lax.scan``); PBT and the elite run on the host.
+next one with the rows the step logs; it writes nothing. The device work of a step is the
+members' estimates (:func:`member_estimates`, in ``shards`` blocks that a :data:`Backend` runs
+here or on Ray workers) and one call of :func:`self_update`; or :func:`outer_steps` for
+``steps_per_call`` whole steps in one ``lax.scan``. PBT and the elite run on the host.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,20 +39,27 @@ class StepOutput(NamedTuple):
     logs: dict[str, list[dict]]  # rows for each log file of the run directory
 
 
-def _outer_step(lopt, estimator, outer, thetas, outer_state, hparams, best, inner, task, key):
-    """One outer step of the whole population: ES/PES estimates, then the self-update.
+def member_estimates(lopt, estimator, task, thetas, sigma, inner, keys):
+    """ES/PES meta-gradient estimates of a block of members (leading axis) on their problems
+    of ``task``: one antithetic estimate per member, each with its own ``sigma`` and key.
 
     Returns:
-      New weights, outer state and inner problems, and per-member metrics: the meta-loss near
-      theta, whether the member is finite, the sizes of its estimate and update, and the
-      trust-region factor applied to the update (1: not bounded).
+      The members' :class:`~selfopt.estimators.es.Estimate` and their advanced problems.
     """
-    num = jax.tree.leaves(thetas)[0].shape[0]
-    es_key, update_key = jax.random.split(key)
-    estimates, inner = jax.vmap(estimator.estimate, in_axes=(None, None, 0, 0, 0, 0))(
-        lopt, task, thetas, jnp.exp(hparams.log_sigma), inner, jax.random.split(es_key, num))
+    return jax.vmap(estimator.estimate, in_axes=(None, None, 0, 0, 0, 0))(
+        lopt, task, thetas, sigma, inner, keys)
+
+
+def self_update(lopt, outer, thetas, outer_state, hparams, best, estimates, key):
+    """Every member's update from its estimate (the self-update, or the control's Adam step).
+
+    Returns:
+      New weights and outer state, and per-member metrics: the meta-loss near theta, whether
+      the member is finite, the sizes of its estimate and update, and the trust-region factor
+      applied to the update (1: not bounded).
+    """
     new_thetas, outer_state, shrink = outer.update(lopt, thetas, outer_state, estimates.grad,
-                                                   hparams.log_step_mult, best, update_key,
+                                                   hparams.log_step_mult, best, key,
                                                    estimates.meta_loss)
     finite = jnp.isfinite(estimates.meta_loss)
     for leaf in jax.tree.leaves(new_thetas):
@@ -61,11 +69,50 @@ def _outer_step(lopt, estimator, outer, thetas, outer_state, hparams, best, inne
                "clipped": clipped_fraction(estimates.grad, outer.threshold(estimates.grad)),
                "update_rms": member_rms(jax.tree.map(jnp.subtract, new_thetas, thetas)),
                "trust": shrink}
+    return new_thetas, outer_state, metrics
+
+
+def step_keys(key: jax.Array, num: int) -> tuple[jax.Array, jax.Array]:
+    """An outer step's key as ``num`` members' estimate keys and the update's key."""
+    es_key, update_key = jax.random.split(key)
+    return jax.random.split(es_key, num), update_key
+
+
+def outer_step(lopt, estimator, outer, thetas, outer_state, hparams, best, inner, task, key):
+    """One outer step of the whole population: :func:`member_estimates`, then
+    :func:`self_update`; returns new weights, outer state, problems and the metrics."""
+    keys, update_key = step_keys(key, jax.tree.leaves(thetas)[0].shape[0])
+    estimates, inner = member_estimates(lopt, estimator, task, thetas,
+                                        jnp.exp(hparams.log_sigma), inner, keys)
+    new_thetas, outer_state, metrics = self_update(lopt, outer, thetas, outer_state, hparams,
+                                                   best, estimates, update_key)
     return new_thetas, outer_state, inner, metrics
 
 
-outer_step = jax.jit(_outer_step, static_argnames=("lopt", "estimator", "outer"),
-                     compiler_options=COMPILER_OPTIONS)
+#: :func:`member_estimates` compiled: the work of a block of members, where a backend runs it.
+estimate_block = jax.jit(member_estimates, static_argnames=("lopt", "estimator"),
+                         compiler_options=COMPILER_OPTIONS)
+_update = jax.jit(self_update, static_argnames=("lopt", "outer"),
+                  compiler_options=COMPILER_OPTIONS)
+_step_keys = jax.jit(step_keys, static_argnames="num")
+
+
+class BackendError(RuntimeError):
+    """A backend could not run a step (its workers or cluster are gone); the state before the
+    step is intact."""
+
+
+#: Where the estimates of an outer step run: ``backend(cfg, task_config, blocks)`` returns each
+#: block's ``(estimates, problems)`` of :func:`member_estimates`, in order; a block is
+#: ``(thetas, sigma, problems, keys)`` of some members (leading axis). Every backend runs the
+#: same compiled program on the same inputs, so where the blocks run changes no result.
+Backend = Callable[[TrainConfig, dict, list[tuple]], list[tuple]]
+
+
+def in_process(cfg: TrainConfig, task_config: dict, blocks: list[tuple]) -> list[tuple]:
+    """The default :data:`Backend`: every block in this process, one after another."""
+    task = slots.task(task_config)
+    return [estimate_block(cfg.lopt, cfg.estimator, task, *block) for block in blocks]
 
 
 @functools.partial(jax.jit, static_argnames=("lopt", "estimator", "outer", "num_steps"),
@@ -73,16 +120,17 @@ outer_step = jax.jit(_outer_step, static_argnames=("lopt", "estimator", "outer")
 def outer_steps(lopt, estimator, outer, thetas, outer_state, hparams, best, inner, task, seed,
                 first_step, num_steps):
     """``num_steps`` outer steps on one task in one compiled call (``lax.scan`` over
-    :func:`outer_step`), with no trip to the host in between: what a GPU needs, where one outer
+    :func:`member_estimates` and :func:`self_update`), with no trip to the host in between: what a GPU needs, where one outer
     step takes milliseconds. Step ``first_step + i`` uses the key :func:`step_key` gives it.
 
     Returns:
-      As :func:`outer_step`, with every metric stacked over the steps: ``(num_steps, K)``.
+      New weights, outer states and problems, and every metric of :func:`self_update` stacked
+      over the steps: ``(num_steps, K)``.
     """
     def body(carry, i):
         thetas, outer_state, inner = carry
         key = step_key(seed, first_step + i, ESTIMATE)
-        thetas, outer_state, inner, metrics = _outer_step(
+        thetas, outer_state, inner, metrics = outer_step(
             lopt, estimator, outer, thetas, outer_state, hparams, best, inner, task, key)
         return (thetas, outer_state, inner), metrics
 
@@ -117,15 +165,17 @@ def initial_state(cfg: TrainConfig) -> PopulationState:
         scores=(math.inf,) * cfg.population, best=0, elapsed=0.0, start_meta_loss=None)
 
 
-def train_step(cfg: TrainConfig, state: PopulationState) -> tuple[PopulationState, StepOutput]:
+def train_step(cfg: TrainConfig, state: PopulationState, backend: Backend = in_process
+               ) -> tuple[PopulationState, StepOutput]:
     """``steps_per_call`` outer steps on one slot's task, then PBT and the elite when due.
+    ``backend`` runs the ES work of the members (:data:`Backend`); everything else runs here.
 
     Returns:
       The next state and what the step reports (metrics and log rows).
     """
     state, slot = _refresh_slot(cfg, state)
     task = slots.task(state.slot_configs[slot])
-    state, history = estimate_and_update(cfg, state, slot, task)  # one jitted call
+    state, history = estimate_and_update(cfg, state, slot, task, backend)
     metrics = {k: v[-1] for k, v in history.items()}
     rows = _metric_rows(cfg, state, slot, history)
     state, replaced, lineage = replace_failed_members(cfg, state, metrics)
@@ -144,26 +194,39 @@ def train_step(cfg: TrainConfig, state: PopulationState) -> tuple[PopulationStat
     return state, StepOutput(metrics, logs)
 
 
-def estimate_and_update(cfg: TrainConfig, state: PopulationState, slot: int, task
+def estimate_and_update(cfg: TrainConfig, state: PopulationState, slot: int, task,
+                        backend: Backend = in_process
                         ) -> tuple[PopulationState, dict[str, np.ndarray]]:
-    """Every member's ES/PES meta-gradient on ``slot``'s problems and its self-update, for
-    ``steps_per_call`` outer steps in one compiled call.
+    """Every member's ES/PES meta-gradient on ``slot``'s problems and its self-update: the
+    estimates in ``cfg.shards`` blocks run by ``backend``, then :func:`self_update` here; or,
+    with ``steps_per_call`` above 1, ``steps_per_call`` whole outer steps in one compiled call.
 
     Returns:
       The state with new weights, outer states and problems (the step not yet advanced), and
-      each metric of :func:`outer_step` as ``(steps_per_call, K)``, the meta-loss on the ratio
+      each metric of :func:`self_update` as ``(steps_per_call, K)``, the meta-loss on the ratio
       scale (1 = no progress) as it is logged, shown and checked.
     """
-    args = (cfg.lopt, cfg.estimator, cfg.outer, state.thetas, state.outer_state, state.hparams,
-            jnp.asarray(state.best), state.slot_problems[slot], task)
-    if cfg.steps_per_call == 1:  # the plain step (no scan around it)
-        *new, metrics = outer_step(*args, step_key(cfg.seed, state.step, ESTIMATE))
+    problems = state.slot_problems[slot]
+    if cfg.steps_per_call == 1:
+        keys, update_key = _step_keys(step_key(cfg.seed, state.step, ESTIMATE), cfg.population)
+        members = (state.thetas, jnp.exp(state.hparams.log_sigma), problems, keys)
+        size = cfg.population // cfg.shards
+        blocks = [members] if cfg.shards == 1 else [
+            jax.tree.map(lambda x: x[b * size:(b + 1) * size], members)
+            for b in range(cfg.shards)]
+        results = backend(cfg, state.slot_configs[slot], blocks)
+        estimates, problems = results[0] if len(results) == 1 else jax.tree.map(
+            lambda *xs: jnp.concatenate(xs), *results)
+        thetas, outer_state, metrics = _update(cfg.lopt, cfg.outer, state.thetas,
+                                               state.outer_state, state.hparams,
+                                               jnp.asarray(state.best), estimates, update_key)
         history = {k: np.asarray(v)[None] for k, v in metrics.items()}
     else:
-        *new, metrics = outer_steps(*args, cfg.seed, state.step, cfg.steps_per_call)
+        thetas, outer_state, problems, metrics = outer_steps(
+            cfg.lopt, cfg.estimator, cfg.outer, state.thetas, state.outer_state, state.hparams,
+            jnp.asarray(state.best), problems, task, cfg.seed, state.step, cfg.steps_per_call)
         history = {k: np.asarray(v) for k, v in metrics.items()}
     history["meta_loss"] = ratio_scale(history["meta_loss"], cfg.estimator.normalization)
-    thetas, outer_state, problems = new
     state = _set_slot(state, slot, state.slot_configs[slot], problems).replace(
         thetas=thetas, outer_state=outer_state)
     if state.start_meta_loss is None:

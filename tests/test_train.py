@@ -19,10 +19,10 @@ from selfopt.lopt import MLPLOpt
 from selfopt.population import PBT, AdamControl, SelfTraining
 from selfopt.tasks import TaskDistribution
 from selfopt.population import slots
-from selfopt.population.state import step_key
 from selfopt.run_dir import open_checkpoint
 from selfopt.train import bound_fraction, train
-from selfopt.train_step import initial_state, outer_step, outer_steps, train_step
+from selfopt.estimators.inner_problem import ratio_scale
+from selfopt.train_step import estimate_and_update, initial_state, outer_steps, train_step
 
 TINY = {"population": 4, "estimator.num_pairs": 1, "estimator.truncation_length": 5,
         "estimator.min_inner_length": 10, "estimator.max_inner_length": 30,
@@ -276,20 +276,21 @@ def test_fused_steps_equal_one_step_at_a_time():
     cfg = tiny()
     state = initial_state(cfg)
     task = slots.task(state.slot_configs[0])
-    args = (state.thetas, state.outer_state, state.slot_problems[0])
-    one = args
-    for step in range(5, 8):
-        *one, metrics = outer_step(cfg.lopt, cfg.estimator, cfg.outer, *one[:2], state.hparams,
-                                   jnp.asarray(0), one[2], task, step_key(0, step, 0))
-    fused = outer_steps(cfg.lopt, cfg.estimator, cfg.outer, *args[:2], state.hparams,
-                        jnp.asarray(0), args[2], task, 0, 5, 3)
+    one = state.replace(step=5)
+    for _ in range(3):
+        one, history = estimate_and_update(cfg, one, 0, task)
+        one = one.replace(step=one.step + 1)
+    fused = outer_steps(cfg.lopt, cfg.estimator, cfg.outer, state.thetas, state.outer_state,
+                        state.hparams, jnp.asarray(0), state.slot_problems[0], task, 0, 5, 3)
     raw = lambda x: (jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
                      else x)
-    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(fused[:3])):
+    for a, b in zip(jax.tree.leaves((one.thetas, one.outer_state, one.slot_problems[0])),
+                    jax.tree.leaves(fused[:3])):
         np.testing.assert_allclose(np.asarray(raw(a), np.float64), np.asarray(raw(b), np.float64),
                                    rtol=1e-4, atol=1e-6)
     assert fused[3]["meta_loss"].shape == (3, 4)
-    np.testing.assert_allclose(fused[3]["meta_loss"][-1], metrics["meta_loss"], rtol=1e-4)
+    np.testing.assert_allclose(ratio_scale(fused[3]["meta_loss"][-1], cfg.estimator.normalization),
+                               history["meta_loss"][-1], rtol=1e-4)
 
 
 def test_fused_run_logs_every_step_and_resumes_bitwise(tmp_path):
@@ -345,3 +346,10 @@ def test_a_run_of_the_previous_checkpoint_layout_resumes(tmp_path):
     _, state, _ = open_checkpoint(run_dir)
     assert state.step == 3 and dict(state.lineage.counts) == {"exploit": 3}
     assert state.elite.id == old.elite.id or state.elite.score < old.elite.score
+
+
+def test_shards_must_cut_the_population_evenly():
+    with pytest.raises(ValueError, match="shards.* must divide population"):
+        make_config({**TINY, "population": 4, "shards": 3})
+    with pytest.raises(ValueError, match="steps_per_call = 1"):
+        make_config({**TINY, "population": 4, "shards": 2, "steps_per_call": 2})

@@ -1,0 +1,165 @@
+"""The Ray backend: the members' ES work of every outer step on a Ray cluster's workers.
+
+An outer step's estimates are cut into ``cfg.shards`` blocks of members
+(:func:`~selfopt.train_step.member_estimates`); here each block goes to one worker actor,
+all at once, and the driver waits for them, then makes the update, PBT and the elite itself
+(:func:`~selfopt.train_step.train_step`). A worker is a long-lived actor: its compiled programs
+stay in its process from one step to the next (and in the node's compilation cache for a
+worker that restarts). A block is a pure function of what the driver sends (weights, noise
+scales, problems, keys), so every result equals the in-process run's with the same
+configuration.
+
+Faults: a worker process that dies is restarted by Ray and its block sent again
+(:data:`MAX_RESTARTS` times per worker); the other blocks are not redone and the numbers do not
+change. If a worker cannot be restarted or the cluster goes away, the step raises
+:class:`~selfopt.train_step.BackendError`; the run saves the state of the last finished step
+and ``selfopt train --resume`` continues it, here or on another cluster (docs/scaling.md).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selfopt.config import TrainConfig
+from selfopt.train_step import BackendError
+
+#: Restarts of a dead worker (and retries of its block) before the run gives up.
+MAX_RESTARTS = 3
+#: Seconds to reach a cluster's address before it counts as unreachable.
+CONNECT_TIMEOUT_S = 10.0
+
+
+class _Key:
+    """PRNG keys in transit: their raw data (a typed key array does not cross processes)."""
+
+    def __init__(self, data: np.ndarray):
+        self.data = data
+
+
+def to_host(tree: Any) -> Any:
+    """``tree`` as NumPy arrays (keys as :class:`_Key`), ready to cross processes."""
+    return jax.tree.map(lambda x: _Key(np.asarray(jax.random.key_data(x)))
+                        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else np.asarray(x), tree)
+
+
+def from_host(tree: Any) -> Any:
+    """The inverse of :func:`to_host`, as JAX arrays."""
+    return jax.tree.map(lambda x: jax.random.wrap_key_data(x.data) if isinstance(x, _Key)
+                        else jnp.asarray(x), tree)
+
+
+class Worker:
+    """A worker actor's body: one training configuration, its compiled block program."""
+
+    def __init__(self, config: dict[str, Any]):
+        from selfopt.cache import enable_compilation_cache
+        from selfopt.config import make_config
+
+        enable_compilation_cache()
+        self.cfg = make_config(config)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def estimate(self, task_config: dict, block: Any) -> Any:
+        """One block's :func:`~selfopt.train_step.member_estimates` on ``task_config``."""
+        from selfopt.population import slots
+        from selfopt.train_step import estimate_block
+
+        out = estimate_block(self.cfg.lopt, self.cfg.estimator, slots.task(task_config),
+                             *from_host(block))
+        return to_host(out)
+
+
+def check_address(address: str) -> None:
+    """Raises :class:`BackendError` unless ``address`` (``HOST:PORT``, ``ray://HOST:PORT`` or
+    ``auto``) answers within :data:`CONNECT_TIMEOUT_S`: Ray itself waits minutes on a dead
+    address."""
+    if address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BackendError(f"--address must be HOST:PORT, ray://HOST:PORT or auto, got "
+                           f"{address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise BackendError(f"no Ray cluster answers at {address} "
+                           f"({err.strerror or type(err).__name__})") from None
+
+
+class RayBackend:
+    """A :data:`~selfopt.train_step.Backend` on Ray: one worker actor per block.
+
+    Args:
+      cfg: the run's configuration (``cfg.shards`` workers are started).
+      address: a running cluster (``HOST:PORT``, ``ray://HOST:PORT``, ``auto``); ``None``
+        starts a local Ray instance with this machine's CPUs.
+      worker_cpus: CPUs Ray reserves for each worker (its programs use what the node has).
+
+    Raises:
+      BackendError: Ray is not installed, the address is bad or unreachable, or the cluster
+        has too few CPUs for the workers.
+    """
+
+    def __init__(self, cfg: TrainConfig, address: str | None = None, worker_cpus: float = 1.0):
+        try:
+            import ray
+        except ImportError:
+            raise BackendError("the Ray backend needs Ray: pip install 'selfopt[ray]'") from None
+        self._ray, self.waited, self.calls = ray, 0.0, 0
+        if address is not None:
+            check_address(address)
+        self._started = not ray.is_initialized()
+        if self._started:
+            kwargs = ({"address": address} if address is not None else
+                      {"num_cpus": max(os.cpu_count() or 1, int(np.ceil(cfg.shards * worker_cpus)))})
+            try:
+                ray.init(**kwargs, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.WARNING, configure_logging=True)
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                raise BackendError(f"cannot start Ray ({address or 'local'}): "
+                                   f"{str(err).splitlines()[0] if str(err) else err}") from None
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if cpus < cfg.shards * worker_cpus:
+            raise BackendError(f"the Ray cluster has {cpus:g} CPUs; {cfg.shards} workers of "
+                               f"{worker_cpus:g} CPUs need {cfg.shards * worker_cpus:g} (fewer "
+                               "shards, a smaller --worker-cpus or a bigger cluster)")
+        actor = ray.remote(num_cpus=worker_cpus, max_restarts=MAX_RESTARTS,
+                           max_task_retries=MAX_RESTARTS)(Worker)
+        self.workers = [actor.remote(cfg.to_json()) for _ in range(cfg.shards)]
+
+    def __call__(self, cfg: TrainConfig, task_config: dict, blocks: list[tuple]) -> list[tuple]:
+        if len(blocks) != len(self.workers):
+            raise ValueError(f"{len(blocks)} blocks for {len(self.workers)} workers")
+        futures = [w.estimate.remote(task_config, to_host(b))
+                   for w, b in zip(self.workers, blocks)]
+        started = time.monotonic()
+        try:
+            results = self._ray.get(futures)
+        except (self._ray.exceptions.RayError, ConnectionError) as err:
+            raise BackendError(f"Ray workers lost ({type(err).__name__}); the run keeps its last "
+                               "finished step: resume it with selfopt train --resume") from None
+        finally:
+            self.waited += time.monotonic() - started
+            self.calls += 1
+        return [from_host(r) for r in results]
+
+    def pids(self) -> list[int]:
+        """The workers' process ids (what a fault test kills)."""
+        return self._ray.get([w.pid.remote() for w in self.workers])
+
+    def close(self) -> None:
+        """Stops the workers, and disconnects from (or stops) the Ray it started."""
+        for w in self.workers:
+            self._ray.kill(w)
+        self.workers = []
+        if self._started:
+            self._ray.shutdown()

@@ -103,13 +103,16 @@ class RayBackend:
       address: a running cluster (``HOST:PORT``, ``ray://HOST:PORT``, ``auto``); ``None``
         starts a local Ray instance with this machine's CPUs.
       worker_cpus: CPUs Ray reserves for each worker (its programs use what the node has).
+      workers: worker actors (default ``cfg.shards``, one per block); with fewer, blocks are
+        dealt round-robin and a worker runs its blocks one after another.
 
     Raises:
       BackendError: Ray is not installed, the address is bad or unreachable, or the cluster
         has too few CPUs for the workers.
     """
 
-    def __init__(self, cfg: TrainConfig, address: str | None = None, worker_cpus: float = 1.0):
+    def __init__(self, cfg: TrainConfig, address: str | None = None, worker_cpus: float = 1.0,
+                 workers: int | None = None):
         try:
             import ray
         except ImportError:
@@ -127,20 +130,19 @@ class RayBackend:
             except (ConnectionError, RuntimeError, ValueError) as err:
                 raise BackendError(f"cannot start Ray ({address or 'local'}): "
                                    f"{str(err).splitlines()[0] if str(err) else err}") from None
+        workers = workers or cfg.shards
         cpus = ray.cluster_resources().get("CPU", 0)
-        if cpus < cfg.shards * worker_cpus:
-            raise BackendError(f"the Ray cluster has {cpus:g} CPUs; {cfg.shards} workers of "
-                               f"{worker_cpus:g} CPUs need {cfg.shards * worker_cpus:g} (fewer "
+        if cpus < workers * worker_cpus:
+            raise BackendError(f"the Ray cluster has {cpus:g} CPUs; {workers} workers of "
+                               f"{worker_cpus:g} CPUs need {workers * worker_cpus:g} (fewer "
                                "shards, a smaller --worker-cpus or a bigger cluster)")
         actor = ray.remote(num_cpus=worker_cpus, max_restarts=MAX_RESTARTS,
                            max_task_retries=MAX_RESTARTS)(Worker)
-        self.workers = [actor.remote(cfg.to_json()) for _ in range(cfg.shards)]
+        self.workers = [actor.remote(cfg.to_json()) for _ in range(workers)]
 
     def __call__(self, cfg: TrainConfig, task_config: dict, blocks: list[tuple]) -> list[tuple]:
-        if len(blocks) != len(self.workers):
-            raise ValueError(f"{len(blocks)} blocks for {len(self.workers)} workers")
-        futures = [w.estimate.remote(task_config, to_host(b))
-                   for w, b in zip(self.workers, blocks)]
+        futures = [self.workers[i % len(self.workers)].estimate.remote(task_config, to_host(b))
+                   for i, b in enumerate(blocks)]
         started = time.monotonic()
         try:
             results = self._ray.get(futures)

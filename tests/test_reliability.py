@@ -98,10 +98,10 @@ def inject(cfg, state, fault: str):
 
 def fault_at(monkeypatch, step: int, fault: str) -> None:
     """The training loop's outer step ``step`` gets ``fault`` (:func:`inject`)."""
-    def faulty_step(cfg, state):
+    def faulty_step(cfg, state, backend):
         if state.step == step:
             cfg, state = inject(cfg, state, fault)
-        return train_step(cfg, state)
+        return train_step(cfg, state, backend)
 
     monkeypatch.setattr(selfopt.train, "train_step", faulty_step)
 
@@ -153,9 +153,9 @@ def test_a_task_whose_loss_is_nan_for_everyone_gives_capped_finite_losses(tmp_pa
         task = make(config)
         return dataclasses.replace(task, target=task.target * jnp.nan)
 
-    def step(cfg, state):  # outer step 2's task is poisoned
+    def step(cfg, state, backend):  # outer step 2's task is poisoned
         monkeypatch.setattr(slots, "task", poisoned if state.step == 2 else make)
-        return train_step(cfg, state)
+        return train_step(cfg, state, backend)
 
     monkeypatch.setattr(selfopt.train, "train_step", step)
     # reparam_scale=1: plain quadratics, whose target the poison replaces

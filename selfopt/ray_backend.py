@@ -18,17 +18,16 @@ and ``selfopt train --resume`` continues it, here or on another cluster (docs/sc
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from selfopt.config import TrainConfig
-from selfopt.train_step import BackendError
+from selfopt.cache import enable_compilation_cache
+from selfopt.config import TrainConfig, make_config
+from selfopt.population import slots
+from selfopt.train_step import BackendError, estimate_block
 
 #: Restarts of a dead worker (and retries of its block) before the run gives up.
 MAX_RESTARTS = 3
@@ -36,32 +35,10 @@ MAX_RESTARTS = 3
 CONNECT_TIMEOUT_S = 10.0
 
 
-class _Key:
-    """PRNG keys in transit: their raw data (a typed key array does not cross processes)."""
-
-    def __init__(self, data: np.ndarray):
-        self.data = data
-
-
-def to_host(tree: Any) -> Any:
-    """``tree`` as NumPy arrays (keys as :class:`_Key`), ready to cross processes."""
-    return jax.tree.map(lambda x: _Key(np.asarray(jax.random.key_data(x)))
-                        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else np.asarray(x), tree)
-
-
-def from_host(tree: Any) -> Any:
-    """The inverse of :func:`to_host`, as JAX arrays."""
-    return jax.tree.map(lambda x: jax.random.wrap_key_data(x.data) if isinstance(x, _Key)
-                        else jnp.asarray(x), tree)
-
-
 class Worker:
     """A worker actor's body: one training configuration, its compiled block program."""
 
     def __init__(self, config: dict[str, Any]):
-        from selfopt.cache import enable_compilation_cache
-        from selfopt.config import make_config
-
         enable_compilation_cache()
         self.cfg = make_config(config)
 
@@ -69,13 +46,10 @@ class Worker:
         return os.getpid()
 
     def estimate(self, task_config: dict, block: Any) -> Any:
-        """One block's :func:`~selfopt.train_step.member_estimates` on ``task_config``."""
-        from selfopt.population import slots
-        from selfopt.train_step import estimate_block
-
-        out = estimate_block(self.cfg.lopt, self.cfg.estimator, slots.task(task_config),
-                             *from_host(block))
-        return to_host(out)
+        """One block's :func:`~selfopt.train_step.member_estimates` on ``task_config`` (JAX
+        arrays, PRNG keys included, cross processes by pickle, bit for bit)."""
+        return estimate_block(self.cfg.lopt, self.cfg.estimator, slots.task(task_config),
+                              *block)
 
 
 def check_address(address: str) -> None:
@@ -122,8 +96,8 @@ class RayBackend:
             check_address(address)
         self._started = not ray.is_initialized()
         if self._started:
-            kwargs = ({"address": address} if address is not None else
-                      {"num_cpus": max(os.cpu_count() or 1, int(np.ceil(cfg.shards * worker_cpus)))})
+            cpus = max(os.cpu_count() or 1, math.ceil(cfg.shards * worker_cpus))
+            kwargs = {"address": address} if address is not None else {"num_cpus": cpus}
             try:
                 ray.init(**kwargs, include_dashboard=False, log_to_driver=False,
                          logging_level=logging.WARNING, configure_logging=True)
@@ -141,8 +115,8 @@ class RayBackend:
         self.workers = [actor.remote(cfg.to_json()) for _ in range(workers)]
 
     def __call__(self, cfg: TrainConfig, task_config: dict, blocks: list[tuple]) -> list[tuple]:
-        futures = [self.workers[i % len(self.workers)].estimate.remote(task_config, to_host(b))
-                   for i, b in enumerate(blocks)]
+        futures = [self.workers[i % len(self.workers)].estimate.remote(task_config, block)
+                   for i, block in enumerate(blocks)]
         started = time.monotonic()
         try:
             results = self._ray.get(futures)
@@ -152,7 +126,7 @@ class RayBackend:
         finally:
             self.waited += time.monotonic() - started
             self.calls += 1
-        return [from_host(r) for r in results]
+        return results
 
     def pids(self) -> list[int]:
         """The workers' process ids (what a fault test kills)."""

@@ -39,15 +39,16 @@ class StepOutput(NamedTuple):
     logs: dict[str, list[dict]]  # rows for each log file of the run directory
 
 
-def member_estimates(lopt, estimator, task, thetas, sigma, inner, keys):
+def member_estimates(lopt, estimator, task, thetas, log_sigma, inner, keys):
     """ES/PES meta-gradient estimates of a block of members (leading axis) on their problems
-    of ``task``: one antithetic estimate per member, each with its own ``sigma`` and key.
+    of ``task``: one antithetic estimate per member, each with its own noise scale
+    ``exp(log_sigma)`` and key.
 
     Returns:
       The members' :class:`~selfopt.estimators.es.Estimate` and their advanced problems.
     """
     return jax.vmap(estimator.estimate, in_axes=(None, None, 0, 0, 0, 0))(
-        lopt, task, thetas, sigma, inner, keys)
+        lopt, task, thetas, jnp.exp(log_sigma), inner, keys)
 
 
 def self_update(lopt, outer, thetas, outer_state, hparams, best, estimates, key):
@@ -82,8 +83,8 @@ def outer_step(lopt, estimator, outer, thetas, outer_state, hparams, best, inner
     """One outer step of the whole population: :func:`member_estimates`, then
     :func:`self_update`; returns new weights, outer state, problems and the metrics."""
     keys, update_key = step_keys(key, jax.tree.leaves(thetas)[0].shape[0])
-    estimates, inner = member_estimates(lopt, estimator, task, thetas,
-                                        jnp.exp(hparams.log_sigma), inner, keys)
+    estimates, inner = member_estimates(lopt, estimator, task, thetas, hparams.log_sigma,
+                                        inner, keys)
     new_thetas, outer_state, metrics = self_update(lopt, outer, thetas, outer_state, hparams,
                                                    best, estimates, update_key)
     return new_thetas, outer_state, inner, metrics
@@ -104,7 +105,7 @@ class BackendError(RuntimeError):
 
 #: Where the estimates of an outer step run: ``backend(cfg, task_config, blocks)`` returns each
 #: block's ``(estimates, problems)`` of :func:`member_estimates`, in order; a block is
-#: ``(thetas, sigma, problems, keys)`` of some members (leading axis). Every backend runs the
+#: ``(thetas, log_sigma, problems, keys)`` of some members (leading axis). Every backend runs the
 #: same compiled program on the same inputs, so where the blocks run changes no result.
 Backend = Callable[[TrainConfig, dict, list[tuple]], list[tuple]]
 
@@ -120,8 +121,8 @@ def in_process(cfg: TrainConfig, task_config: dict, blocks: list[tuple]) -> list
 def outer_steps(lopt, estimator, outer, thetas, outer_state, hparams, best, inner, task, seed,
                 first_step, num_steps):
     """``num_steps`` outer steps on one task in one compiled call (``lax.scan`` over
-    :func:`member_estimates` and :func:`self_update`), with no trip to the host in between: what a GPU needs, where one outer
-    step takes milliseconds. Step ``first_step + i`` uses the key :func:`step_key` gives it.
+    :func:`outer_step`), with no trip to the host in between: what a GPU needs, where one
+    outer step takes milliseconds. Step ``first_step + i`` uses the key :func:`step_key` gives it.
 
     Returns:
       New weights, outer states and problems, and every metric of :func:`self_update` stacked
@@ -209,7 +210,7 @@ def estimate_and_update(cfg: TrainConfig, state: PopulationState, slot: int, tas
     problems = state.slot_problems[slot]
     if cfg.steps_per_call == 1:
         keys, update_key = _step_keys(step_key(cfg.seed, state.step, ESTIMATE), cfg.population)
-        members = (state.thetas, jnp.exp(state.hparams.log_sigma), problems, keys)
+        members = (state.thetas, state.hparams.log_sigma, problems, keys)
         size = cfg.population // cfg.shards
         blocks = [members] if cfg.shards == 1 else [
             jax.tree.map(lambda x: x[b * size:(b + 1) * size], members)

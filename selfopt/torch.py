@@ -12,9 +12,9 @@ The same maths as :class:`selfopt.lopt.MLPLOpt` and :class:`selfopt.lopt.Hierarc
         loss.backward()
         opt.step(loss=loss)   # or opt.step(closure); the hierarchical optimizer reads the loss
 
-Every update runs as a few fused tensor operations over all the parameters of a group: their
-gradients are concatenated into one vector, per-tensor statistics are segment sums over it, and
-the per-parameter MLP is one matrix product. State (momenta, squared-gradient accumulator, the
+Every update runs as fused tensor operations over all the parameters of a group: their
+gradients are concatenated into one vector, per-tensor statistics are one fused norm over its
+slices, and the per-parameter MLP runs as matrix products over blocks of it. State (momenta, squared-gradient accumulator, the
 cell's hidden state) is kept per parameter, as ``torch.optim`` does, so ``state_dict`` and
 ``load_state_dict`` work as for any optimizer.
 
@@ -25,7 +25,9 @@ factor counts the tensors of two or more dimensions over all groups of the optim
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -37,6 +39,9 @@ from selfopt import lopt_file
 
 #: Epsilon of the Adam-like ratios and of the per-tensor normalisation (as selfopt.lopt).
 EPS = 1e-8
+#: Parameters per block of the MLP's pass on a CPU: a block's features and hidden activations
+#: (about 70 floats per parameter) fit in a core's cache. A GPU takes the group in one block.
+CHUNK_ROWS = 65536
 #: Momentum decays whose consistency the hierarchical cell reads (as selfopt.lopt).
 CONSISTENCY_DECAYS = (0.9, 0.99)
 #: The fields of each architecture this module runs (a file names every one: the exporter
@@ -194,7 +199,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         c, state = self.weights.config, self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.int64)
-            state["momenta"] = torch.zeros((p.numel(), len(c["decays"])), device=p.device)
+            state["momenta"] = torch.zeros((len(c["decays"]), p.numel()), device=p.device)
             state["rms"] = torch.zeros(p.numel(), device=p.device)
             if self.weights.kind == "hierarchical":
                 k = len(c["loss_decays"])
@@ -206,64 +211,82 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def _updates(self, params: list[torch.Tensor], depth: float, loss: Any
                  ) -> list[torch.Tensor]:
         """The float32 update of each of ``params`` (one group's, with gradients); advances
-        their state."""
+        their state.
+
+        Two passes over the group's concatenated vectors. The first updates the accumulators
+        and takes the per-tensor statistics (one fused ``_foreach_norm`` over every tensor's
+        slice of each feature). The second runs the per-parameter MLP over blocks of
+        :data:`CHUNK_ROWS` parameters: each block's features and hidden activations stay in
+        the CPU's cache, where the whole vector's would be written to memory and read back
+        once per operation."""
         c, w = self.weights.config, self.weights
         device = params[0].device
         theta = self._theta(device)
         layout = self._layout(params, depth)
-        seg, counts, sizes = layout["seg"], layout["counts"], layout["sizes"]
+        sizes, k = layout["sizes"], len(c["decays"])
         states = [self._init_state(p) for p in params]
         g = torch.cat([p.grad.reshape(-1) for p in params]).float()
         x = torch.cat([p.reshape(-1) for p in params]).float()
-        m = torch.cat([s["momenta"] for s in states])
+        m = torch.cat([s["momenta"] for s in states], dim=1)  # (k, n)
         v = torch.cat([s["rms"] for s in states])
         step = int(states[0]["step"]) + 1
 
-        decays = layout["decays"]
-        m = decays * m + (1 - decays) * g[:, None]
-        v = c["rms_decay"] * v + (1 - c["rms_decay"]) * g.square()
-
-        def segment_mean(values: torch.Tensor) -> torch.Tensor:
-            sums = torch.zeros((len(params), values.shape[1]), device=device)
-            return sums.index_add_(0, seg, values) / counts
-
-        # The (n, F) features written in place into one buffer, in MLPLOpt's order: g, p, m,
-        # sqrt(v), m / sqrt(v) (each divided by its RMS over the tensor, clipped), the log
-        # magnitudes of g, p and sqrt(v), and m / sqrt(v) clipped.
-        clip, k = c["feature_clip"], len(c["decays"])
-        n_scaled = 3 + 2 * k
-        features = torch.empty((g.shape[0], n_scaled + 3 + k), device=device)
-        scaled = features[:, :n_scaled]
+        # pass 1: accumulators, Adam-like ratios and the per-tensor mean squares of the
+        # features MLPLOpt normalises per tensor (g, p, m, sqrt(v), m / sqrt(v))
+        m.mul_(layout["decays"][:, None]).add_(g * (1 - layout["decays"][:, None]))
+        v.mul_(c["rms_decay"]).addcmul_(g, g, value=1 - c["rms_decay"])
         rms = v.sqrt()
-        adam = features[:, n_scaled + 3:]
-        torch.div(m, (v + EPS).sqrt_()[:, None], out=adam)
-        features[:, 0], features[:, 1], features[:, 2:2 + k] = g, x, m
-        features[:, 2 + k], features[:, 3 + k:n_scaled] = rms, adam
-        scaled.mul_(torch.rsqrt(segment_mean(scaled.square()) + EPS)[seg]).clamp_(-clip, clip)
-        magnitudes = features[:, n_scaled:n_scaled + 3]
-        magnitudes[:, 0], magnitudes[:, 1], magnitudes[:, 2] = g, x, rms
-        magnitudes.abs_().add_(1e-12).log_().div_(5.0).clamp_(-5.0, 5.0)
-        adam.clamp_(-clip, clip)
+        adam = m / (v + EPS).sqrt_()
+        scaled_rows = [g, x, *m, rms, *adam]
+        norms = torch._foreach_norm([part for row in scaled_rows for part in row.split(sizes)])
+        mean_sq = torch.stack(norms).view(len(scaled_rows), len(sizes)).square_()
+        mean_sq /= layout["counts"]
+        scales = torch.rsqrt(mean_sq + EPS)  # (features, tensors)
 
+        multiplier = layout["factors"] * c["step_mult"]  # per tensor
+        if w.kind == "hierarchical":
+            multiplier = multiplier * torch.exp(
+                self._cell(theta, states, layout, mean_sq, step, loss))
+
+        # pass 2: features, MLP and step of each block of parameters
         layers = [(theta[f"layers.{i}.w"], theta[f"layers.{i}.b"])
                   for i in range(len(c["hidden"]) + 1)]
         (w0, b0), *hidden, (wl, bl) = layers
-        split = features.shape[1]
+        clip, n_scaled = c["feature_clip"], len(scaled_rows)
+        w0_params = w0[:n_scaled + 3 + k]
         time = torch.tanh(step / layout["timescales"])
-        h = torch.addmm(time @ w0[split:] + b0, features, w0[:split]).relu_()
-        for wi, bi in hidden:
-            h = torch.addmm(bi, h, wi).relu_()
-        out = torch.addmm(bl, h, wl)
-        steps = -out[:, 0] * torch.exp(c["exp_mult"] * out[:, 1]) * c["step_mult"]
-        steps = steps * layout["factors"]
-        if w.kind == "hierarchical":
-            log_step = self._cell(theta, states, layout, g, x, m, v, step, loss, segment_mean)
-            steps = steps * torch.exp(log_step)[seg]
+        b0 = time @ w0[n_scaled + 3 + k:] + b0
+        rows = CHUNK_ROWS if device.type == "cpu" else g.shape[0]
+        features = torch.empty((n_scaled + 3 + k, min(rows, g.shape[0])), device=device)
+        steps = torch.empty_like(g)
+        for start in range(0, g.shape[0], rows):
+            block = slice(start, start + rows)
+            # the tensor of each parameter of the block: a slice where the block lies inside
+            # one tensor (most blocks; no gather), an index vector where it straddles two
+            first = bisect.bisect_right(layout["ends"], start)
+            seg = (slice(first, first + 1) if layout["ends"][first] >= start + rows
+                   or first == len(sizes) - 1 else layout["seg"][block])
+            f = features[:, :min(rows, g.shape[0] - start)]
+            f[0], f[1], f[2:2 + k], f[2 + k], f[3 + k:n_scaled] = (
+                g[block], x[block], m[:, block], rms[block], adam[:, block])
+            f[:n_scaled].mul_(scales[:, seg]).clamp_(-clip, clip)
+            magnitudes = f[n_scaled:n_scaled + 3]
+            torch.abs(g[block], out=magnitudes[0])
+            torch.abs(x[block], out=magnitudes[1])
+            magnitudes[2] = rms[block]
+            magnitudes.add_(1e-12).log_().div_(5.0).clamp_(-5.0, 5.0)
+            torch.clamp(adam[:, block], -clip, clip, out=f[n_scaled + 3:])
+            h = torch.addmm(b0, f.t(), w0_params).relu_()
+            for wi, bi in hidden:
+                h = torch.addmm(bi, h, wi).relu_()
+            out = torch.addmm(bl, h, wl)
+            torch.mul(out[:, 1], c["exp_mult"], out=steps[block]).exp_()
+            steps[block].mul_(out[:, 0]).mul_(multiplier[seg]).neg_()
 
         updates, offset = [], 0
         for p, s, n in zip(params, states, sizes):
             updates.append(steps[offset:offset + n].view_as(p))
-            s["momenta"] = m[offset:offset + n]
+            s["momenta"] = m[:, offset:offset + n]
             s["rms"] = v[offset:offset + n]
             s["step"] = torch.tensor(step, dtype=torch.int64)
             offset += n
@@ -283,27 +306,28 @@ class LearnedOptimizer(torch.optim.Optimizer):
             factors = torch.tensor([self._width_factor(p.shape) * depth for p in params],
                                    device=device)
             self._layouts[key] = {
-                "sizes": sizes, "seg": seg, "factors": factors[seg],
-                "counts": torch.tensor(sizes, device=device, dtype=torch.float32)[:, None],
+                "sizes": sizes, "seg": seg, "factors": factors,
+                "ends": list(itertools.accumulate(sizes)),
+                "counts": torch.tensor(sizes, device=device, dtype=torch.float32),
                 "decays": torch.tensor(c["decays"], device=device),
                 "timescales": torch.tensor(c["timescales"], device=device),
                 "log_size": torch.tensor([math.log(n) / 10.0 for n in sizes], device=device),
                 "matrix": torch.tensor([float(p.dim() >= 2) for p in params], device=device)}
         return self._layouts[key]
 
-    def _cell(self, theta, states, layout, g, x, m, v, step, loss, segment_mean
-              ) -> torch.Tensor:
-        """The hierarchical cell's log step of every tensor (and its new state in ``states``)."""
+    def _cell(self, theta, states, layout, mean_sq, step, loss) -> torch.Tensor:
+        """The hierarchical cell's log step of every tensor (and its new state in ``states``);
+        ``mean_sq``: the per-tensor mean squares of pass 1 of :meth:`_updates` (rows g, p, the
+        momenta, sqrt(v), ...)."""
         c = self.weights.config
-        device = g.device
-        decays = list(c["decays"])
+        device = mean_sq.device
+        k = len(c["decays"])
 
         def log(t):
             return (t + 1e-12).log().div(5.0).clamp(-5.0, 5.0)
-        g_rms = segment_mean(g[:, None].square())[:, 0].sqrt()
-        per_tensor = [log(g_rms), log(segment_mean(x[:, None].square())[:, 0].sqrt()),
-                      log(segment_mean(v[:, None])[:, 0].sqrt())]
-        per_tensor += [segment_mean(m[:, [decays.index(b)]].square())[:, 0].sqrt() / (g_rms + EPS)
+        g_rms = mean_sq[0].sqrt()
+        per_tensor = [log(g_rms), log(mean_sq[1].sqrt()), log(mean_sq[2 + k].sqrt())]
+        per_tensor += [mean_sq[2 + c["decays"].index(b)].sqrt() / (g_rms + EPS)
                        for b in CONSISTENCY_DECAYS]
         per_tensor += [layout["log_size"], layout["matrix"]]
 

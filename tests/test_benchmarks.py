@@ -110,10 +110,11 @@ def test_tasks(runs):
 
 def test_lopt_step(runs):
     out = runs.result("lopt_step")
-    has(out, "benchmark", "device", "cpu_count", "machine", "jax", "results")
-    assert out["results"]
+    has(out, "benchmark", "device", "cpu_count", "machine", "jax", "results", "flops_per_param",
+        "matmul_gflops", "lopt_fraction_of_matmul_rate")
+    assert out["results"] and out["matmul_gflops"] > 0
     for row in out["results"]:
-        has(row, "model", "num_params", "lopt_ms", "adam_ms", "ratio")
+        has(row, "model", "num_params", "lopt_ms", "adam_ms", "ratio", "lopt_gflops")
 
 
 def test_torch_step(runs):

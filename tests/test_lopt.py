@@ -7,6 +7,7 @@ import pytest
 
 from selfopt.evaluate import train_losses
 from selfopt.lopt import LearnedSGD, MLPLOpt, as_optax
+from selfopt.lopt import mlp_lopt
 from selfopt.lopt.mlp_lopt import EPS
 from selfopt.tasks import FAMILIES, make_task
 
@@ -225,9 +226,13 @@ def test_update_equals_the_mlp_on_all_features():
                              all_features(lopt, grads, state, "dense"))
 
 
-def test_the_update_is_the_mlp_on_features_built_by_hand_with_numpy():
+@pytest.mark.parametrize("block_rows", [None, 5], ids=["one-block", "blocks-of-5"])
+def test_the_update_is_the_mlp_on_features_built_by_hand_with_numpy(monkeypatch, block_rows):
     # An independent reference for the whole update after three steps: accumulators, features
-    # 1-7 and the MLP, all in float64 NumPy from the module docstring.
+    # 1-7 and the MLP, all in float64 NumPy from the module docstring. Blocks of 5 rows: the
+    # MLP runs over two whole blocks of the 12 parameters and a remainder of 2.
+    if block_rows:
+        monkeypatch.setattr(mlp_lopt, "MLP_BLOCK_ROWS", block_rows)
     lopt = MLPLOpt(hidden=(8, 4))
     theta = lopt.init(jax.random.key(11))
     opt = lopt.optimizer(theta)

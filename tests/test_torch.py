@@ -35,8 +35,11 @@ def weights_file(tmp_path, lopt):
     return path, theta
 
 
+@pytest.mark.parametrize("chunk_rows", [st.CHUNK_ROWS, 37], ids=["one-block", "blocks-of-37"])
 @pytest.mark.parametrize("lopt", [MLPLOpt(), HierarchicalLOpt()], ids=lambda l: l.kind)
-def test_updates_equal_the_jax_optimizer_over_100_steps(tmp_path, lopt):
+def test_updates_equal_the_jax_optimizer_over_100_steps(tmp_path, monkeypatch, lopt, chunk_rows):
+    # blocks of 37 parameters straddle the boundaries of the tensors (1,920, 48, 192 and 4)
+    monkeypatch.setattr(st, "CHUNK_ROWS", chunk_rows)
     path, theta = weights_file(tmp_path, lopt)
     rng = np.random.default_rng(0)
     params = {k: jnp.asarray(rng.normal(size=s).astype(np.float32) * 0.3)

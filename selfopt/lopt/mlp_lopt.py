@@ -47,6 +47,10 @@ from selfopt.lopt.base import Theta, check_float_params
 
 #: Epsilon of the Adam-like ratios and of the per-tensor normalisation.
 EPS = 1e-8
+#: Above this many parameters the MLP runs over blocks of this many rows (``lax.map``): each
+#: block's hidden activations stay in a CPU core's cache instead of a round trip to memory per
+#: layer (1.7x faster at 1M parameters, the same numbers; benchmarks/lopt_step.py).
+MLP_BLOCK_ROWS = 32768
 
 
 class MLPLOptState(NamedTuple):
@@ -185,15 +189,25 @@ class MLPLOpt:
         """
         first, *hidden, last = theta["layers"]
         if step is None:
-            x = x @ first["w"] + first["b"]
+            w0, b0 = first["w"], first["b"]
         else:
             split = x.shape[1]
-            x = x @ first["w"][:split] + (self.shared_features(step) @ first["w"][split:]
-                                          + first["b"])
-        x = jax.nn.relu(x)
-        for layer in hidden:
-            x = jax.nn.relu(x @ layer["w"] + layer["b"])
-        out = x @ last["w"] + last["b"]
+            w0 = first["w"][:split]
+            b0 = self.shared_features(step) @ first["w"][split:] + first["b"]
+
+        def mlp(x):
+            x = jax.nn.relu(x @ w0 + b0)
+            for layer in hidden:
+                x = jax.nn.relu(x @ layer["w"] + layer["b"])
+            return x @ last["w"] + last["b"]
+
+        n = x.shape[0]
+        if n <= MLP_BLOCK_ROWS:
+            out = mlp(x)
+        else:  # row blocks whose hidden activations stay in cache; the same numbers
+            whole = n - n % MLP_BLOCK_ROWS
+            out = jax.lax.map(mlp, x[:whole].reshape(-1, MLP_BLOCK_ROWS, x.shape[1]))
+            out = jnp.concatenate([out.reshape(whole, -1), mlp(x[whole:])])
         return out[:, 0], out[:, 1]
 
     def init_accumulators(self, params: Any) -> tuple[Any, Any, jax.Array]:

@@ -146,6 +146,22 @@ def test_bfloat16_parameters_take_the_float32_steps_rounded():
                                rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("lopt", [MLPLOpt(), HierarchicalLOpt()], ids=lambda l: l.kind)
+def test_cuda_training_equals_the_cpu_training(tmp_path, lopt):
+    # the same update with the device's own kernels (where a GPU is lent; skipped here)
+    path, _ = weights_file(tmp_path, lopt)
+    model, x, y = model_and_data()
+    gpu = copy.deepcopy(model).cuda()
+    cpu_losses = train(model, st.LearnedOptimizer(model.parameters(), weights=st.load(path),
+                                                  num_steps=40), x, y, 40)
+    gpu_losses = train(gpu, st.LearnedOptimizer(gpu.parameters(), weights=st.load(path),
+                                                num_steps=40), x.cuda(), y.cuda(), 40)
+    np.testing.assert_allclose(gpu_losses, cpu_losses, rtol=1e-4)
+    for a, b in zip(model.parameters(), gpu.parameters()):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-6)
+
+
 def test_bad_input_is_refused_in_one_line(tmp_path):
     with pytest.raises(TypeError, match="selfopt.torch.pretrained"):
         st.LearnedOptimizer([torch.nn.Parameter(torch.zeros(3))], weights="pretrained")

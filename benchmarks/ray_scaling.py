@@ -8,6 +8,9 @@ the update, PBT, validation, logging), from which a cluster's speed-up can be pr
 (docs/scaling.md).
 
     python benchmarks/ray_scaling.py --steps 20
+
+``--smoke``: a population of 2, one warm-up and one timed step, for CI (it checks the benchmark
+runs; the numbers mean nothing).
 """
 from __future__ import annotations
 
@@ -42,13 +45,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed outer steps per setting")
     parser.add_argument("--warmup", type=int, default=6, help="untimed steps first (compiling)")
     parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true",
+                        help="population 2, one step each: checks that the benchmark runs (CI)")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.warmup, args.shards = 1, 1, 2
     enable_compilation_cache()
     from selfopt.ray_backend import RayBackend
 
-    cfg = make_config({"shards": args.shards, "validate_interval": 0, "eval_minutes": 0})
+    cfg = make_config({"shards": args.shards, "validate_interval": 0, "eval_minutes": 0,
+                       **({"population": 2} if args.smoke else {})})
     base, _ = seconds_per_step(cfg, in_process, args.warmup, args.steps)
-    out = {"cpus": os.cpu_count(), "shards": args.shards, "population": cfg.population,
+    out = {"benchmark": "ray_scaling", "smoke": args.smoke, "cpus": os.cpu_count(), "shards": args.shards, "population": cfg.population,
            "in_process": {"s_per_step": round(base, 4), "steps_per_s": round(1 / base, 2)}}
     for workers in (1, 2):
         backend = RayBackend(cfg, workers=workers)

@@ -22,6 +22,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from typing import Any
 
 from selfopt.cache import enable_compilation_cache
@@ -33,6 +34,9 @@ from selfopt.train_step import BackendError, estimate_block
 MAX_RESTARTS = 3
 #: Seconds to reach a cluster's address before it counts as unreachable.
 CONNECT_TIMEOUT_S = 10.0
+#: Seconds for every worker to start (be placed on a node and import selfopt and JAX) before
+#: the backend gives up: a cluster whose CPUs other jobs hold would leave the run waiting.
+WORKER_START_TIMEOUT_S = 300.0
 
 
 class Worker:
@@ -50,6 +54,17 @@ class Worker:
         arrays, PRNG keys included, cross processes by pickle, bit for bit)."""
         return estimate_block(self.cfg.lopt, self.cfg.estimator, slots.task(task_config),
                               *block)
+
+
+class _DropMessage(logging.Filter):
+    """Drops the log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 def check_address(address: str) -> None:
@@ -98,12 +113,22 @@ class RayBackend:
         if self._started:
             cpus = max(os.cpu_count() or 1, math.ceil(cfg.shards * worker_cpus))
             kwargs = {"address": address} if address is not None else {"num_cpus": cpus}
+            # Two lines Ray's start prints that say nothing to act on: that a new local instance
+            # has token authentication (Ray's default, kept), and JAX's warning of any fork
+            # (Ray starts its processes with fork + exec)
+            auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+            quiet = _DropMessage("Token authentication is enabled")
+            auth_log.addFilter(quiet)
             try:
-                ray.init(**kwargs, include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.WARNING, configure_logging=True)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
+                    ray.init(**kwargs, include_dashboard=False, log_to_driver=False,
+                             logging_level=logging.WARNING, configure_logging=True)
             except (ConnectionError, RuntimeError, ValueError) as err:
                 raise BackendError(f"cannot start Ray ({address or 'local'}): "
                                    f"{str(err).splitlines()[0] if str(err) else err}") from None
+            finally:
+                auth_log.removeFilter(quiet)
         workers = workers or cfg.shards
         cpus = ray.cluster_resources().get("CPU", 0)
         if cpus < workers * worker_cpus:
@@ -113,6 +138,14 @@ class RayBackend:
         actor = ray.remote(num_cpus=worker_cpus, max_restarts=MAX_RESTARTS,
                            max_task_retries=MAX_RESTARTS)(Worker)
         self.workers = [actor.remote(cfg.to_json()) for _ in range(workers)]
+        try:
+            self.pids(timeout=WORKER_START_TIMEOUT_S)
+        except (ray.exceptions.RayError, ConnectionError) as err:
+            self.close()
+            raise BackendError(
+                f"{workers} Ray workers of {worker_cpus:g} CPUs did not start within "
+                f"{WORKER_START_TIMEOUT_S:g} s ({type(err).__name__}): are the cluster's CPUs "
+                "taken by other jobs? (ray status)") from None
 
     def __call__(self, cfg: TrainConfig, task_config: dict, blocks: list[tuple]) -> list[tuple]:
         futures = [self.workers[i % len(self.workers)].estimate.remote(task_config, block)
@@ -128,9 +161,9 @@ class RayBackend:
             self.calls += 1
         return results
 
-    def pids(self) -> list[int]:
-        """The workers' process ids (what a fault test kills)."""
-        return self._ray.get([w.pid.remote() for w in self.workers])
+    def pids(self, timeout: float | None = None) -> list[int]:
+        """The workers' process ids (what a fault test kills); waits for workers to start."""
+        return self._ray.get([w.pid.remote() for w in self.workers], timeout=timeout)
 
     def close(self) -> None:
         """Stops the workers, and disconnects from (or stops) the Ray it started."""

@@ -30,6 +30,7 @@ BENCHMARKS = {
     "tasks": [],
     "lopt_step": [],
     "torch_step": [],
+    "ray_scaling": [],
     "elite_probe": ["all"],
 }
 AFTER = {"elite_probe": "ttb"}
@@ -184,3 +185,13 @@ def test_the_gpu_script_names_only_real_config_fields():
     overrides = dict(parse_assignment(m) for m in re.findall(r"--set (\S+)", text))
     assert overrides
     make_config(overrides)  # raises ConfigError naming an unknown field
+
+
+def test_ray_scaling(runs):
+    pytest.importorskip("ray")
+    out = runs.result("ray_scaling")
+    has(out, "benchmark", "cpus", "shards", "population", "in_process.s_per_step")
+    for workers in (1, 2):
+        row = out[f"ray_{workers}_workers"]
+        has(row, "s_per_step", "steps_per_s", "vs_in_process", "driver_waiting_fraction")
+        assert row["s_per_step"] > 0 and 0 <= row["driver_waiting_fraction"] <= 1

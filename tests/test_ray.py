@@ -14,6 +14,7 @@ from selfopt.config import make_config
 from selfopt.train import train
 
 ray = pytest.importorskip("ray")
+from selfopt import ray_backend  # noqa: E402
 from selfopt.ray_backend import RayBackend, check_address  # noqa: E402
 from selfopt.train_step import BackendError  # noqa: E402
 
@@ -69,6 +70,37 @@ def test_killed_worker_costs_a_retry_not_the_numbers(tmp_path, backend):
     remote = train(cfg, tmp_path / "ray", backend=backend, on_step=kill_during_next_step)
     assert killed and victim not in backend.pids()  # restarted: a new process
     same_run(local, remote)
+
+
+def test_a_lost_cluster_keeps_the_last_step_and_resume_finishes_the_same_run(tmp_path, backend):
+    # every worker gone for good (as when the cluster goes away): the step fails with
+    # BackendError, the run keeps its last finished step, and resuming it in-process
+    # finishes the run the undisturbed one would have been
+    cfg = make_config(TINY)
+    local = train(cfg, tmp_path / "local")
+    doomed = RayBackend(cfg, worker_cpus=0)  # the module's workers hold both CPUs
+
+    def lose_the_cluster_after_step_3(info):
+        if info["state"].step == 3:
+            for worker in doomed.workers:
+                ray.kill(worker, no_restart=True)
+
+    with pytest.raises(BackendError, match="resume it with selfopt train --resume"):
+        train(cfg, tmp_path / "ray", backend=doomed, on_step=lose_the_cluster_after_step_3)
+    doomed.close()
+    kept = sorted((tmp_path / "ray" / "checkpoints").glob("*.safetensors"))
+    assert kept[-1].name == "step-00000003.safetensors"
+    resumed = train(cfg, tmp_path / "ray", resume=True)
+    assert resumed["steps"] == 6
+    same_run(local, resumed)
+
+
+def test_workers_that_cannot_be_placed_are_a_clear_error_not_a_wait(monkeypatch, backend):
+    # the module's workers hold both CPUs: two more can never start
+    monkeypatch.setattr(ray_backend, "WORKER_START_TIMEOUT_S", 3.0)
+    with pytest.raises(BackendError, match="did not start within 3 s"):
+        RayBackend(make_config(TINY))
+    assert ray.is_initialized() and len(backend.pids()) == 2  # the running backend unharmed
 
 
 def test_bad_or_unreachable_address_is_one_line_exit_2(tmp_path, capsys):

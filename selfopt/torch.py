@@ -14,9 +14,9 @@ The same maths as :class:`selfopt.lopt.MLPLOpt` and :class:`selfopt.lopt.Hierarc
 
 Every update runs as fused tensor operations over all the parameters of a group: their
 gradients are concatenated into one vector, per-tensor statistics are one fused norm over its
-slices, and the per-parameter MLP runs as matrix products over blocks of it. State (momenta, squared-gradient accumulator, the
-cell's hidden state) is kept per parameter, as ``torch.optim`` does, so ``state_dict`` and
-``load_state_dict`` work as for any optimizer.
+slices, and the per-parameter MLP runs as matrix products over blocks of it. State (momenta,
+squared-gradient accumulator, the cell's hidden state) is kept per parameter, as
+``torch.optim`` does, so ``state_dict`` and ``load_state_dict`` work as for any optimizer.
 
 Layouts: PyTorch stores a layer's weight as ``(out, in, ...)`` where the JAX models store
 ``(..., in, out)``, so a tensor's fan-in (the width factor) is the product of all but its first
@@ -40,7 +40,8 @@ from selfopt import lopt_file
 #: Epsilon of the Adam-like ratios and of the per-tensor normalisation (as selfopt.lopt).
 EPS = 1e-8
 #: Parameters per block of the MLP's pass on a CPU: a block's features and hidden activations
-#: (about 70 floats per parameter) fit in a core's cache. A GPU takes the group in one block.
+#: (about 70 floats per parameter) stay in the CPU's cache; the fastest size measured
+#: (benchmarks/torch_step.py). A GPU takes the group in one block.
 CHUNK_ROWS = 65536
 #: Momentum decays whose consistency the hierarchical cell reads (as selfopt.lopt).
 CONSISTENCY_DECAYS = (0.9, 0.99)

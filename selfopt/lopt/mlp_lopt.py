@@ -48,8 +48,8 @@ from selfopt.lopt.base import Theta, check_float_params
 #: Epsilon of the Adam-like ratios and of the per-tensor normalisation.
 EPS = 1e-8
 #: Above this many parameters the MLP runs over blocks of this many rows (``lax.map``): each
-#: block's hidden activations stay in a CPU core's cache instead of a round trip to memory per
-#: layer (1.7x faster at 1M parameters, the same numbers; benchmarks/lopt_step.py).
+#: block's hidden activations stay in the CPU's cache instead of a round trip to memory per
+#: layer; the same numbers, faster (benchmarks/lopt_step.py).
 MLP_BLOCK_ROWS = 32768
 
 

@@ -24,13 +24,13 @@ from typing import Any
 
 from selfopt.checks import check_bool, check_int, check_number, one_line, require, short_repr
 from selfopt.estimators import PES, TruncatedES
-from selfopt.lopt import HierarchicalLOpt, MLPLOpt
+from selfopt.lopt import HierarchicalLOpt, MLPLOpt, ScheduledLOpt
 from selfopt.population import PBT, AdamControl, SelfTraining
 from selfopt.tasks import TaskDistribution
 
 #: Section name -> its implementations (several: each names its ``kind``).
 SECTIONS: dict[str, tuple[type, ...]] = {
-    "lopt": (MLPLOpt, HierarchicalLOpt),
+    "lopt": (MLPLOpt, HierarchicalLOpt, ScheduledLOpt),
     "estimator": (TruncatedES, PES),
     "outer": (SelfTraining, AdamControl),
     "pbt": (PBT,),

@@ -79,7 +79,7 @@ class TrainConfig:
     minutes: float = 10.0
     max_steps: int = 0
     seed: int = 0
-    lopt: MLPLOpt = dataclasses.field(default_factory=MLPLOpt)
+    lopt: MLPLOpt = dataclasses.field(default_factory=ScheduledLOpt)
     estimator: TruncatedES = dataclasses.field(default_factory=TruncatedES)
     outer: SelfTraining | AdamControl = dataclasses.field(default_factory=SelfTraining)
     pbt: PBT = dataclasses.field(default_factory=PBT)

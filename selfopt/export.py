@@ -115,7 +115,7 @@ def load(path: Path, num_steps: int | None = None) -> optax.GradientTransformati
     Args:
       path: the ``.safetensors`` file ``selfopt export`` wrote.
       num_steps: the number of updates the run will take, for architectures that read the
-        time left (the hierarchical optimizer); others ignore it.
+        time left (the scheduled and hierarchical optimizers); the MLP ignores it.
     """
     lopt, theta, _ = read(path)
     return lopt.optimizer(theta, num_steps)

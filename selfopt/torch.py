@@ -49,7 +49,8 @@ CONSISTENCY_DECAYS = (0.9, 0.99)
 #: writes them all, so no default is repeated here).
 MLP_FIELDS = ("hidden", "decays", "rms_decay", "timescales", "step_mult", "exp_mult",
               "feature_clip", "width_base", "depth_power")
-KINDS = {"mlp": MLP_FIELDS, "hierarchical": (*MLP_FIELDS, "cell_size", "loss_decays")}
+KINDS = {"mlp": MLP_FIELDS, "scheduled": (*MLP_FIELDS, "schedule_knots"),
+         "hierarchical": (*MLP_FIELDS, "cell_size", "loss_decays")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +110,8 @@ def _expected_shapes(w: Weights) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         shapes[f"layers.{i}.w"], shapes[f"layers.{i}.b"] = (n_in, n_out), (n_out,)
+    if w.kind == "scheduled":
+        shapes["schedule"] = (w.config["schedule_knots"],)
     if w.kind == "hierarchical":
         f, h = w.num_cell_features, w.config["cell_size"]
         shapes.update({"cell.wx": (f, 3 * h), "cell.wh": (h, 3 * h), "cell.b": (3 * h,),
@@ -122,8 +125,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
     Args:
       params: the parameters, or parameter groups (dicts with ``params``), as for any optimizer.
       weights: the learned optimizer (:func:`pretrained`, :func:`load`).
-      num_steps: the number of updates the run will take: the hierarchical optimizer reads the
-        fraction done (``None``: unknown); the MLP ignores it.
+      num_steps: the number of updates the run will take: the scheduled and hierarchical
+        optimizers read the fraction done (``None``: unknown); the MLP ignores it.
     """
 
     def __init__(self, params: Iterable[Any], weights: Weights, num_steps: int | None = None):
@@ -248,6 +251,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if w.kind == "hierarchical":
             multiplier = multiplier * torch.exp(
                 self._cell(theta, states, layout, mean_sq, step, loss))
+        if w.kind == "scheduled" and self.num_steps:
+            multiplier = multiplier * math.exp(self._schedule(theta["schedule"], step))
 
         # pass 2: features, MLP and step of each block of parameters
         layers = [(theta[f"layers.{i}.w"], theta[f"layers.{i}.b"])
@@ -315,6 +320,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 "log_size": torch.tensor([math.log(n) / 10.0 for n in sizes], device=device),
                 "matrix": torch.tensor([float(p.dim() >= 2) for p in params], device=device)}
         return self._layouts[key]
+
+    def _schedule(self, knots: torch.Tensor, step: int) -> float:
+        """The learned log step multiplier at the fraction of training done (piecewise linear
+        between equally spaced knots, as ``ScheduledLOpt.log_multiplier``)."""
+        values = knots.tolist()
+        position = min(step / self.num_steps, 1.0) * (len(values) - 1)
+        i = min(int(position), len(values) - 2)
+        return values[i] + (position - i) * (values[i + 1] - values[i])
 
     def _cell(self, theta, states, layout, mean_sq, step, loss) -> torch.Tensor:
         """The hierarchical cell's log step of every tensor (and its new state in ``states``);

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 import selfopt.torch as st  # noqa: E402
 from selfopt import lopt_file  # noqa: E402
 from selfopt.export import architecture  # noqa: E402
-from selfopt.lopt import HierarchicalLOpt, MLPLOpt  # noqa: E402
+from selfopt.lopt import HierarchicalLOpt, MLPLOpt, ScheduledLOpt  # noqa: E402
 
 SHAPES = {"w1": (40, 48), "b1": (48,), "w2": (48, 4), "b2": (4,)}  # fan-ins over width_base
 
@@ -30,13 +30,17 @@ def weights_file(tmp_path, lopt):
     if "head" in theta:  # a non-zero step head, so the cell's steps count in the comparison
         theta["head"] = {"w": 0.5 * jax.random.normal(jax.random.key(2), (lopt.cell_size,)),
                          "b": jnp.float32(0.3)}
+    if "schedule" in theta:  # a non-zero schedule, likewise
+        k = jnp.arange(lopt.schedule_knots, dtype=jnp.float32)
+        theta["schedule"] = 0.5 * jnp.cos(3.0 * k) - 0.3 * k
     path = tmp_path / f"{lopt.kind}.safetensors"
     lopt_file.write(path, theta, {"architecture": architecture(lopt)})
     return path, theta
 
 
 @pytest.mark.parametrize("chunk_rows", [st.CHUNK_ROWS, 37], ids=["one-block", "blocks-of-37"])
-@pytest.mark.parametrize("lopt", [MLPLOpt(), HierarchicalLOpt()], ids=lambda l: l.kind)
+@pytest.mark.parametrize("lopt", [MLPLOpt(), ScheduledLOpt(), HierarchicalLOpt()],
+                         ids=lambda l: l.kind)
 def test_updates_equal_the_jax_optimizer_over_100_steps(tmp_path, monkeypatch, lopt, chunk_rows):
     # blocks of 37 parameters straddle the boundaries of the tensors (1,920, 48, 192 and 4)
     monkeypatch.setattr(st, "CHUNK_ROWS", chunk_rows)
@@ -147,7 +151,8 @@ def test_bfloat16_parameters_take_the_float32_steps_rounded():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("lopt", [MLPLOpt(), HierarchicalLOpt()], ids=lambda l: l.kind)
+@pytest.mark.parametrize("lopt", [MLPLOpt(), ScheduledLOpt(), HierarchicalLOpt()],
+                         ids=lambda l: l.kind)
 def test_cuda_training_equals_the_cpu_training(tmp_path, lopt):
     # the same update with the device's own kernels (where a GPU is lent; skipped here)
     path, _ = weights_file(tmp_path, lopt)

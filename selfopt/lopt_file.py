@@ -5,8 +5,8 @@ Arrays: the weights ``theta`` under dotted paths (``layers.0.w``, ``cell.w_in``)
 Header (:mod:`selfopt.safe_io`, key ``selfopt.lopt``): ``format_version`` and a SHA-256 of the
 arrays and the metadata. Metadata:
 
-* ``architecture``: the learned optimizer's kind (``mlp``, ``scheduled``, ``hierarchical``) and ``config``, its
-  fields; with the arrays, this is all a loader needs;
+* ``architecture``: the learned optimizer's kind (``mlp``, ``scheduled``, ``hierarchical``) and
+  ``config``, its fields; with the arrays, this is all a loader needs;
 * ``training``: the run's provenance (command, commit, date), seed, configuration, outer steps,
   and which member's weights these are (the elite validated at step N);
 * ``evaluation``: the run's evaluation against per-task tuned Adam, where there is one;

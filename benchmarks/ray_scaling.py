@@ -56,7 +56,8 @@ def main() -> None:
     cfg = make_config({"shards": args.shards, "validate_interval": 0, "eval_minutes": 0,
                        **({"population": 2} if args.smoke else {})})
     base, _ = seconds_per_step(cfg, in_process, args.warmup, args.steps)
-    out = {"benchmark": "ray_scaling", "smoke": args.smoke, "cpus": os.cpu_count(), "shards": args.shards, "population": cfg.population,
+    out = {"benchmark": "ray_scaling", "smoke": args.smoke, "cpus": os.cpu_count(),
+           "shards": args.shards, "population": cfg.population,
            "in_process": {"s_per_step": round(base, 4), "steps_per_s": round(1 / base, 2)}}
     for workers in (1, 2):
         backend = RayBackend(cfg, workers=workers)

@@ -23,7 +23,7 @@ from selfopt.checks import one_line
 from selfopt.safe_io import FileCheckError, digest, read_checked, string_metadata, write_checked
 
 #: The self-trained optimizer shipped with the package (its card: docs/pretrained.md).
-PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "selfopt-mlp.safetensors"
+PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "selfopt-scheduled.safetensors"
 #: The header's key in the safetensors metadata.
 KEY = "selfopt.lopt"
 #: Version 1: the first. A reader refuses a newer version (it may not know its fields).

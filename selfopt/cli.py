@@ -212,7 +212,7 @@ def train(args: argparse.Namespace) -> int:
         config_file = run_dir / "config.json"
         if not config_file.is_file():
             raise ConfigError(f"{run_dir} is not a selfopt run directory (no config.json)")
-        cfg = make_config(overrides, config_file)
+        cfg = make_config(overrides, config_file, saved_run=True)
     else:
         cfg = make_config(overrides, args.config)
         label = "adam-control" if cfg.outer.kind == "adam" else "self"

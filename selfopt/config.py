@@ -30,7 +30,7 @@ from selfopt.tasks import TaskDistribution
 
 #: Section name -> its implementations (several: each names its ``kind``).
 SECTIONS: dict[str, tuple[type, ...]] = {
-    "lopt": (MLPLOpt, HierarchicalLOpt, ScheduledLOpt),
+    "lopt": (ScheduledLOpt, MLPLOpt, HierarchicalLOpt),
     "estimator": (TruncatedES, PES),
     "outer": (SelfTraining, AdamControl),
     "pbt": (PBT,),
@@ -226,9 +226,13 @@ def _merge(into: dict[str, Any], values: dict[str, Any], where: str) -> None:
             raise _unknown(key)
 
 
-def make_config(overrides: dict[str, Any] | None = None, file: Path | None = None
-                ) -> TrainConfig:
+def make_config(overrides: dict[str, Any] | None = None, file: Path | None = None,
+                saved_run: bool = False) -> TrainConfig:
     """Defaults, then ``file`` (a JSON object), then ``overrides`` (dotted names); validated.
+
+    ``saved_run``: ``file`` is a run directory's ``config.json``. Such a file names every
+    section's kind, except in runs saved before the learned optimizer had kinds, which were
+    all MLP runs: their ``lopt`` is read as ``kind=mlp``, not as today's default.
 
     Raises:
       ConfigError: an unknown field, an unreadable file, or an invalid value.
@@ -244,6 +248,8 @@ def make_config(overrides: dict[str, Any] | None = None, file: Path | None = Non
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {file} must hold a JSON object, not "
                               f"{type(loaded).__name__}")
+        if saved_run and isinstance(loaded.get("lopt"), dict) and "kind" not in loaded["lopt"]:
+            loaded["lopt"] = {"kind": "mlp", **loaded["lopt"]}
         _merge(values, loaded, f" in {file}")
     _merge(values, overrides or {}, "")
     sections = {name: _section(name, values.pop(name)) for name in SECTIONS if name in values}

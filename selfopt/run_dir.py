@@ -212,7 +212,7 @@ def open_checkpoint(target: Path) -> tuple[TrainConfig, PopulationState, Path]:
     if target.is_dir():
         if not (target / "config.json").is_file():
             raise ckpt.CheckpointError(f"{target} is not a selfopt run directory (no config.json)")
-        cfg = make_config({}, target / "config.json")
+        cfg = make_config({}, target / "config.json", saved_run=True)
         latest = RunDir(target).load_latest(cfg)
         if latest is None:
             raise ckpt.CheckpointError(f"{target} has no checkpoint yet")

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 from selfopt.cli import main
 from selfopt.config import SECTIONS, ConfigError, TrainConfig, field_names, make_config
 from selfopt.estimators import PES, TruncatedES
-from selfopt.lopt import MLPLOpt
+from selfopt.lopt import ScheduledLOpt
 from selfopt.population import PBT, AdamControl, SelfTraining
 from selfopt.tasks import TaskDistribution
 from selfopt.population import slots
@@ -60,7 +60,7 @@ def test_a_config_field_reaches_its_component_in_one_hop():
                   "estimator.kind": "pes", "estimator.log_floor": 1e-12, "outer.kind": "adam",
                   "outer.learning_rate": 0.01, "outer.max_update": 0.1, "pbt.interval": 7,
                   "tasks.grid": "full", "tasks.reparam_scale": 2.0})
-    assert cfg.lopt == MLPLOpt(hidden=(8, 4), rms_decay=0.99, width_base=16)
+    assert cfg.lopt == ScheduledLOpt(hidden=(8, 4), rms_decay=0.99, width_base=16)
     assert cfg.estimator == PES(num_pairs=1, truncation_length=5, min_inner_length=10,
                                 max_inner_length=30, log_floor=1e-12)
     assert cfg.outer == AdamControl(learning_rate=0.01, max_update=0.1)
@@ -316,7 +316,8 @@ def test_a_seeded_short_run_equals_the_run_recorded_before_the_refactor(tmp_path
     recorded = json.loads((Path(__file__).parent / "data" / "recorded_run_80b245c.json")
                           .read_text())
     cfg = tiny(max_steps=6, minutes=60, validate_interval=3, validate_steps=20,
-               num_slots=2, **{"lopt.hidden": [32, 32], "estimator.num_pairs": 2,
+               num_slots=2, **{"lopt.kind": "mlp", "lopt.hidden": [32, 32],
+                               "estimator.num_pairs": 2,
                                "tasks.families": ["quadratic", "mlp"],
                                "pbt.score_steps": 10})
     train(cfg, tmp_path / "run")

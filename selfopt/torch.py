@@ -324,10 +324,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def _schedule(self, knots: torch.Tensor, step: int) -> float:
         """The learned log step multiplier at the fraction of training done (piecewise linear
         between equally spaced knots, as ``ScheduledLOpt.log_multiplier``)."""
-        values = knots.tolist()
-        position = min(step / self.num_steps, 1.0) * (len(values) - 1)
-        i = min(int(position), len(values) - 2)
-        return values[i] + (position - i) * (values[i + 1] - values[i])
+        values = knots.cpu().numpy()
+        return float(np.interp(min(step / self.num_steps, 1.0),
+                               np.linspace(0.0, 1.0, len(values)), values))
 
     def _cell(self, theta, states, layout, mean_sq, step, loss) -> torch.Tensor:
         """The hierarchical cell's log step of every tensor (and its new state in ``states``);
